@@ -1,0 +1,289 @@
+"""Typed configuration for every stage of the pipeline.
+
+Defaults are the method's published settings where it publishes them (marked "published"); the
+embedded default run overrides a few of them (epochs, batch sizes) in `presets_for_embedded` so
+that the whole pipeline finishes in minutes on a laptop CPU, and says so in its report.
+
+Each dataclass validates itself (`validate()` raises ValueError naming the offending field), so a
+bad value is found when the command starts, never hours into training.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass, field
+
+from hsft.data.config import DataConfig
+from hsft.model.config import ModelConfig, PromptConfig
+
+__all__ = [
+    "DataConfig",
+    "ModelConfig",
+    "PromptConfig",
+    "TrainConfig",
+    "BaseStageConfig",
+    "LoraStageConfig",
+    "DPOStageConfig",
+    "MiningConfig",
+    "HSFTStageConfig",
+    "EvalConfig",
+    "RunConfig",
+    "STAGE_ORDER",
+]
+
+# The order the pipeline runs stages in. "base" (stage 0) only exists for the embedded default
+# model: it stands in for the published pre-trained checkpoint.
+STAGE_ORDER = ("base", "lora", "dpo", "mine", "hsft", "eval")
+
+
+def _check(condition: bool, name: str, message: str) -> None:
+    if not condition:
+        raise ValueError(f"{name}: {message}")
+
+
+@dataclass
+class TrainConfig:
+    """Optimisation settings shared by every training stage's DeepSpeed loop."""
+
+    epochs: int = field(default=1, metadata={"help": "passes over the stage's training set"})
+    micro_batch: int = field(default=1, metadata={"help": "samples per rank per forward/backward"})
+    grad_accum: int = field(default=1, metadata={"help": "micro-batches accumulated per optimizer step"})
+    lr: float = field(default=1e-5, metadata={"help": "peak learning rate"})
+    min_lr: float = field(default=1e-7, metadata={"help": "cosine schedule floor"})
+    warmup_ratio: float = field(default=0.0, metadata={"help": "fraction of optimizer steps spent in linear warm-up"})
+    weight_decay: float = field(default=0.01, metadata={"help": "AdamW weight decay (not applied to biases and norms)"})
+    betas: tuple[float, float] = (0.9, 0.999)
+    clip: float = field(default=1.0, metadata={"help": "global gradient-norm clipping threshold (0 disables)"})
+    max_nonfinite_steps: int = field(
+        default=3,
+        metadata={"help": "consecutive skipped (non-finite) optimizer steps before the stage stops after saving"},
+    )
+    log_every: int = field(default=1, metadata={"help": "optimizer steps between TensorBoard scalar writes"})
+
+    def validate(self, prefix: str = "train") -> None:
+        _check(self.epochs >= 1, f"{prefix}.epochs", f"must be >= 1, got {self.epochs}")
+        _check(self.micro_batch >= 1, f"{prefix}.micro_batch", f"must be >= 1, got {self.micro_batch}")
+        _check(self.grad_accum >= 1, f"{prefix}.grad_accum", f"must be >= 1, got {self.grad_accum}")
+        _check(self.lr > 0 and math.isfinite(self.lr), f"{prefix}.lr", f"must be a positive number, got {self.lr}")
+        _check(0 <= self.min_lr <= self.lr, f"{prefix}.min_lr", f"must lie in [0, lr={self.lr}], got {self.min_lr}")
+        _check(0 <= self.warmup_ratio < 1, f"{prefix}.warmup_ratio", f"must lie in [0, 1), got {self.warmup_ratio}")
+        _check(self.weight_decay >= 0, f"{prefix}.weight_decay", f"must be >= 0, got {self.weight_decay}")
+        _check(self.clip >= 0, f"{prefix}.clip", f"must be >= 0, got {self.clip}")
+        _check(self.max_nonfinite_steps >= 1, f"{prefix}.max_nonfinite_steps", "must be >= 1")
+        _check(self.log_every >= 1, f"{prefix}.log_every", "must be >= 1")
+
+    def global_batch(self, world_size: int) -> int:
+        return self.micro_batch * self.grad_accum * world_size
+
+
+@dataclass
+class BaseStageConfig:
+    """Stage 0: pre-train the embedded tiny model on a synthetic pool (stand-in for a real checkpoint)."""
+
+    train: TrainConfig = field(
+        default_factory=lambda: TrainConfig(
+            epochs=12, micro_batch=8, grad_accum=1, lr=3e-3, min_lr=3e-5, warmup_ratio=0.05, weight_decay=0.01
+        )
+    )
+    pool_size: int = field(default=192, metadata={"help": "synthetic images in the pre-training pool"})
+    mask_loss_weight: float = field(default=1.0, metadata={"help": "weight of Dice+BCE next to the LM loss"})
+    cache_dir: str | None = field(
+        default=None, metadata={"help": "where the pre-trained base is cached (default: $HSFT_CACHE or ~/.cache/hsft)"}
+    )
+
+    def validate(self) -> None:
+        self.train.validate("base")
+        _check(self.pool_size >= 8, "base.pool_size", f"must be >= 8, got {self.pool_size}")
+        _check(self.mask_loss_weight >= 0, "base.mask_loss_weight", "must be >= 0")
+
+
+@dataclass
+class LoraStageConfig:
+    """Stage 1: LoRA on the LLM's attention projections (published: r 64, alpha 16, lr 2e-4, mb 8, 3 epochs)."""
+
+    train: TrainConfig = field(
+        default_factory=lambda: TrainConfig(epochs=3, micro_batch=8, grad_accum=1, lr=2e-4, min_lr=0.0,
+                                            warmup_ratio=0.03, weight_decay=0.01)
+    )
+    rank: int = field(default=64, metadata={"help": "LoRA rank r"})
+    alpha: float = field(default=16.0, metadata={"help": "LoRA alpha (scaling = alpha / r)"})
+    dropout: float = field(default=0.05, metadata={"help": "LoRA dropout"})
+    mask_loss_weight: float = field(
+        default=1.0,
+        metadata={"help": "weight of the Dice+BCE mask loss next to the CE loss; the published recipe is CE only: "
+                          "0 reproduces it"},
+    )
+
+    def validate(self) -> None:
+        self.train.validate("lora")
+        _check(self.rank >= 1, "lora.rank", f"must be >= 1, got {self.rank}")
+        _check(self.alpha > 0, "lora.alpha", f"must be > 0, got {self.alpha}")
+        _check(0 <= self.dropout < 1, "lora.dropout", f"must lie in [0, 1), got {self.dropout}")
+        _check(self.mask_loss_weight >= 0, "lora.mask_loss_weight", "must be >= 0")
+
+
+DPO_LOSSES = ("sigmoid", "ipo", "hinge", "robust")
+DPO_NORMALISATIONS = ("mean", "sum", "disagree")
+
+
+@dataclass
+class DPOStageConfig:
+    """Stage 2: DPO on masks, ground truth preferred over the model's own prediction (published: lr 1e-6,
+    micro-batch 1, accumulation 4, 1 epoch)."""
+
+    train: TrainConfig = field(
+        default_factory=lambda: TrainConfig(epochs=1, micro_batch=1, grad_accum=4, lr=1e-6, min_lr=0.0,
+                                            weight_decay=0.01)
+    )
+    beta: float = field(default=0.1, metadata={"help": "DPO inverse temperature (see README for its scale)"})
+    loss: str = field(default="sigmoid", metadata={"help": f"one of {', '.join(DPO_LOSSES)}"})
+    normalisation: str = field(
+        default="mean", metadata={"help": f"mask log-likelihood normalisation: {', '.join(DPO_NORMALISATIONS)}"}
+    )
+    label_smoothing: float = field(default=0.0, metadata={"help": "robust DPO: assumed label-noise rate"})
+    pair_threshold: float = field(default=0.9, metadata={"help": "keep a pair only when the prediction's Dice < this"})
+    margin_weight: float = field(default=0.0, metadata={"help": "weight of the (1 - Dice) target-margin term"})
+
+    def validate(self) -> None:
+        self.train.validate("dpo")
+        _check(self.beta > 0, "dpo.beta", f"must be > 0, got {self.beta}")
+        _check(self.loss in DPO_LOSSES, "dpo.loss", f"must be one of {DPO_LOSSES}, got {self.loss!r}")
+        _check(self.normalisation in DPO_NORMALISATIONS, "dpo.normalisation",
+               f"must be one of {DPO_NORMALISATIONS}, got {self.normalisation!r}")
+        _check(0 <= self.label_smoothing < 0.5, "dpo.label_smoothing", "must lie in [0, 0.5)")
+        _check(0 < self.pair_threshold <= 1, "dpo.pair_threshold", "must lie in (0, 1]")
+        _check(self.margin_weight >= 0, "dpo.margin_weight", "must be >= 0")
+
+
+# Published difficulty buckets of per-sample Dice, hardest first: (upper bound, label).
+DICE_BUCKETS = ((0.30, "very hard"), (0.50, "hard"), (0.65, "moderate"), (0.75, "borderline"), (math.inf, "easy"))
+
+
+@dataclass
+class MiningConfig:
+    """Hard-sample mining: run the inference path over the training split, keep Dice < tau."""
+
+    tau: float = field(default=0.75, metadata={"help": "Dice threshold below which a training sample is hard"})
+    hard_quantile: float | None = field(
+        default=None, metadata={"help": "instead of tau, keep the hardest fraction q of the training split"}
+    )
+    batch_size: int = field(default=8, metadata={"help": "samples per generate call"})
+    max_new_tokens: int = field(default=16, metadata={"help": "generation budget per sample"})
+
+    def validate(self) -> None:
+        _check(0 < self.tau <= 1, "mining.tau", f"must lie in (0, 1], got {self.tau}")
+        if self.hard_quantile is not None:
+            _check(0 < self.hard_quantile <= 1, "mining.hard_quantile", f"must lie in (0, 1], got {self.hard_quantile}")
+        _check(self.batch_size >= 1, "mining.batch_size", "must be >= 1")
+        _check(self.max_new_tokens >= 1, "mining.max_new_tokens", "must be >= 1")
+
+
+SEG_FORMS = ("response", "prompt")
+
+
+@dataclass
+class HSFTStageConfig:
+    """Stage 3: fine-tune text_hidden_fcs + the SAM2 mask decoder on the hard set with Dice + 0.5 BCE
+    (published: lr 1e-5, mb 1, accumulation 2, 5 epochs, wd 0.01, cosine to 1e-7, clip 1.0)."""
+
+    train: TrainConfig = field(
+        default_factory=lambda: TrainConfig(epochs=5, micro_batch=1, grad_accum=2, lr=1e-5, min_lr=1e-7,
+                                            weight_decay=0.01, clip=1.0)
+    )
+    bce_weight: float = field(default=0.5, metadata={"help": "weight of BCE next to Dice"})
+    dice_eps: float = field(default=1e-8, metadata={"help": "Dice smoothing epsilon"})
+    seg_form: str = field(
+        default="response",
+        metadata={"help": "where [SEG] sits in the teacher-forced input: 'response' (as generated) or 'prompt'"},
+    )
+    cache_features: bool = field(
+        default=True, metadata={"help": "compute the frozen SAM2 features and [SEG] states once and reuse them"}
+    )
+    control: str = field(
+        default="none",
+        metadata={"help": "'random': train on a random training subset of the hard set's size instead "
+                          "(matched-compute control)"},
+    )
+
+    def validate(self) -> None:
+        self.train.validate("hsft")
+        _check(self.bce_weight >= 0, "hsft.bce_weight", "must be >= 0")
+        _check(self.dice_eps > 0, "hsft.dice_eps", "must be > 0")
+        _check(self.seg_form in SEG_FORMS, "hsft.seg_form", f"must be one of {SEG_FORMS}, got {self.seg_form!r}")
+        _check(self.control in ("none", "random"), "hsft.control", f"must be 'none' or 'random', got {self.control!r}")
+
+
+@dataclass
+class EvalConfig:
+    batch_size: int = field(default=8, metadata={"help": "samples per evaluation batch"})
+    max_new_tokens: int = field(default=16, metadata={"help": "generation budget per sample"})
+    overlays: int = field(default=4, metadata={"help": "worst-k samples drawn as overlay pictures"})
+
+    def validate(self) -> None:
+        _check(self.batch_size >= 1, "eval.batch_size", "must be >= 1")
+        _check(self.max_new_tokens >= 1, "eval.max_new_tokens", "must be >= 1")
+        _check(self.overlays >= 0, "eval.overlays", "must be >= 0")
+
+
+PRECISIONS = ("bf16", "fp32")
+
+
+@dataclass
+class RunConfig:
+    """Everything one invocation of the main command needs."""
+
+    output_dir: str = field(default="runs/hsft", metadata={"help": "every stage writes below this directory"})
+    deepspeed: str = field(default="ds_configs/zero2.json", metadata={"help": "DeepSpeed JSON config"})
+    stages: tuple[str, ...] = STAGE_ORDER
+    seed: int = field(default=0, metadata={"help": "seeds the model init, data order and splits"})
+    precision: str | None = field(default=None, metadata={"help": "override the DeepSpeed config: bf16 or fp32"})
+    resume: bool = field(default=False, metadata={"help": "continue from the latest complete checkpoint"})
+    start: str | None = field(
+        default=None, metadata={"help": "model directory the first selected stage starts from"}
+    )
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    base: BaseStageConfig = field(default_factory=BaseStageConfig)
+    lora: LoraStageConfig = field(default_factory=LoraStageConfig)
+    dpo: DPOStageConfig = field(default_factory=DPOStageConfig)
+    mining: MiningConfig = field(default_factory=MiningConfig)
+    hsft: HSFTStageConfig = field(default_factory=HSFTStageConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+
+    @property
+    def embedded_default(self) -> bool:
+        """True when no real checkpoint was given: the pipeline builds and pre-trains the tiny preset."""
+        return self.model.vlm is None and self.start is None
+
+    def validate(self) -> None:
+        unknown = [s for s in self.stages if s not in STAGE_ORDER]
+        _check(not unknown, "stages", f"unknown stage(s) {unknown}; valid stages are {', '.join(STAGE_ORDER)}")
+        _check(len(self.stages) > 0, "stages", "select at least one stage")
+        positions = [STAGE_ORDER.index(s) for s in self.stages]
+        _check(positions == list(range(positions[0], positions[0] + len(positions))), "stages",
+               f"must be a contiguous run of {', '.join(STAGE_ORDER)} in that order, got {','.join(self.stages)}")
+        if "base" in self.stages:
+            _check(self.embedded_default, "stages",
+                   "'base' pre-trains the embedded tiny model; drop it when --model/--vlm/--start is given")
+        if self.precision is not None:
+            _check(self.precision in PRECISIONS, "precision", f"must be one of {PRECISIONS}, got {self.precision!r}")
+        self.model.validate()
+        self.data.validate()
+        for stage_cfg in (self.base, self.lora, self.dpo, self.mining, self.hsft, self.eval):
+            stage_cfg.validate()
+
+
+def replace_nested(cfg, **changes):
+    """dataclasses.replace for dotted names: replace_nested(run, **{"hsft.train.lr": 1e-4})."""
+    updates: dict[str, dict] = {}
+    direct = {}
+    for key, value in changes.items():
+        head, _, rest = key.partition(".")
+        if rest:
+            updates.setdefault(head, {})[rest] = value
+        else:
+            direct[head] = value
+    for head, sub in updates.items():
+        direct[head] = replace_nested(getattr(cfg, head), **sub)
+    return dataclasses.replace(cfg, **direct)

@@ -1,0 +1,94 @@
+"""Distributed helpers: one place that knows whether torch.distributed is up.
+
+Every function works in a plain single process too (no launcher, no process group), so the same
+code runs under `deepspeed --num_gpus N`, under `python`, and inside tests.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+from typing import Any, Sequence, TypeVar
+
+import torch
+import torch.distributed as dist
+
+T = TypeVar("T")
+
+
+def _free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def init_distributed() -> None:
+    """Start the process group (idempotent).
+
+    Under `deepspeed --num_gpus N` the launcher sets RANK/WORLD_SIZE/MASTER_*; a plain `python` run (or
+    a test) gets a one-process group on a free loopback port, since DeepSpeed otherwise falls back to
+    MPI discovery.
+    """
+    if is_initialized():
+        return
+    if "WORLD_SIZE" not in os.environ:
+        os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1")
+        os.environ.setdefault("MASTER_PORT", str(_free_port()))
+    import deepspeed
+
+    deepspeed.init_distributed(dist_backend=None if torch.cuda.is_available() else "gloo")
+
+
+def is_initialized() -> bool:
+    return dist.is_available() and dist.is_initialized()
+
+
+def rank() -> int:
+    return dist.get_rank() if is_initialized() else 0
+
+
+def world_size() -> int:
+    return dist.get_world_size() if is_initialized() else 1
+
+
+def is_main() -> bool:
+    return rank() == 0
+
+
+def barrier() -> None:
+    if is_initialized():
+        dist.barrier()
+
+
+def shard(items: Sequence[T], rank_: int | None = None, world: int | None = None) -> list[T]:
+    """The strided share of `items` that this rank processes (every rank gets a disjoint part)."""
+    r = rank() if rank_ is None else rank_
+    w = world_size() if world is None else world
+    return list(items[r::w])
+
+
+def all_gather_objects(obj: Any) -> list[Any]:
+    """Every rank's `obj`, in rank order, on every rank."""
+    if not is_initialized():
+        return [obj]
+    gathered: list[Any] = [None] * world_size()
+    dist.all_gather_object(gathered, obj)
+    return gathered
+
+
+def broadcast_object(obj: Any, src: int = 0) -> Any:
+    """Rank `src`'s object on every rank."""
+    if not is_initialized():
+        return obj
+    holder = [obj]
+    dist.broadcast_object_list(holder, src=src)
+    return holder[0]
+
+
+def any_rank(flag: bool) -> bool:
+    """True on every rank when `flag` is true on at least one rank."""
+    if not is_initialized():
+        return flag
+    t = torch.tensor([1.0 if flag else 0.0])
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return bool(t.item() > 0)

@@ -1,0 +1,257 @@
+"""The one training loop every stage runs: DeepSpeed (ZeRO-2, bf16) around a `TrainTask`.
+
+A stage describes *what* to train (module, data, loss) as a TrainTask; this file is *how*:
+data order, accumulation, the schedule, the non-finite guard, logging, checkpoints and resume.
+It reads top to bottom as one epoch loop.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import random
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Protocol
+
+import numpy as np
+import torch
+from torch import nn
+from tqdm import tqdm
+
+from hsft.config import TrainConfig
+from hsft.engine import checkpoint, distributed
+from hsft.engine.ds_config import stage_ds_config
+from hsft.engine.schedule import build_scheduler
+from hsft.engine.tensorboard import TBWriter
+
+
+class TrainTask(Protocol):
+    """What a stage trains.
+
+    `module` has its trainable parameters set (requires_grad) before the loop, and its forward takes a
+    micro-batch and returns (loss to minimise, named terms to log); the loss is a mean over the
+    micro-batch's samples, so 1 rank x micro-batch 2 and 2 ranks x micro-batch 1 take the same step.
+    """
+
+    name: str
+    module: nn.Module
+
+    def __len__(self) -> int: ...
+
+    def make_batch(self, indices: list[int], dtype: torch.dtype) -> Any:
+        """The micro-batch holding these training-set indices, floating tensors in `dtype`."""
+
+    def evaluate(self, module: nn.Module) -> dict[str, float]:
+        """End-of-epoch metrics (e.g. validation Dice); {} when there is nothing to measure."""
+
+    def client_state(self) -> dict[str, Any]:
+        """Extra state stored in every checkpoint (e.g. the hard-set ids)."""
+
+
+class NonFiniteTrainingError(RuntimeError):
+    pass
+
+
+@dataclass
+class TrainResult:
+    global_step: int  # the run-wide step after this stage (the next stage continues from it)
+    optimizer_steps: int
+    skipped_steps: int
+    losses: list[float] = field(default_factory=list)  # mean loss of every optimizer step, in order
+    epoch_metrics: list[dict[str, float]] = field(default_factory=list)
+    seconds: float = 0.0
+    resumed_from: str | None = None
+    engine: Any = None  # the DeepSpeed engine, for the caller's weight export
+
+
+def param_groups(module: nn.Module, weight_decay: float) -> list[dict]:
+    """Trainable parameters only; biases and norm weights (1-D tensors) without weight decay."""
+    decay, no_decay = [], []
+    for param in module.parameters():
+        if param.requires_grad:
+            (decay if param.ndim >= 2 else no_decay).append(param)
+    groups = [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    groups = [g for g in groups if g["params"]]
+    if not groups:
+        raise ValueError("the stage froze every parameter: nothing to train")
+    return groups
+
+
+def epoch_order(num_samples: int, global_batch: int, seed: int, epoch: int) -> list[int]:
+    """A seeded permutation for this epoch, wrapped around to a whole number of global batches so every
+    sample is seen at least once per epoch and every rank runs the same number of steps."""
+    order = np.random.default_rng([seed, epoch]).permutation(num_samples).tolist()
+    steps = math.ceil(num_samples / global_batch)
+    pad = steps * global_batch - num_samples
+    return order + (order * (pad // max(1, num_samples) + 1))[:pad]
+
+
+def _seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def train(task: TrainTask, cfg: TrainConfig, ds_base: dict, *, stage_dir: Path, tb: TBWriter, seed: int,
+          step_offset: int = 0, resume: bool = False, precision: str | None = None) -> TrainResult:
+    import deepspeed
+
+    distributed.init_distributed()
+    rank, world = distributed.rank(), distributed.world_size()
+    stage_dir = Path(stage_dir)
+    ckpt_dir = stage_dir / "checkpoints"
+    start_time = time.time()
+
+    # --- what one epoch looks like -------------------------------------------------------------
+    if len(task) == 0:
+        raise ValueError(f"stage {task.name}: the training set is empty")
+    global_batch = cfg.global_batch(world)
+    steps_per_epoch = math.ceil(len(task) / global_batch)
+    total_steps = cfg.epochs * steps_per_epoch
+    warmup_steps = round(cfg.warmup_ratio * total_steps)
+
+    # --- DeepSpeed: freezing already happened in the task, so only trainable params reach AdamW ----
+    _seed_everything(seed)
+    optimizer = torch.optim.AdamW(param_groups(task.module, cfg.weight_decay), lr=cfg.lr, betas=cfg.betas)
+    scheduler = build_scheduler(optimizer, total_steps, warmup_steps, cfg.lr, cfg.min_lr)
+    engine, _, _, _ = deepspeed.initialize(model=task.module, optimizer=optimizer, lr_scheduler=scheduler,
+                                           config=stage_ds_config(ds_base, cfg, precision=precision))
+    dtype = next(p for p in engine.module.parameters()).dtype
+
+    # --- resume -----------------------------------------------------------------------------------
+    first_epoch, global_step, stage_steps, skipped_total = 0, step_offset, 0, 0
+    resumed_from = None
+    if resume and (tag := checkpoint.latest_tag(ckpt_dir)) is not None:
+        state = checkpoint.load(engine, ckpt_dir, tag)["hsft"]
+        if state.get("stage") != task.name or state.get("seed") != seed:
+            raise ValueError(f"{ckpt_dir / tag}: checkpoint of stage {state.get('stage')!r} seed {state.get('seed')}, "
+                             f"cannot resume stage {task.name!r} seed {seed}")
+        first_epoch, global_step = state["epoch"], state["global_step"]
+        stage_steps, skipped_total = state["stage_steps"], state["skipped_steps"]
+        resumed_from = str(ckpt_dir / tag)
+        if distributed.is_main():
+            print(f"[{task.name}] resumed from {resumed_from} (epoch {first_epoch}, step {global_step})")
+
+    def client_state(epoch_done: int) -> dict[str, Any]:
+        # Namespaced: DeepSpeed keeps keys such as skipped_steps / global_steps for itself.
+        return {"hsft": {"stage": task.name, "epoch": epoch_done, "global_step": global_step,
+                         "stage_steps": stage_steps, "skipped_steps": skipped_total, "seed": seed,
+                         "world_size": world, **task.client_state()}}
+
+    result = TrainResult(global_step=global_step, optimizer_steps=stage_steps, skipped_steps=skipped_total,
+                         resumed_from=resumed_from)
+    consecutive_skips = 0
+    progress = tqdm(total=total_steps, initial=stage_steps, desc=f"{task.name}", unit="step",
+                    disable=not distributed.is_main(), dynamic_ncols=True)
+
+    for epoch in range(first_epoch, cfg.epochs):
+        engine.train()
+        order = epoch_order(len(task), global_batch, seed, epoch)
+        # Global micro-step k covers order[k*mb*world : (k+1)*mb*world]; this rank takes its slice of it.
+        micro_steps = len(order) // (cfg.micro_batch * world)
+        window_losses: list[float] = []
+        window_terms: dict[str, list[float]] = {}
+        window_nonfinite = False
+        window_start = time.time()
+        for micro in range(micro_steps):
+            start = micro * cfg.micro_batch * world + rank * cfg.micro_batch
+            batch = task.make_batch(order[start:start + cfg.micro_batch], dtype)
+            loss, terms = engine(batch)
+
+            # Log before backward: engine.backward divides by the accumulation steps itself.
+            value = float(loss.detach())
+            window_losses.append(value)
+            for name, term in terms.items():
+                window_terms.setdefault(name, []).append(float(term))
+            if not math.isfinite(value):
+                # Make the gradients non-finite on purpose so DeepSpeed's overflow check skips the whole
+                # accumulation window on every rank (a finite-looking partial step would be worse).
+                window_nonfinite = True
+                loss = loss * float("nan")
+            engine.backward(loss)
+            boundary = engine.is_gradient_accumulation_boundary()
+            skipped_before = engine.skipped_steps
+            engine.step()
+            if not boundary:
+                continue
+
+            # --- one optimizer step happened (or was skipped) ---------------------------------
+            grad_norm = engine.get_global_grad_norm()
+            grad_norm = float(grad_norm) if grad_norm is not None else float("nan")
+            skipped = engine.skipped_steps > skipped_before or window_nonfinite or not math.isfinite(grad_norm)
+            global_step += 1
+            stage_steps += 1
+            mean_loss = sum(window_losses) / len(window_losses)
+            result.losses.append(mean_loss)
+            if skipped:
+                skipped_total += 1
+                consecutive_skips += 1
+            else:
+                consecutive_skips = 0
+            if global_step % cfg.log_every == 0 or skipped:
+                elapsed = max(time.time() - window_start, 1e-9)
+                scalars = {f"{task.name}/loss": mean_loss, f"{task.name}/lr": scheduler.get_last_lr()[0],
+                           f"{task.name}/grad_norm": grad_norm, f"{task.name}/skipped_steps": skipped_total,
+                           f"{task.name}/samples_per_s": global_batch / elapsed, f"{task.name}/epoch": epoch}
+                scalars.update({f"{task.name}/{k}": sum(v) / len(v) for k, v in window_terms.items()})
+                tb.scalars(scalars, global_step)
+            progress.set_postfix(loss=f"{mean_loss:.4f}", gnorm=f"{grad_norm:.3g}", lr=f"{scheduler.get_last_lr()[0]:.2e}")
+            progress.update(1)
+            if consecutive_skips >= cfg.max_nonfinite_steps:
+                checkpoint.save(engine, ckpt_dir, f"nonfinite-step{global_step:07d}", client_state(epoch))
+                progress.close()
+                raise NonFiniteTrainingError(
+                    f"stage {task.name}: {consecutive_skips} optimizer steps in a row had a non-finite loss or "
+                    f"gradient norm (last loss {mean_loss}, grad norm {grad_norm}) at step {global_step}; the state "
+                    f"was saved under {ckpt_dir}. Lower the learning rate or check the data.")
+            window_losses, window_terms, window_nonfinite = [], {}, False
+            window_start = time.time()
+
+        # --- end of epoch: metrics, checkpoint ---------------------------------------------------
+        engine.eval()
+        with torch.no_grad():
+            metrics = task.evaluate(engine.module)
+        engine.train()
+        result.epoch_metrics.append({"epoch": epoch + 1, **metrics})
+        tb.scalars({f"{task.name}/epoch_{k}": v for k, v in metrics.items()}, global_step)
+        if metrics and distributed.is_main():
+            progress.write(f"[{task.name}] epoch {epoch + 1}/{cfg.epochs} "
+                           + " ".join(f"{k}={v:.4f}" for k, v in metrics.items()))
+        checkpoint.save(engine, ckpt_dir, f"epoch{epoch + 1:04d}", client_state(epoch + 1))
+
+    progress.close()
+    tb.flush()
+    result.global_step, result.optimizer_steps, result.skipped_steps = global_step, stage_steps, skipped_total
+    result.seconds = time.time() - start_time
+    task.module = engine.module
+    result.engine = engine  # the caller exports weights from it
+    return result
+
+
+def export_fp32_state(engine, ckpt_dir: Path) -> dict[str, torch.Tensor]:
+    """The full-precision weights of the module from the newest complete checkpoint.
+
+    Under bf16 the module holds bf16 copies; the fp32 master weights live (sharded) in the ZeRO
+    optimizer state. DeepSpeed's own converter reassembles them, so the next stage starts from exactly
+    what the optimizer held rather than a rounded copy.
+    """
+    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+
+    tag = checkpoint.latest_tag(ckpt_dir)
+    if tag is None:
+        raise RuntimeError(f"no complete checkpoint under {ckpt_dir}")
+    state = get_fp32_state_dict_from_zero_checkpoint(str(ckpt_dir), tag=tag)
+    return {k: v.float() for k, v in state.items()}
+
+
+def write_json(path: Path, payload: dict) -> None:
+    """Write JSON atomically (rank 0 only)."""
+    if not distributed.is_main():
+        return
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    tmp.write_text(json.dumps(payload, indent=2, default=float) + "\n")
+    tmp.replace(path)

@@ -1,0 +1,198 @@
+"""The shared DeepSpeed loop on a toy regression task: accumulation, clipping, schedule, the
+non-finite guard, checkpoints and resume. Runs in-process on a one-rank gloo group."""
+
+from __future__ import annotations
+
+import math
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+from torch import nn
+
+from hsft.config import TrainConfig
+from hsft.engine import checkpoint
+from hsft.engine.ds_config import DeepSpeedConfigError, load_ds_config, stage_ds_config
+from hsft.engine.loop import NonFiniteTrainingError, epoch_order, param_groups, train
+from hsft.engine.schedule import cosine_with_warmup
+from hsft.engine.tensorboard import TBWriter
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+class ToyModule(nn.Module):
+    """y = w.x + b with a loss that can be poisoned (NaN) for chosen samples."""
+
+    def __init__(self, poison: set[int] | None = None):
+        super().__init__()
+        torch.manual_seed(0)
+        self.linear = nn.Linear(4, 1)
+        self.poison = poison or set()
+
+    def forward(self, batch):
+        x, y, ids = batch
+        err = (self.linear(x).squeeze(-1) - y).float()
+        loss = (err ** 2).mean()
+        if any(i in self.poison for i in ids):
+            loss = loss * float("nan")
+        return loss, {"mse": loss.detach()}
+
+
+class ToyTask:
+    name = "toy"
+
+    def __init__(self, n: int = 16, poison: set[int] | None = None, scale: float = 1.0):
+        g = torch.Generator().manual_seed(1)
+        self.x = torch.randn(n, 4, generator=g) * scale
+        self.y = self.x @ torch.tensor([1.0, -2.0, 0.5, 3.0]) + 0.1
+        self.module = ToyModule(poison)
+
+    def __len__(self):
+        return len(self.x)
+
+    def make_batch(self, indices, dtype):
+        return self.x[indices].to(dtype), self.y[indices].to(dtype), list(indices)
+
+    def evaluate(self, module):
+        with torch.no_grad():
+            dtype = next(module.parameters()).dtype
+            err = module.linear(self.x.to(dtype)).squeeze(-1).float() - self.y
+        return {"mse": float((err ** 2).mean())}
+
+    def client_state(self):
+        return {"note": "toy"}
+
+
+def ds_base(precision="fp32"):
+    cfg = load_ds_config(REPO / "ds_configs" / "zero2.json")
+    cfg["bf16"]["enabled"] = precision == "bf16"
+    return cfg
+
+
+def run(tmp: Path, cfg: TrainConfig, task=None, resume=False, precision="fp32"):
+    task = task or ToyTask()
+    return train(task, cfg, ds_base(precision), stage_dir=tmp, tb=TBWriter(tmp / "tb"), seed=3,
+                 resume=resume, precision=precision), task
+
+
+def test_shipped_configs_are_concrete_and_auto_is_refused(tmp_path):
+    for name in ("zero2.json", "zero2_offload.json"):
+        cfg = load_ds_config(REPO / "ds_configs" / name)
+        assert cfg["zero_optimization"]["stage"] == 2
+        assert cfg["bf16"]["enabled"] is True
+    bad = tmp_path / "bad.json"
+    bad.write_text('{"bf16": {"enabled": "auto"}, "zero_optimization": {"stage": 2}}')
+    with pytest.raises(DeepSpeedConfigError, match=r"bad.json.*bf16.enabled"):
+        load_ds_config(bad)
+    with pytest.raises(DeepSpeedConfigError, match="no such file"):
+        load_ds_config(tmp_path / "missing.json")
+    merged = stage_ds_config(load_ds_config(REPO / "ds_configs" / "zero2.json"),
+                             TrainConfig(micro_batch=3, grad_accum=5, clip=0.25), precision="fp32")
+    assert (merged["train_micro_batch_size_per_gpu"], merged["gradient_accumulation_steps"]) == (3, 5)
+    assert merged["gradient_clipping"] == 0.25 and merged["bf16"]["enabled"] is False
+    assert "train_batch_size" not in merged
+
+
+def test_schedule_warmup_cosine_and_floor():
+    lrs = [cosine_with_warmup(s, 10, 2, 1.0, 0.1) for s in range(12)]
+    assert lrs[0] == pytest.approx(0.5) and lrs[1] == pytest.approx(1.0)
+    assert all(a >= b for a, b in zip(lrs[1:], lrs[2:]))
+    assert lrs[10] == pytest.approx(0.1) and lrs[11] == pytest.approx(0.1)
+    assert lrs[6] == pytest.approx(0.1 + 0.45 * (1 + math.cos(math.pi * 0.5)))
+
+
+def test_param_groups_only_trainable_and_no_decay_for_1d():
+    module = nn.Sequential(nn.Linear(3, 3), nn.LayerNorm(3), nn.Linear(3, 1))
+    module[0].requires_grad_(False)
+    groups = param_groups(module, 0.1)
+    decayed = {id(p) for p in groups[0]["params"]}
+    assert decayed == {id(module[2].weight)} and groups[0]["weight_decay"] == 0.1
+    assert {id(p) for p in groups[1]["params"]} == {id(module[1].weight), id(module[1].bias), id(module[2].bias)}
+    module.requires_grad_(False)
+    with pytest.raises(ValueError, match="nothing to train"):
+        param_groups(module, 0.1)
+
+
+def test_epoch_order_covers_every_sample_and_pads_to_global_batches():
+    order = epoch_order(10, 4, seed=1, epoch=0)
+    assert len(order) == 12 and set(order) == set(range(10))
+    assert order != epoch_order(10, 4, seed=1, epoch=1)
+    assert order == epoch_order(10, 4, seed=1, epoch=0)
+
+
+def test_loss_decreases_and_lr_follows_schedule(tmp_path):
+    cfg = TrainConfig(epochs=3, micro_batch=4, grad_accum=1, lr=0.5, min_lr=0.05, warmup_ratio=0.25, clip=0)
+    task = ToyTask()
+    initial = task.evaluate(task.module)["mse"]
+    result, _ = run(tmp_path, cfg, task=task)
+    assert result.optimizer_steps == 12 and result.skipped_steps == 0
+    assert result.epoch_metrics[-1]["mse"] < 0.25 * initial
+    engine = result.engine
+    assert engine.optimizer.param_groups[0]["lr"] == pytest.approx(cosine_with_warmup(12, 12, 3, 0.5, 0.05))
+    assert (tmp_path / "checkpoints" / "COMPLETE").read_text().strip() == "epoch0003"
+
+
+def test_accumulation_matches_a_bigger_micro_batch(tmp_path):
+    big, _ = run(tmp_path / "a", TrainConfig(epochs=1, micro_batch=4, grad_accum=1, lr=0.05, clip=0))
+    acc, _ = run(tmp_path / "b", TrainConfig(epochs=1, micro_batch=2, grad_accum=2, lr=0.05, clip=0))
+    wa = big.engine.module.linear.weight.detach()
+    wb = acc.engine.module.linear.weight.detach()
+    torch.testing.assert_close(wa, wb, rtol=1e-5, atol=1e-6)
+
+
+def test_clipping_bounds_the_update_and_grad_norm_is_pre_clip(tmp_path):
+    cfg = TrainConfig(epochs=1, micro_batch=16, grad_accum=1, lr=1.0, min_lr=1.0, weight_decay=0.0, clip=1e-3)
+    task = ToyTask(scale=100.0)
+    before = task.module.linear.weight.detach().clone()
+    result, _ = run(tmp_path, cfg, task=task)
+    engine = result.engine
+    assert engine.get_global_grad_norm() > 1.0  # the reported norm is the one before clipping
+    # AdamW's first step moves each weight by ~lr regardless of scale, so compare against plain SGD-like
+    # behaviour through the optimizer state: the stored first moment is (1 - beta1) * clipped grad.
+    state = engine.optimizer.optimizer.state
+    exp_avg = torch.cat([s["exp_avg"].flatten() for s in state.values()])
+    assert exp_avg.norm() <= (1 - 0.9) * 1e-3 * 1.01
+    assert not torch.equal(before, engine.module.linear.weight.detach())
+
+
+def test_non_finite_loss_skips_the_step_and_repeats_stop_with_a_saved_state(tmp_path):
+    # One poisoned sample: its window is skipped, training goes on.
+    task = ToyTask(poison={5})
+    cfg = TrainConfig(epochs=1, micro_batch=1, grad_accum=1, lr=0.01, clip=1.0)
+    result, _ = run(tmp_path / "once", cfg, task=task)
+    assert result.skipped_steps == 1 and result.optimizer_steps == 16
+    assert all(torch.isfinite(p).all() for p in result.engine.module.parameters())
+    assert result.engine.skipped_steps == 1
+    # Every sample poisoned: stop after max_nonfinite_steps with a clear message and a checkpoint.
+    task = ToyTask(poison=set(range(16)))
+    with pytest.raises(NonFiniteTrainingError, match="3 optimizer steps in a row"):
+        run(tmp_path / "always", TrainConfig(epochs=1, micro_batch=1, lr=0.01, max_nonfinite_steps=3), task=task)
+    assert checkpoint.latest_tag(tmp_path / "always" / "checkpoints") == "nonfinite-step0000003"
+
+
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+def test_resume_reproduces_the_uninterrupted_losses(tmp_path, precision):
+    cfg = TrainConfig(epochs=3, micro_batch=2, grad_accum=2, lr=0.02, min_lr=0.001, warmup_ratio=0.1)
+    full, _ = run(tmp_path / "full", cfg, precision=precision)
+    # Simulate a crash after epoch 1: only the epoch-1 checkpoint survives.
+    interrupted = tmp_path / "interrupted"
+    shutil.copytree(tmp_path / "full", interrupted)
+    ckpts = interrupted / "checkpoints"
+    for tag in ("epoch0002", "epoch0003"):
+        shutil.rmtree(ckpts / tag, ignore_errors=True)
+    shutil.copytree(tmp_path / "full" / "checkpoints" / "epoch0002", ckpts / "epoch0002")
+    (ckpts / "COMPLETE").write_text("epoch0002\n")
+    resumed, _ = run(interrupted, cfg, resume=True, precision=precision)
+    assert resumed.resumed_from.endswith("epoch0002")
+    steps_per_epoch = 4
+    assert resumed.losses == full.losses[2 * steps_per_epoch:]
+    assert resumed.global_step == full.global_step
+
+
+def test_crash_mid_save_leaves_previous_checkpoint(tmp_path):
+    result, _ = run(tmp_path, TrainConfig(epochs=2, micro_batch=8, lr=0.01))
+    ckpts = tmp_path / "checkpoints"
+    # A half-written newer tag without the marker update is ignored.
+    (ckpts / "epoch0003").mkdir()
+    assert checkpoint.latest_tag(ckpts) == "epoch0002"
