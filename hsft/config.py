@@ -152,6 +152,8 @@ class DPOStageConfig:
         _check(self.normalisation in DPO_NORMALISATIONS, "dpo.normalisation",
                f"must be one of {DPO_NORMALISATIONS}, got {self.normalisation!r}")
         _check(0 <= self.label_smoothing < 0.5, "dpo.label_smoothing", "must lie in [0, 0.5)")
+        _check(self.label_smoothing == 0 or self.loss == "robust", "dpo.label_smoothing",
+               f"only the 'robust' loss uses label smoothing; got loss {self.loss!r}")
         _check(0 < self.pair_threshold <= 1, "dpo.pair_threshold", "must lie in (0, 1]")
         _check(self.margin_weight >= 0, "dpo.margin_weight", "must be >= 0")
 
@@ -216,14 +218,37 @@ class HSFTStageConfig:
 
 @dataclass
 class EvalConfig:
+    """The two-path evaluation (hsft.eval): forward, [SEG]-in-prompt and generate paths, discrepancy."""
+
     batch_size: int = field(default=8, metadata={"help": "samples per evaluation batch"})
     max_new_tokens: int = field(default=16, metadata={"help": "generation budget per sample"})
     overlays: int = field(default=4, metadata={"help": "worst-k samples drawn as overlay pictures"})
+    fixed_overlays: int = field(
+        default=4, metadata={"help": "first-k samples always drawn as overlays (the same pictures in every stage)"}
+    )
+    tau: float = field(
+        default_factory=lambda: MiningConfig().tau,
+        metadata={"help": "Dice threshold of the hard/easy label in the flip list and the comparison table"},
+    )
+    stable_tolerance: float = field(
+        default=0.01, metadata={"help": "checkpoint comparison: |delta Dice| <= this counts as Stable"}
+    )
+    bootstrap_resamples: int = field(
+        default=2000, metadata={"help": "paired-bootstrap resamples for the 95 percent interval of a mean Dice difference"}
+    )
+    bootstrap_seed: int = field(default=0, metadata={"help": "seed of the paired bootstrap"})
 
     def validate(self) -> None:
         _check(self.batch_size >= 1, "eval.batch_size", "must be >= 1")
         _check(self.max_new_tokens >= 1, "eval.max_new_tokens", "must be >= 1")
         _check(self.overlays >= 0, "eval.overlays", "must be >= 0")
+        _check(self.fixed_overlays >= 0, "eval.fixed_overlays", "must be >= 0")
+        _check(0 < self.tau <= 1, "eval.tau", f"must lie in (0, 1], got {self.tau}")
+        _check(0 <= self.stable_tolerance < 1, "eval.stable_tolerance",
+               f"must lie in [0, 1), got {self.stable_tolerance}")
+        _check(self.bootstrap_resamples >= 1, "eval.bootstrap_resamples",
+               f"must be >= 1, got {self.bootstrap_resamples}")
+        _check(self.bootstrap_seed >= 0, "eval.bootstrap_seed", f"must be >= 0, got {self.bootstrap_seed}")
 
 
 PRECISIONS = ("bf16", "fp32")
@@ -239,6 +264,7 @@ class RunConfig:
     seed: int = field(default=0, metadata={"help": "seeds the model init, data order and splits"})
     precision: str | None = field(default=None, metadata={"help": "override the DeepSpeed config: bf16 or fp32"})
     resume: bool = field(default=False, metadata={"help": "continue from the latest complete checkpoint"})
+    overwrite: bool = field(default=False, metadata={"help": "replace the selected stages' earlier output"})
     start: str | None = field(
         default=None, metadata={"help": "model directory the first selected stage starts from"}
     )
@@ -261,8 +287,10 @@ class RunConfig:
         _check(not unknown, "stages", f"unknown stage(s) {unknown}; valid stages are {', '.join(STAGE_ORDER)}")
         _check(len(self.stages) > 0, "stages", "select at least one stage")
         positions = [STAGE_ORDER.index(s) for s in self.stages]
-        _check(positions == list(range(positions[0], positions[0] + len(positions))), "stages",
-               f"must be a contiguous run of {', '.join(STAGE_ORDER)} in that order, got {','.join(self.stages)}")
+        # Any ordered selection works (each stage reads the newest model before it), which allows
+        # ablations such as base,mine,hsft,eval (HSFT without LoRA and DPO).
+        _check(positions == sorted(set(positions)), "stages",
+               f"must follow the pipeline order {','.join(STAGE_ORDER)} without repeats, got {','.join(self.stages)}")
         if "base" in self.stages:
             _check(self.embedded_default, "stages",
                    "'base' pre-trains the embedded tiny model; drop it when --model/--vlm/--start is given")

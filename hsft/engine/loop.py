@@ -148,6 +148,7 @@ def train(task: TrainTask, cfg: TrainConfig, ds_base: dict, *, stage_dir: Path, 
 
     for epoch in range(first_epoch, cfg.epochs):
         engine.train()
+        epoch_start = time.time()
         order = epoch_order(len(task), global_batch, seed, epoch)
         # Global micro-step k covers order[k*mb*world : (k+1)*mb*world]; this rank takes its slice of it.
         micro_steps = len(order) // (cfg.micro_batch * world)
@@ -210,11 +211,12 @@ def train(task: TrainTask, cfg: TrainConfig, ds_base: dict, *, stage_dir: Path, 
             window_start = time.time()
 
         # --- end of epoch: metrics, checkpoint ---------------------------------------------------
+        train_seconds = time.time() - epoch_start
         engine.eval()
         with torch.no_grad():
             metrics = task.evaluate(engine.module)
         engine.train()
-        result.epoch_metrics.append({"epoch": epoch + 1, **metrics})
+        result.epoch_metrics.append({"epoch": epoch + 1, "train_seconds": train_seconds, **metrics})
         tb.scalars({f"{task.name}/epoch_{k}": v for k, v in metrics.items()}, global_step)
         if metrics and distributed.is_main():
             progress.write(f"[{task.name}] epoch {epoch + 1}/{cfg.epochs} "

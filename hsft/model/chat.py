@@ -1,0 +1,149 @@
+"""The chat template (InternVL / Qwen style) and its tokenisation into left-padded batches.
+
+One sample renders as
+
+    [<|im_start|>system\\n{system}<|im_end|>\\n]
+    <|im_start|>user\\n<img><IMG_CONTEXT> x N</img>\\n{instruction}<|im_end|>\\n
+    <|im_start|>assistant\\n{response}<|im_end|>
+
+The part before the response (the prompt) and the response are tokenised separately and
+concatenated, so the prompt of a teacher-forced sequence is token for token the prompt that
+generation starts from, and the response tokens are exactly what generation must emit.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+from transformers import PreTrainedTokenizerBase
+
+from hsft.model.config import SEG_TOKEN, validate_instruction, validate_response
+from hsft.model.tokenizer import IM_END, IM_START, IMG_END, IMG_START
+
+__all__ = ["FORMS", "IGNORE_INDEX", "TokenBatch", "ChatTemplate", "position_ids_from_mask"]
+
+FORMS = ("response", "prompt", "generate")
+IGNORE_INDEX = -100
+
+
+def position_ids_from_mask(attention_mask: Tensor) -> Tensor:
+    """Positions counted over real tokens only, as transformers' generate derives them.
+
+    With left padding the first real token is position 0 in every row; the teacher-forced path
+    uses the same rule so both [SEG] paths see identical rotary positions.
+    """
+    positions = attention_mask.long().cumsum(-1) - 1
+    return positions.masked_fill(attention_mask == 0, 0)
+
+
+@dataclass
+class TokenBatch:
+    """Left-padded token ids of one batch of conversations.
+
+    input_ids, attention_mask, labels: (B, L) int64; labels are IGNORE_INDEX on the prompt and the
+    padding. seg_positions: (B,) index of the [SEG] token in each row, -1 where a row has none (the
+    "generate" form).
+    """
+
+    input_ids: Tensor
+    attention_mask: Tensor
+    labels: Tensor
+    seg_positions: Tensor
+
+    def __len__(self) -> int:
+        return int(self.input_ids.shape[0])
+
+    def to(self, device: torch.device | str) -> TokenBatch:
+        return TokenBatch(*(t.to(device) for t in (self.input_ids, self.attention_mask, self.labels,
+                                                    self.seg_positions)))
+
+    @property
+    def position_ids(self) -> Tensor:
+        return position_ids_from_mask(self.attention_mask)
+
+
+@dataclass(frozen=True, eq=False)
+class ChatTemplate:
+    """Renders and tokenises conversations for one tokenizer and one image-token count."""
+
+    tokenizer: PreTrainedTokenizerBase
+    image_context_token: str
+    num_image_tokens: int
+    seg_token_id: int
+    pad_token_id: int
+
+    def _system_turn(self, system: str | None) -> str:
+        return "" if system is None else f"{IM_START}system\n{system}{IM_END}\n"
+
+    def _user_open(self) -> str:
+        image = IMG_START + self.image_context_token * self.num_image_tokens + IMG_END
+        return f"{IM_START}user\n{image}\n"
+
+    def render(self, form: str, instruction: str, response: str, system: str | None) -> tuple[str, str]:
+        """(prompt text, target text) of one sample; the target is empty except for "response"."""
+        head = self._system_turn(system) + self._user_open()
+        if form == "response":
+            return f"{head}{instruction}{IM_END}\n{IM_START}assistant\n", f"{response}{IM_END}"
+        if form == "prompt":
+            return f"{head}{instruction}{SEG_TOKEN}{IM_END}\n", ""
+        if form == "generate":
+            return f"{head}{instruction}{IM_END}\n{IM_START}assistant\n", ""
+        raise ValueError(f"form: must be one of {', '.join(FORMS)}, got {form!r}")
+
+    def _encode(self, text: str) -> list[int]:
+        return list(self.tokenizer.encode(text, add_special_tokens=False)) if text else []
+
+    def batch(self, n: int, *, form: str, instruction: str | Sequence[str], response: str | Sequence[str],
+              system: str | None) -> TokenBatch:
+        if form not in FORMS:
+            raise ValueError(f"form: must be one of {', '.join(FORMS)}, got {form!r}")
+        if not isinstance(n, int) or n < 1:
+            raise ValueError(f"n: must be a positive integer, got {n!r}")
+        instructions = _per_sample(instruction, n, "instruction")
+        responses = _per_sample(response, n, "response")
+        for i, text in enumerate(instructions):
+            validate_instruction(text, f"instruction[{i}]")
+        if form == "response":
+            for i, text in enumerate(responses):
+                validate_response(text, f"response[{i}]")
+
+        encoded: dict[tuple[str, str], tuple[list[int], list[int]]] = {}
+        rows: list[tuple[list[int], list[int]]] = []
+        for inst, resp in zip(instructions, responses):
+            key = (inst, resp if form == "response" else "")
+            if key not in encoded:
+                prompt_text, target_text = self.render(form, inst, resp, system)
+                encoded[key] = (self._encode(prompt_text), self._encode(target_text))
+            rows.append(encoded[key])
+
+        length = max(len(p) + len(t) for p, t in rows)
+        input_ids = torch.full((n, length), self.pad_token_id, dtype=torch.long)
+        attention_mask = torch.zeros((n, length), dtype=torch.long)
+        labels = torch.full((n, length), IGNORE_INDEX, dtype=torch.long)
+        seg_positions = torch.full((n,), -1, dtype=torch.long)
+        for row, (prompt_ids, target_ids) in enumerate(rows):
+            ids = prompt_ids + target_ids
+            start = length - len(ids)  # left padding
+            input_ids[row, start:] = torch.tensor(ids, dtype=torch.long)
+            attention_mask[row, start:] = 1
+            if target_ids:
+                labels[row, start + len(prompt_ids):] = torch.tensor(target_ids, dtype=torch.long)
+            if form != "generate":
+                hits = (input_ids[row] == self.seg_token_id).nonzero().flatten()
+                if hits.numel() != 1:
+                    raise ValueError(f"sample {row}: the {form!r} sequence must contain exactly one {SEG_TOKEN} "
+                                     f"token, found {hits.numel()} (the tokenizer or the text is wrong)")
+                seg_positions[row] = hits[0]
+        return TokenBatch(input_ids, attention_mask, labels, seg_positions)
+
+
+def _per_sample(value: str | Sequence[str], n: int, name: str) -> list[str]:
+    if isinstance(value, str):
+        return [value] * n
+    values = list(value)
+    if len(values) != n or not all(isinstance(v, str) for v in values):
+        raise ValueError(f"{name}: must be a string or a list of {n} strings, got {value!r}")
+    return values

@@ -1,0 +1,111 @@
+"""Configuration of the Sa2VA-style model: which weights to start from and how it is prompted.
+
+`ModelConfig` picks either an embedded preset (built locally, no download) or a pair of real
+local checkpoints in transformers format (an InternVL VLM and a SAM2 model). `PromptConfig` holds
+the instruction and the answer the model is trained to give; the answer carries the single
+`[SEG]` token whose last-layer hidden state prompts the mask decoder.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+
+from hsft.model.presets import PRESETS
+
+__all__ = ["ModelConfig", "PromptConfig", "SEG_TOKEN", "CHAT_TOKENS", "DTYPES"]
+
+SEG_TOKEN = "[SEG]"
+# Tokens of the InternVL / Qwen chat template. User text must not contain them: they would break
+# the turn structure (and the image-token count the VLM checks).
+CHAT_TOKENS = ("<|im_start|>", "<|im_end|>", "<img>", "</img>", "<IMG_CONTEXT>")
+DTYPES = ("float32", "bfloat16", "float16")
+
+
+def _check(condition: bool, name: str, message: str) -> None:
+    if not condition:
+        raise ValueError(f"{name}: {message}")
+
+
+@dataclass
+class PromptConfig:
+    """The conversation the model is trained on and asked at inference.
+
+    Rendered in the InternVL/Qwen chat style (see hsft.model.chat):
+    `<|im_start|>user\\n<img>` + image context tokens + `</img>\\n{instruction}<|im_end|>\\n`
+    `<|im_start|>assistant\\n{response}<|im_end|>`, preceded by a system turn when `system` is set.
+    """
+
+    instruction: str = field(
+        default="Please segment the blood vessel.", metadata={"help": "the user's request after the image"}
+    )
+    response: str = field(
+        default="Sure, [SEG].", metadata={"help": "the trained answer; must contain exactly one [SEG]"}
+    )
+    system: str | None = field(default=None, metadata={"help": "optional system message"})
+
+    def validate(self, prefix: str = "prompt") -> None:
+        validate_instruction(self.instruction, f"{prefix}.instruction")
+        validate_response(self.response, f"{prefix}.response")
+        if self.system is not None:
+            _check(bool(self.system.strip()), f"{prefix}.system", "must be None or a non-empty string")
+            _check(SEG_TOKEN not in self.system, f"{prefix}.system", f"must not contain {SEG_TOKEN}")
+            _check_no_chat_tokens(self.system, f"{prefix}.system")
+
+
+def _check_no_chat_tokens(text: str, name: str) -> None:
+    found = [tok for tok in CHAT_TOKENS if tok in text]
+    _check(not found, name, f"must not contain the chat template token(s) {found}: {text!r}")
+
+
+def validate_instruction(instruction: str, name: str = "instruction") -> None:
+    _check(isinstance(instruction, str) and bool(instruction.strip()), name, "must be a non-empty string")
+    # The "prompt" form appends [SEG] to the instruction; a [SEG] inside it would make two.
+    _check(SEG_TOKEN not in instruction, name, f"must not contain {SEG_TOKEN} (it belongs in the response)")
+    _check_no_chat_tokens(instruction, name)
+
+
+def validate_response(response: str, name: str = "response") -> None:
+    _check(isinstance(response, str), name, f"must be a string, got {type(response).__name__}")
+    count = response.count(SEG_TOKEN)
+    _check(count == 1, name, f"must contain exactly one {SEG_TOKEN}, found {count} in {response!r}")
+    _check_no_chat_tokens(response, name)
+
+
+@dataclass
+class ModelConfig:
+    """Which Sa2VA-style model to build (see hsft.model.build_model).
+
+    Either the embedded `preset` (vlm and sam2 both None), or real local checkpoints: `vlm` is the
+    directory of an InternVL checkpoint in transformers format (with its tokenizer) and `sam2` the
+    directory of a transformers SAM2 checkpoint; `preset` is ignored then.
+    """
+
+    preset: str = field(default="tiny", metadata={"help": f"embedded model size: {', '.join(PRESETS)}"})
+    vlm: str | None = field(default=None, metadata={"help": "local InternVL checkpoint directory (transformers format)"})
+    sam2: str | None = field(default=None, metadata={"help": "local SAM2 checkpoint directory (transformers format)"})
+    fcs_hidden: int | None = field(
+        default=None, metadata={"help": "hidden width of text_hidden_fcs; default LLM hidden size // 4"}
+    )
+    prompt: PromptConfig = field(default_factory=PromptConfig)
+    dtype: str = field(default="float32", metadata={"help": f"parameter dtype: {', '.join(DTYPES)}"})
+
+    @property
+    def from_checkpoints(self) -> bool:
+        return self.vlm is not None
+
+    def validate(self, prefix: str = "model") -> None:
+        _check(self.preset in PRESETS, f"{prefix}.preset",
+               f"unknown preset {self.preset!r}; valid presets are {', '.join(PRESETS)}")
+        _check((self.vlm is None) == (self.sam2 is None), f"{prefix}.vlm" if self.vlm is None else f"{prefix}.sam2",
+               "give both vlm and sam2 checkpoint directories, or neither (to build the preset)")
+        for name, path in ((f"{prefix}.vlm", self.vlm), (f"{prefix}.sam2", self.sam2)):
+            if path is not None:
+                _check(os.path.isdir(path), name, f"checkpoint directory {path!r} does not exist")
+                _check(os.path.isfile(os.path.join(path, "config.json")), name,
+                       f"{path!r} has no config.json: not a transformers checkpoint directory")
+        if self.fcs_hidden is not None:
+            _check(isinstance(self.fcs_hidden, int) and self.fcs_hidden >= 1, f"{prefix}.fcs_hidden",
+                   f"must be None or a positive integer, got {self.fcs_hidden!r}")
+        _check(self.dtype in DTYPES, f"{prefix}.dtype", f"must be one of {', '.join(DTYPES)}, got {self.dtype!r}")
+        self.prompt.validate(f"{prefix}.prompt")

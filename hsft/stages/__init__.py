@@ -1,0 +1,1 @@
+"""The pipeline's stages: base (embedded default only), lora, dpo, mining, hsft."""

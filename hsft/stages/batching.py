@@ -1,0 +1,48 @@
+"""Turning samples into model inputs and masks into losses, the same way in every stage."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from hsft.data import Sample
+from hsft.losses import dice_bce_loss
+
+
+@dataclass
+class SegBatch:
+    """A micro-batch for the teacher-forced [SEG] path: images, tokens and full-resolution masks."""
+
+    ids: list[str]
+    images: object  # hsft.model.ImageBatch
+    tokens: object  # hsft.model.TokenBatch
+    masks: list[torch.Tensor]  # each (H, W) bool at the sample's original size
+
+
+def make_seg_batch(model, samples: list[Sample], *, form: str, dtype: torch.dtype) -> SegBatch:
+    images = model.preprocess([s.image for s in samples]).to(dtype=dtype)
+    tokens = model.tokenize(len(samples), form=form)
+    masks = [torch.from_numpy(s.mask) for s in samples]
+    return SegBatch(ids=[s.id for s in samples], images=images, tokens=tokens, masks=masks)
+
+
+def mask_loss_per_sample(logits: torch.Tensor, masks: list[torch.Tensor], *, bce_weight: float,
+                         eps: float) -> torch.Tensor:
+    """Dice + bce_weight * BCE of each low-res logit map against its full-resolution mask, shape (B,).
+
+    Samples of one size go through the fused op together; a batch of mixed sizes (the generic folder
+    format allows it) is split into same-size groups, since the op takes one target size per call.
+    """
+    by_size: dict[tuple[int, int], list[int]] = {}
+    for i, mask in enumerate(masks):
+        by_size.setdefault(tuple(mask.shape), []).append(i)
+    parts = []
+    for idx in by_size.values():
+        target = torch.stack([masks[i] for i in idx])
+        parts.append((idx, dice_bce_loss(logits[idx], target, bce_weight=bce_weight, eps=eps, reduction="none")))
+    if len(parts) == 1:
+        return parts[0][1]
+    order = torch.tensor([i for idx, _ in parts for i in idx])
+    losses = torch.cat([loss for _, loss in parts])
+    return losses[torch.argsort(order)]

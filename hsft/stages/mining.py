@@ -1,0 +1,144 @@
+"""Hard-sample mining: run the real inference path (generate) over the training split and keep the
+samples the model segments badly (Dice < tau, or the hardest fraction q).
+
+Only the training split is mined: the held-out split must not influence what the model trains on.
+The work is sharded over ranks and gathered, so every rank ends with the same, deterministic list.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+from tqdm import tqdm
+
+from hsft import metrics
+from hsft.config import DICE_BUCKETS, MiningConfig
+from hsft.data import Sample
+from hsft.engine import distributed
+from hsft.engine.tensorboard import TBWriter
+from hsft.ops import mask_stats
+
+
+@dataclass
+class MinedSample:
+    id: str
+    dice: float
+    bucket: str
+    seg_emitted: bool
+
+
+@dataclass
+class MiningResult:
+    samples: list[MinedSample]  # every training sample, hardest first
+    hard_ids: list[str]  # the hard set, hardest first
+    rule: str  # how the hard set was chosen, in words
+
+    def table(self) -> list[dict]:
+        return bucket_table([s.dice for s in self.samples])
+
+
+def bucket_of(dice: float) -> str:
+    return next(label for upper, label in DICE_BUCKETS if dice < upper)
+
+
+def bucket_table(dices: list[float]) -> list[dict]:
+    """The published distribution table: count and percentage per Dice bucket."""
+    rows, lower = [], 0.0
+    total = max(1, len(dices))
+    for upper, label in DICE_BUCKETS:
+        count = sum(1 for d in dices if lower <= d < upper)
+        span = f"< {upper:.2f}" if lower == 0.0 else (f"> {lower:.2f}" if math.isinf(upper) else f"{lower:.2f}-{upper:.2f}")
+        rows.append({"range": span, "count": count, "percent": 100.0 * count / total, "category": label})
+        lower = upper
+    return rows
+
+
+@torch.no_grad()
+def per_sample_dice(model, samples: list[Sample], *, batch_size: int, max_new_tokens: int,
+                    desc: str = "mining") -> list[tuple[str, float, bool]]:
+    """(id, Dice of the generate path at original resolution inside the FOV, [SEG] emitted) per sample,
+    for this rank's shard of `samples`."""
+    model.eval()
+    dtype = next(model.parameters()).dtype
+    mine = distributed.shard(samples)
+    out: list[tuple[str, float, bool]] = []
+    for start in tqdm(range(0, len(mine), batch_size), desc=desc, disable=not distributed.is_main(),
+                      dynamic_ncols=True):
+        chunk = mine[start:start + batch_size]
+        generated = model.generate_seg(model.preprocess([s.image for s in chunk]).to(dtype=dtype),
+                                       max_new_tokens=max_new_tokens)
+        for i, sample in enumerate(chunk):
+            target = torch.from_numpy(sample.mask)[None]
+            fov = torch.from_numpy(sample.fov)[None] if sample.fov is not None else None
+            stats = mask_stats(generated.mask_logits[i:i + 1].float(), target, fov=fov)
+            fov_pixels = fov.sum(dim=(1, 2)) if fov is not None else torch.tensor([target[0].numel()])
+            dice = metrics.per_image_metrics(metrics.counts_from_stats(stats, fov_pixels))["dice"][0]
+            out.append((sample.id, float(dice), bool(generated.seg_emitted[i])))
+    return out
+
+
+def mine_hard_samples(model, train_samples: list[Sample], cfg: MiningConfig) -> MiningResult:
+    local = per_sample_dice(model, train_samples, batch_size=cfg.batch_size, max_new_tokens=cfg.max_new_tokens)
+    gathered = [row for part in distributed.all_gather_objects(local) for row in part]
+    # Hardest first; ties broken by id so the order does not depend on the rank layout.
+    gathered.sort(key=lambda row: (row[1], row[0]))
+    samples = [MinedSample(id=i, dice=d, bucket=bucket_of(d), seg_emitted=e) for i, d, e in gathered]
+    if cfg.hard_quantile is not None:
+        keep = max(1, math.ceil(cfg.hard_quantile * len(samples)))
+        hard = samples[:keep]
+        rule = f"hardest {cfg.hard_quantile:.0%} of the training split ({keep} samples)"
+    else:
+        hard = [s for s in samples if s.dice < cfg.tau]
+        rule = f"Dice < tau = {cfg.tau}"
+    return MiningResult(samples=samples, hard_ids=[s.id for s in hard], rule=rule)
+
+
+def format_table(result: MiningResult) -> str:
+    lines = ["| Dice | count | percent | category |", "|---|---:|---:|---|"]
+    for row in result.table():
+        lines.append(f"| {row['range']} | {row['count']} | {row['percent']:.1f}% | {row['category']} |")
+    n, k = len(result.samples), len(result.hard_ids)
+    lines.append("")
+    lines.append(f"hard set ({result.rule}): {k} of {n} training samples ({100.0 * k / max(1, n):.1f}%)")
+    misses = sum(1 for s in result.samples if not s.seg_emitted)
+    if misses:
+        lines.append(f"{misses} samples emitted no [SEG] (counted as empty masks)")
+    return "\n".join(lines)
+
+
+def write_mining(result: MiningResult, out_dir: Path, tb: TBWriter, step: int) -> None:
+    """`<out>/mining/hard_samples.json` + the table, printed and logged (rank 0)."""
+    if not distributed.is_main():
+        return
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    hard = set(result.hard_ids)
+    payload = {
+        "rule": result.rule,
+        "hard": [asdict(s) for s in result.samples if s.id in hard],
+        "all": [asdict(s) for s in result.samples],
+        "table": result.table(),
+        "hard_count": len(result.hard_ids),
+        "hard_fraction": len(result.hard_ids) / max(1, len(result.samples)),
+    }
+    tmp = out_dir / "hard_samples.json.tmp"
+    tmp.write_text(json.dumps(payload, indent=2) + "\n")
+    tmp.replace(out_dir / "hard_samples.json")
+    table = format_table(result)
+    (out_dir / "table.md").write_text(table + "\n")
+    print("\nHard-sample mining on the training split\n" + table)
+    tb.text("mining/table", table, step)
+    tb.histogram("mining/train_dice", [s.dice for s in result.samples], step)
+    tb.scalars({"mining/hard_count": len(result.hard_ids),
+                "mining/hard_fraction": payload["hard_fraction"]}, step)
+
+
+def read_hard_ids(out_dir: Path) -> list[str]:
+    path = Path(out_dir) / "hard_samples.json"
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: no mining result; run the 'mine' stage first (--stages mine,hsft)")
+    return [row["id"] for row in json.loads(path.read_text())["hard"]]

@@ -1,0 +1,91 @@
+"""The training objective every supervised stage wraps in DeepSpeed: LM cross-entropy on the response
+(with [SEG]) plus the Dice + BCE mask loss, each with its own weight.
+
+The module holds the whole Sa2VA model (frozen parts included) so DeepSpeed sees one module; which
+parameters train is decided before `deepspeed.initialize` by the stage.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from hsft.data import Sample
+from hsft.stages.batching import SegBatch, make_seg_batch, mask_loss_per_sample
+
+
+@dataclass
+class CachedSegBatch:
+    """A micro-batch whose frozen features (SAM2 image features, LLM hidden state at [SEG]) were
+    computed once and reused: only text_hidden_fcs and the mask decoder run."""
+
+    ids: list[str]
+    sam_features: object  # hsft.model.SamFeatures
+    seg_hidden: torch.Tensor  # (B, H)
+    masks: list[torch.Tensor]
+
+
+class SegObjective(nn.Module):
+    def __init__(self, model: nn.Module, *, lm_weight: float, mask_weight: float, bce_weight: float = 0.5,
+                 eps: float = 1e-8):
+        super().__init__()
+        self.model = model
+        self.lm_weight, self.mask_weight = lm_weight, mask_weight
+        self.bce_weight, self.eps = bce_weight, eps
+
+    def forward(self, batch: SegBatch | CachedSegBatch) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        lm_loss = None
+        if isinstance(batch, CachedSegBatch):
+            logits = self.model.decode_masks(batch.sam_features, batch.seg_hidden)
+        else:
+            out = self.model.forward_seg(batch.images, batch.tokens, compute_lm_loss=self.lm_weight > 0)
+            logits, lm_loss = out.mask_logits, out.lm_loss
+        terms: dict[str, torch.Tensor] = {}
+        loss = logits.new_zeros((), dtype=torch.float32)
+        if self.mask_weight > 0:
+            mask_loss = mask_loss_per_sample(logits, batch.masks, bce_weight=self.bce_weight, eps=self.eps).mean()
+            with torch.no_grad():
+                dice_only = mask_loss_per_sample(logits, batch.masks, bce_weight=0.0, eps=self.eps).mean()
+            terms["mask_loss"] = mask_loss.detach()
+            terms["dice_loss"] = dice_only
+            if self.bce_weight > 0:
+                terms["bce"] = (mask_loss.detach() - dice_only) / self.bce_weight
+            loss = loss + self.mask_weight * mask_loss
+        if lm_loss is not None:
+            terms["lm_loss"] = lm_loss.detach().float()
+            loss = loss + self.lm_weight * lm_loss.float()
+        return loss, terms
+
+
+class FeatureCache:
+    """Frozen per-sample features, computed the first time a sample is batched and reused after.
+
+    Each rank fills it for the samples it is handed, at most once each. Features are computed on the
+    micro-batch exactly as the uncached forward would compute them (same batch, same dtype), so the
+    cached loss is the uncached loss.
+    """
+
+    def __init__(self, model: nn.Module, form: str):
+        self.model, self.form = model, form
+        self._store: dict[str, tuple[object, torch.Tensor]] = {}
+        self.misses = 0
+
+    def __len__(self) -> int:
+        return len(self._store)
+
+    @torch.no_grad()
+    def batch(self, samples: list[Sample], dtype: torch.dtype) -> CachedSegBatch:
+        missing = [s for s in samples if s.id not in self._store]
+        if missing:
+            self.misses += len(missing)
+            fresh = make_seg_batch(self.model, missing, form=self.form, dtype=dtype)
+            feats = self.model.sam_features(fresh.images.sam_pixels)
+            hidden = self.model.seg_hidden_states(fresh.images, fresh.tokens)
+            for i, sample in enumerate(missing):
+                self._store[sample.id] = (feats.index(i), hidden[i:i + 1])
+        feats = [self._store[s.id][0] for s in samples]
+        hidden = torch.cat([self._store[s.id][1] for s in samples])
+        return CachedSegBatch(ids=[s.id for s in samples], sam_features=type(feats[0]).cat(feats),
+                              seg_hidden=hidden, masks=[torch.from_numpy(s.mask) for s in samples])

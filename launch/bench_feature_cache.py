@@ -1,0 +1,27 @@
+#!/usr/bin/env python
+"""Benchmark the HSFT frozen-feature cache: epoch time with and without it (writes JSON, prints a table)."""
+
+import argparse
+from pathlib import Path
+
+from hsft.bench.feature_cache import format_summary, run
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--model", default=None, help="saved hsft model directory (default: a fresh preset)")
+    parser.add_argument("--preset", default="tiny", help="preset when --model is not given")
+    parser.add_argument("--samples", type=int, default=16, help="hard-set size")
+    parser.add_argument("--size", type=int, default=128, help="synthetic image side in pixels")
+    parser.add_argument("--epochs", type=int, default=3, help="epochs per configuration")
+    parser.add_argument("--precision", choices=("bf16", "fp32"), default="bf16")
+    parser.add_argument("--deepspeed", default="ds_configs/zero2.json", help="DeepSpeed JSON config")
+    parser.add_argument("--out", default="results/bench_feature_cache", help="where the JSON goes")
+    args = parser.parse_args()
+    summary = run(model_dir=args.model, preset=args.preset, samples=args.samples, size=args.size,
+                  epochs=args.epochs, precision=args.precision, ds_config=args.deepspeed, out=Path(args.out))
+    print(format_summary(summary))
+
+
+if __name__ == "__main__":
+    main()

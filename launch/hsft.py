@@ -1,0 +1,62 @@
+#!/usr/bin/env python
+"""hsft main command: stage 0 (embedded default) -> LoRA -> DPO -> mining -> HSFT -> evaluation.
+
+    deepspeed launch/hsft.py --deepspeed ds_configs/zero2.json            # everything, embedded default
+    deepspeed --num_gpus 2 launch/hsft.py --deepspeed ds_configs/zero2.json --stages mine,hsft,eval
+"""
+
+import argparse
+import dataclasses
+import sys
+from pathlib import Path
+
+# Run as a script, this file's directory is sys.path[0] and this very file would shadow the hsft
+# package: drop the directory so `import hsft` finds the package.
+_LAUNCH_DIR = Path(__file__).resolve().parent
+sys.path[:] = [entry for entry in sys.path if Path(entry or ".").resolve() != _LAUNCH_DIR]
+
+from hsft.arguments import add_config_arguments, apply_arguments  # noqa: E402
+from hsft.config import STAGE_ORDER, RunConfig  # noqa: E402
+
+ALIASES = {
+    "start": ["--model"],
+    "model.vlm": ["--vlm"],
+    "model.sam2": ["--sam2"],
+    "model.preset": ["--preset"],
+    "mining.tau": ["--tau"],
+    "mining.hard_quantile": ["--hard-quantile"],
+}
+
+
+def parse(argv):
+    parser = argparse.ArgumentParser(
+        prog="launch/hsft.py",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog="Stage options are named after their stage: --hsft-lr, --hsft-epochs, --lora-rank, --dpo-beta ... "
+               "The published defaults are shown; the embedded default run keeps them except where noted in "
+               "README. Outputs: <output-dir>/<stage>/ (model/, trainable.safetensors, checkpoints/, metrics.json), "
+               "<output-dir>/tb/, report.json and report.md.",
+    )
+    parser.add_argument("--stages", default=",".join(STAGE_ORDER),
+                        help=f"comma-separated contiguous stages from {','.join(STAGE_ORDER)} (default: all; 'base' "
+                             "only runs for the embedded default model)")
+    parser.add_argument("--local_rank", type=int, default=-1, help=argparse.SUPPRESS)
+    dests = add_config_arguments(parser, RunConfig, aliases=ALIASES)
+    args = parser.parse_args(argv)
+    cfg = apply_arguments(RunConfig(), args, dests)
+    stages = tuple(s.strip() for s in args.stages.split(",") if s.strip())
+    if args.stages == ",".join(STAGE_ORDER) and not cfg.embedded_default:
+        stages = stages[1:]  # stage 0 only exists for the embedded default model
+    return dataclasses.replace(cfg, stages=stages)
+
+
+def main(argv=None) -> int:
+    cfg = parse(sys.argv[1:] if argv is None else argv)
+    from hsft.pipeline import main as run
+
+    return run(cfg)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,120 @@
+"""The real entry point, `deepspeed launch/hsft.py`, end to end on the embedded default, plus the
+two-rank equivalence and the command's bad-input errors."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+REPO = Path(__file__).resolve().parents[1]
+DEEPSPEED = shutil.which("deepspeed") or str(Path(sys.executable).with_name("deepspeed"))
+
+# Smaller than the defaults so the suite stays quick; the stage logic is the same.
+SMALL = ["--base-epochs", "6", "--base-pool-size", "64", "--data-synthetic-train", "24", "--data-synthetic-test",
+         "12", "--data-synthetic-size", "96", "--lora-epochs", "1", "--lora-rank", "8", "--hsft-epochs", "2",
+         "--precision", "fp32"]
+
+
+def launch(args: list[str], tmp: Path, ranks: int = 1, check: bool = True) -> subprocess.CompletedProcess:
+    env = {**os.environ, "HSFT_CACHE": str(tmp / "cache"), "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"}
+    cmd = [DEEPSPEED, "--num_gpus", str(ranks), "--master_port", str(29500 + os.getpid() % 1000 + ranks),
+           str(REPO / "launch" / "hsft.py"), "--deepspeed", str(REPO / "ds_configs" / "zero2.json"), *args]
+    proc = subprocess.run(cmd, cwd=tmp, env=env, capture_output=True, text=True, timeout=1500)
+    if check and proc.returncode != 0:
+        raise AssertionError(f"exit {proc.returncode}\nSTDOUT\n{proc.stdout[-6000:]}\nSTDERR\n{proc.stderr[-6000:]}")
+    return proc
+
+
+@pytest.fixture(scope="module")
+def full_run(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("main")
+    proc = launch(["--output-dir", str(tmp / "run"), *SMALL], tmp)
+    return tmp, proc
+
+
+def test_main_command_runs_every_stage_and_writes_the_report(full_run):
+    tmp, proc = full_run
+    run = tmp / "run"
+    report = json.loads((run / "report.json").read_text())
+    assert report["stages"] == ["base", "lora", "dpo", "mine", "hsft", "eval"]
+    stages = [row["stage"] for row in report["evaluation"]]
+    assert stages[0] == "base" and stages[-1] == "hsft" and "lora" in stages
+    for row in report["evaluation"]:
+        assert 0.0 <= row["dice"] <= 1.0 and 0.0 <= row["iou"] <= row["dice"] + 1e-9
+        assert row["n"] == 12
+    assert report["evaluation"][0]["delta_base"] == 0.0
+    # The pre-trained stand-in reaches a moderate Dice on held-out data and answers with [SEG].
+    assert report["evaluation"][0]["dice"] > 0.3 and report["evaluation"][0]["seg_rate"] > 0.9
+    mined = json.loads((run / "mine" / "hard_samples.json").read_text())
+    assert sum(r["count"] for r in mined["table"]) == report["data"]["train"]
+    assert all(r["dice"] < 0.75 for r in mined["hard"])
+    train_ids = {r["id"] for r in mined["all"]}
+    assert len(train_ids) == report["data"]["train"]  # mined on the training split only
+    for stage in ("base", "lora", "dpo", "hsft"):
+        assert (run / stage / "model" / "hsft_model.json").is_file(), stage
+    metrics = json.loads((run / "hsft" / "metrics.json").read_text())
+    assert metrics["samples"] == len(mined["hard"]) and metrics["optimizer_steps"] > 0
+    hsft_weights = load_file(str(run / "hsft" / "trainable.safetensors"))
+    assert hsft_weights and all(k.startswith(("text_hidden_fcs", "sam2.mask_decoder", "sam2.prompt_encoder"))
+                                for k in hsft_weights)
+    assert (run / "tb" / "hsft").is_dir() and any((run / "tb" / "hsft").iterdir())
+    text = (run / "report.md").read_text()
+    assert "| hsft |" in text and "Hard set" in text
+    assert "hsft run report" in proc.stdout
+
+
+def test_global_step_continues_across_stages(full_run):
+    tmp, _ = full_run
+    run = tmp / "run"
+    ends = [json.loads((run / s / "metrics.json").read_text())["global_step_end"] for s in ("lora", "dpo", "hsft")]
+    assert ends == sorted(ends) and len(set(ends)) == 3
+
+
+def test_existing_output_needs_resume_or_overwrite(full_run):
+    tmp, _ = full_run
+    proc = launch(["--output-dir", str(tmp / "run"), *SMALL], tmp, check=False)
+    assert proc.returncode != 0 and "--resume" in proc.stderr and "Traceback" not in proc.stderr
+    # --resume finds every stage complete and only re-evaluates.
+    resumed = launch(["--output-dir", str(tmp / "run"), "--resume", "true", "--stages", "hsft,eval", *SMALL], tmp)
+    assert "already complete" in resumed.stdout
+
+
+def test_two_ranks_match_one_rank_for_the_same_global_batch(full_run):
+    tmp, _ = full_run
+    start = tmp / "run" / "dpo" / "model"
+    common = ["--model", str(start), "--stages", "mine,hsft", "--hsft-epochs", "1", "--hsft-grad-accum", "1",
+              "--hsft-lr", "1e-3", *SMALL]
+    launch(["--output-dir", str(tmp / "one"), "--hsft-micro-batch", "2", *common], tmp, ranks=1)
+    launch(["--output-dir", str(tmp / "two"), "--hsft-micro-batch", "1", *common], tmp, ranks=2)
+    one = json.loads((tmp / "one" / "hsft" / "metrics.json").read_text())
+    two = json.loads((tmp / "two" / "hsft" / "metrics.json").read_text())
+    assert one["optimizer_steps"] == two["optimizer_steps"] > 0
+    assert json.loads((tmp / "one" / "mine" / "hard_samples.json").read_text())["all"] == \
+        json.loads((tmp / "two" / "mine" / "hard_samples.json").read_text())["all"]
+    wa = load_file(str(tmp / "one" / "hsft" / "trainable.safetensors"))
+    wb = load_file(str(tmp / "two" / "hsft" / "trainable.safetensors"))
+    for name in wa:
+        torch.testing.assert_close(wa[name], wb[name], rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--deepspeed", "missing.json"], "missing.json: no such file"),
+    (["--stages", "hsft,base"], "pipeline order"),
+    (["--data-format", "nope"], "unknown format 'nope'"),
+    (["--hsft-lr", "-1"], "hsft.lr"),
+    (["--stages", "hsft", "--output-dir", "empty"], "needs a starting model"),
+])
+def test_bad_input_gets_one_clear_line(tmp_path, args, message):
+    env = {**os.environ, "HSFT_CACHE": str(tmp_path / "cache")}
+    proc = subprocess.run([sys.executable, str(REPO / "launch" / "hsft.py"), *args], cwd=tmp_path, env=env,
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    assert message in proc.stderr and "Traceback" not in proc.stderr
