@@ -77,12 +77,14 @@ def add_config_arguments(parser: argparse.ArgumentParser, cls, *, skip: set[str]
         parse = _bool if tp is bool else tp
         if optional:
             parse = _optional(parse)
-        help_text = f.metadata.get("help", "")
+        help_text = f.metadata.get("help", "").replace("%", "%%")  # argparse formats help with %
         names = [option_name(path)] + aliases.get(dotted, [])
         dest = dotted.replace(".", "__")
-        group.add_argument(*names, dest=dest, type=parse, default=argparse.SUPPRESS,
+        # A bare boolean flag means true (`--resume`); `--resume false` also works.
+        extra = {"nargs": "?", "const": True} if tp is bool else {}
+        group.add_argument(*names, dest=dest, type=parse, default=argparse.SUPPRESS, **extra,
                            metavar=tp.__name__.upper() if tp is not bool else "BOOL",
-                           help=f"{help_text} (default: {default})")
+                           help=f"{help_text} (default: {str(default).replace('%', '%%')})")
         dests[dest] = path
     return dests
 

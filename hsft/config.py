@@ -234,7 +234,8 @@ class EvalConfig:
         default=0.01, metadata={"help": "checkpoint comparison: |delta Dice| <= this counts as Stable"}
     )
     bootstrap_resamples: int = field(
-        default=2000, metadata={"help": "paired-bootstrap resamples for the 95 percent interval of a mean Dice difference"}
+        default=2000,
+        metadata={"help": "paired-bootstrap resamples for the 95 percent interval of a mean Dice difference"},
     )
     bootstrap_seed: int = field(default=0, metadata={"help": "seed of the paired bootstrap"})
 

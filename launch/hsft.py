@@ -25,6 +25,7 @@ ALIASES = {
     "model.preset": ["--preset"],
     "mining.tau": ["--tau"],
     "mining.hard_quantile": ["--hard-quantile"],
+    "lora.mask_loss_weight": ["--mask-loss-weight"],
 }
 
 
@@ -39,8 +40,8 @@ def parse(argv):
                "<output-dir>/tb/, report.json and report.md.",
     )
     parser.add_argument("--stages", default=",".join(STAGE_ORDER),
-                        help=f"comma-separated contiguous stages from {','.join(STAGE_ORDER)} (default: all; 'base' "
-                             "only runs for the embedded default model)")
+                        help=f"comma-separated stages, in the order {','.join(STAGE_ORDER)} (default: all; 'base' only "
+                             "runs for the embedded default model; e.g. base,mine,hsft,eval skips LoRA and DPO)")
     parser.add_argument("--local_rank", type=int, default=-1, help=argparse.SUPPRESS)
     dests = add_config_arguments(parser, RunConfig, aliases=ALIASES)
     args = parser.parse_args(argv)

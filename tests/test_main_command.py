@@ -83,7 +83,7 @@ def test_existing_output_needs_resume_or_overwrite(full_run):
     proc = launch(["--output-dir", str(tmp / "run"), *SMALL], tmp, check=False)
     assert proc.returncode != 0 and "--resume" in proc.stderr and "Traceback" not in proc.stderr
     # --resume finds every stage complete and only re-evaluates.
-    resumed = launch(["--output-dir", str(tmp / "run"), "--resume", "true", "--stages", "hsft,eval", *SMALL], tmp)
+    resumed = launch(["--output-dir", str(tmp / "run"), "--resume", "--stages", "hsft,eval", *SMALL], tmp)
     assert "already complete" in resumed.stdout
 
 

@@ -245,7 +245,8 @@ class Sa2VAModel(nn.Module):
         feats = sam_feats.to(self.device, decoder_dtype)
         seg_embedding = self.text_hidden_fcs(seg_hidden.to(self.device, self.dtype))
         batch = seg_embedding.shape[0]
-        positional = self.sam2.get_image_wide_positional_embeddings().repeat(batch, 1, 1, 1)
+        # The positional-encoding matrix is a buffer, which DeepSpeed's bf16 cast leaves in float32.
+        positional = self.sam2.get_image_wide_positional_embeddings().to(decoder_dtype).repeat(batch, 1, 1, 1)
         # No points, boxes or masks: the prompt encoder returns its "no mask" dense embedding.
         _, dense = self.sam2.prompt_encoder(input_points=None, input_labels=None, input_boxes=None,
                                             input_masks=None)

@@ -1,0 +1,175 @@
+"""What `launch/evaluate.py` and `launch/predict.py` do once their arguments are parsed."""
+
+from __future__ import annotations
+
+import dataclasses
+import gc
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from hsft.config import DataConfig, EvalConfig
+from hsft.data import Sample, load_splits, scan_dataset
+from hsft.engine.tensorboard import TBWriter
+from hsft.eval.compare import compare_summaries, format_comparison, write_comparison
+from hsft.eval.errors import InputError
+from hsft.eval.evaluator import evaluate_model
+from hsft.eval.predict import Prediction, check_images, format_prediction, predict_images
+from hsft.eval.report import format_summary_table
+from hsft.model import Sa2VAModel
+from hsft.model.checkpoint import META_FILE
+
+__all__ = ["EVAL_SPLITS", "EvaluateOptions", "resolve_device", "resolve_model_dir", "load_checkpoint",
+           "load_eval_samples", "run_evaluate", "run_predict"]
+
+EVAL_SPLITS = ("test", "val", "train")
+
+
+@dataclass
+class EvaluateOptions:
+    """The configurable part of launch/evaluate.py: which data, and the evaluation settings
+    (one command-line option per field, see hsft.arguments)."""
+
+    data: DataConfig = field(default_factory=DataConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+# A pipeline stage directory keeps its model here (see hsft.stages.runner.model_dir).
+STAGE_MODEL_SUBDIR = "model"
+COMPARE_SUBDIR = "compare"
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError as error:
+        raise InputError(f"--device {name!r}: not a device name ({error})") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise InputError(f"--device {name}: CUDA is not available on this machine")
+    return device
+
+
+def resolve_model_dir(directory: str | Path, argument: str = "--checkpoint") -> Path:
+    """The model directory: `directory` itself, or its model/ when it is a pipeline stage directory."""
+    path = Path(directory)
+    if not path.exists():
+        raise InputError(f"{argument} {path}: no such directory")
+    if not path.is_dir():
+        raise InputError(f"{argument} {path}: is a file, not a model directory")
+    if not (path / META_FILE).is_file() and (path / STAGE_MODEL_SUBDIR / META_FILE).is_file():
+        return path / STAGE_MODEL_SUBDIR
+    if not (path / META_FILE).is_file():
+        raise InputError(f"{argument} {path}: not an hsft model directory ({META_FILE} is missing; give a "
+                         f"directory written by save_pretrained, or a run's stage directory holding "
+                         f"{STAGE_MODEL_SUBDIR}/)")
+    return path
+
+
+def load_checkpoint(directory: str | Path, *, device: torch.device | str = "cpu", dtype: str | None = None,
+                    argument: str = "--checkpoint") -> Sa2VAModel:
+    path = resolve_model_dir(directory, argument)
+    try:
+        model = Sa2VAModel.from_pretrained(str(path), dtype=dtype)
+    except (OSError, ValueError) as error:
+        raise InputError(f"{argument} {path}: cannot load the model ({error})") from error
+    return model.to(device).eval()
+
+
+def load_eval_samples(data: DataConfig, split: str = "test", limit: int | None = None) -> list[Sample]:
+    """The samples of one split; `limit` keeps the first N (test splits are sorted by id)."""
+    if split not in EVAL_SPLITS:
+        raise InputError(f"--split {split!r}: must be one of {', '.join(EVAL_SPLITS)}")
+    if limit is not None and limit < 1:
+        raise InputError(f"--limit: must be >= 1, got {limit}")
+    try:
+        data.validate()
+    except ValueError as error:
+        raise InputError(str(error)) from None
+    if split == "test" and data.root is not None:
+        # Only the test files are decoded (a real training split can be large).
+        samples = [ref.load() for ref in scan_dataset(data.format, data.root, split="test")]
+    elif split == "test":
+        # The embedded synthetic test split does not depend on the training split's settings; a
+        # token training split keeps the generation short.
+        samples = load_splits(dataclasses.replace(data, synthetic_train=2, val_fraction=0.0)).test
+    else:
+        samples = getattr(load_splits(data), split)
+    if not samples:
+        raise InputError(f"--split {split}: the split is empty")
+    return samples[:limit] if limit is not None else samples
+
+
+def _check_output(output: str | Path) -> Path:
+    out = Path(output)
+    if out.exists() and not out.is_dir():
+        raise InputError(f"--output {out}: exists and is not a directory")
+    return out
+
+
+def run_evaluate(checkpoint: str | Path, output: str | Path, *, data: DataConfig, split: str = "test",
+                 compare: str | Path | None = None, cfg: EvalConfig | None = None, device: str = "auto",
+                 dtype: str | None = None, limit: int | None = None, tensorboard: bool = True,
+                 echo: Callable[[str], None] = print) -> dict:
+    """Evaluate `checkpoint` (and `compare`, on the same samples) into `output`; returns
+    {"summary": ..., "compare_summary": ..., "comparison": ...} (the last two None without compare).
+
+    Layout: OUT/eval.{json,md}, per_sample.csv, overlays/ for the checkpoint; with compare also
+    OUT/compare/ (the same for the second checkpoint) and OUT/comparison.{json,md,csv}, where
+    'before' is the checkpoint and 'after' the compared one; OUT/tb holds the TensorBoard logs.
+    """
+    cfg = cfg or EvalConfig()
+    try:
+        cfg.validate()
+    except ValueError as error:
+        raise InputError(str(error)) from None
+    out = _check_output(output)
+    target = resolve_device(device)
+    # Check both model directories before the (long) first evaluation starts.
+    resolve_model_dir(checkpoint)
+    if compare is not None:
+        resolve_model_dir(compare, "--compare")
+    samples = load_eval_samples(data, split, limit)
+    echo(f"evaluating {len(samples)} samples of the {data.format} {split} split")
+
+    tb = TBWriter(out / "tb", enabled=tensorboard)
+    try:
+        model = load_checkpoint(checkpoint, device=target, dtype=dtype)
+        summary = evaluate_model(model, samples, cfg, out_dir=out, tb=tb, tag="eval", title=str(checkpoint))
+        echo(f"\n{checkpoint}\n{format_summary_table(summary)}\n"
+             f"[SEG] rate {summary['generate']['seg_rate']:.3f}, misses {summary['generate']['misses']}; "
+             f"report: {out / 'eval.md'}")
+        result = {"summary": summary, "compare_summary": None, "comparison": None}
+        if compare is not None:
+            del model  # one model in memory at a time
+            gc.collect()
+            other = load_checkpoint(compare, device=target, dtype=dtype, argument="--compare")
+            other_summary = evaluate_model(other, samples, cfg, out_dir=out / COMPARE_SUBDIR, tb=tb, tag="compare",
+                                           title=str(compare))
+            comparison = compare_summaries(summary, other_summary, tau=cfg.tau, tolerance=cfg.stable_tolerance,
+                                           before_name=str(checkpoint), after_name=str(compare),
+                                           resamples=cfg.bootstrap_resamples, seed=cfg.bootstrap_seed)
+            write_comparison(out, comparison)
+            echo("\n" + format_comparison(comparison) + f"\nwritten: {out / 'comparison.md'}")
+            result.update(compare_summary=other_summary, comparison=comparison)
+    finally:
+        tb.close()
+    return result
+
+
+def run_predict(checkpoint: str | Path, images: Sequence[str | Path], out: str | Path, *, batch_size: int = 8,
+                max_new_tokens: int = 16, device: str = "auto", dtype: str | None = None,
+                echo: Callable[[str], None] = print) -> list[Prediction]:
+    files = [Path(p) for p in images]
+    target = resolve_device(device)
+    resolve_model_dir(checkpoint)
+    check_images(files)  # before the model is loaded: a typo should not cost a model load
+    model = load_checkpoint(checkpoint, device=target, dtype=dtype)
+    predictions = predict_images(model, files, out, batch_size=batch_size, max_new_tokens=max_new_tokens,
+                                 validate=False)
+    for prediction in predictions:
+        echo(format_prediction(prediction))
+    misses = sum(not p.seg_emitted for p in predictions)
+    echo(f"{len(predictions)} image(s) -> {out} ({misses} without [SEG])")
+    return predictions

@@ -1,0 +1,194 @@
+"""Stage 1, LoRA: adapt the language model's attention projections (q/k/v/o) with peft LoRA, and train
+`text_hidden_fcs` with it, on next-token cross-entropy over the response (prompt masked, [SEG]
+included) plus the Dice + BCE mask loss through the forward path (weight `mask_loss_weight`; 0 is
+the published CE-only recipe).
+
+Only the language model is adapted: the vision tower and the SAM2 attention blocks also have layers
+named q_proj/k_proj/v_proj, so the targets are given as a pattern anchored at the language model,
+and the modules that received an adapter are checked against that list.
+
+The stage directory `<out>/lora/` holds, next to what every training stage writes:
+    adapter/                            the standard peft adapter directory (adapter_config.json,
+                                        adapter_model.safetensors), for the input model's VLM
+    non_lora_trainable.safetensors      the other weights this stage trained (text_hidden_fcs), keyed
+                                        as in the Sa2VA model
+    model/                              the merged export: LoRA folded into the weights, a plain
+                                        Sa2VA model directory (what the DPO stage reads)
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import torch
+from safetensors.torch import save_file
+
+from hsft.config import LoraStageConfig, MiningConfig, RunConfig
+from hsft.data import Sample
+from hsft.engine import distributed
+from hsft.model import Sa2VAModel
+from hsft.stages.batching import make_seg_batch
+from hsft.stages.mining import per_sample_dice
+from hsft.stages.objective import SegObjective
+from hsft.stages.runner import StageContext, model_dir, run_training_stage, training_dtype
+
+__all__ = [
+    "ATTENTION_PROJECTIONS",
+    "ADAPTER_DIR",
+    "NON_LORA_FILE",
+    "language_model_attention",
+    "lora_target_pattern",
+    "attach_lora",
+    "adapted_modules",
+    "LoraTask",
+    "LoraExport",
+    "run_lora",
+]
+
+ATTENTION_PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj")
+# Where the language model sits inside transformers' InternVLForConditionalGeneration.
+LANGUAGE_MODEL_PREFIX = "model.language_model."
+ADAPTER_NAME = "default"
+ADAPTER_DIR = "adapter"
+NON_LORA_FILE = "non_lora_trainable.safetensors"
+
+
+def lora_target_pattern() -> str:
+    """peft target regex (full match on the module name inside the VLM): the attention projections of
+    the language model's decoder layers and nothing else."""
+    projections = "|".join(ATTENTION_PROJECTIONS)
+    return rf"{re.escape(LANGUAGE_MODEL_PREFIX)}layers\.\d+\.self_attn\.({projections})"
+
+
+def language_model_attention(vlm: torch.nn.Module) -> list[str]:
+    """Names (inside the VLM) of the language model's q/k/v/o projection Linear layers."""
+    pattern = re.compile(lora_target_pattern())
+    return [name for name, module in vlm.named_modules()
+            if isinstance(module, torch.nn.Linear) and pattern.fullmatch(name)]
+
+
+def attach_lora(model: Sa2VAModel, cfg: LoraStageConfig):
+    """Inject LoRA adapters into `model.vlm` in place and return the peft wrapper (kept outside the
+    Sa2VA module tree, so parameter names and the VLM's attributes stay as they were, plus the
+    adapters). Only the adapters inside the VLM are trainable afterwards; parts outside the VLM keep
+    their requires_grad.
+    """
+    from peft import LoraConfig, get_peft_model
+
+    expected = language_model_attention(model.vlm)
+    if not expected:
+        raise ValueError(f"lora: the VLM has no attention projections matching {lora_target_pattern()!r} "
+                         f"(expected {', '.join(ATTENTION_PROJECTIONS)} under {LANGUAGE_MODEL_PREFIX}layers.N."
+                         "self_attn); this language model architecture is not supported by the LoRA stage")
+    config = LoraConfig(r=cfg.rank, lora_alpha=cfg.alpha, lora_dropout=cfg.dropout,
+                        target_modules=lora_target_pattern(), bias="none")
+    wrapper = get_peft_model(model.vlm, config, adapter_name=ADAPTER_NAME)
+    adapted = adapted_modules(model.vlm)
+    if adapted != expected:
+        raise RuntimeError(f"lora: adapters landed on {adapted[:4]}..., expected exactly the language model's "
+                           f"attention projections {expected[:4]}...")
+    return wrapper
+
+
+def adapted_modules(module: torch.nn.Module) -> list[str]:
+    """Names of the modules that carry a LoRA adapter."""
+    from peft.tuners.lora import LoraLayer
+
+    return [name for name, sub in module.named_modules() if isinstance(sub, LoraLayer)]
+
+
+class LoraTask:
+    """LoRA adapters (LLM q/k/v/o) + text_hidden_fcs on CE (+ mask loss) over the training split."""
+
+    name = "lora"
+
+    def __init__(self, model: Sa2VAModel, samples: list[Sample], cfg: LoraStageConfig, val_samples: list[Sample],
+                 mining: MiningConfig):
+        if not samples:
+            raise ValueError("lora: the training split is empty")
+        self.model, self.samples, self.cfg = model, samples, cfg
+        self.val_samples, self.mining = val_samples, mining
+        # text_hidden_fcs only sits on the mask path: with the CE-only recipe (weight 0) no gradient
+        # reaches it and training it would only apply weight decay, so it stays frozen then.
+        model.set_trainable({"text_hidden_fcs"} if cfg.mask_loss_weight > 0 else set())
+        self.peft = attach_lora(model, cfg)
+        self.module = SegObjective(model, lm_weight=1.0, mask_weight=cfg.mask_loss_weight)
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    def make_batch(self, indices: list[int], dtype: torch.dtype):
+        return make_seg_batch(self.model, [self.samples[i] for i in indices], form="response", dtype=dtype)
+
+    def evaluate(self, module) -> dict[str, float]:
+        """Validation Dice and [SEG] rate of the inference path (generate), with the adapters active."""
+        if not self.val_samples:
+            return {}
+        rows = per_sample_dice(module.model, self.val_samples, batch_size=self.mining.batch_size,
+                               max_new_tokens=self.mining.max_new_tokens, desc="val")
+        rows = [r for part in distributed.all_gather_objects(rows) for r in part]
+        return {"val_dice": sum(r[1] for r in rows) / len(rows),
+                "val_seg_rate": sum(r[2] for r in rows) / len(rows)}
+
+    def client_state(self) -> dict:
+        return {"lora_rank": self.cfg.rank, "lora_alpha": self.cfg.alpha}
+
+
+class LoraExport:
+    """Builds the export copy of the input model (LoRA attached, float32) and writes the stage's three
+    artefacts from it once the trained weights are loaded: the peft adapter directory, the non-LoRA
+    trained weights, and the merged plain model."""
+
+    def __init__(self, start: Path, cfg: LoraStageConfig):
+        self.start, self.cfg = Path(start), cfg
+        self._peft = None
+
+    def load_input_model(self) -> Sa2VAModel:
+        model = Sa2VAModel.from_pretrained(str(self.start), dtype="float32")
+        model.set_trainable({"text_hidden_fcs"} if self.cfg.mask_loss_weight > 0 else set())
+        self._peft = attach_lora(model, self.cfg)
+        # The adapter is for the VLM this stage started from; record where it lives.
+        self._peft.peft_config[ADAPTER_NAME].base_model_name_or_path = str((self.start / "vlm").resolve())
+        return model
+
+    def export(self, model: Sa2VAModel, stage_dir: Path) -> None:
+        if self._peft is None or self._peft.base_model.model is not model.vlm:
+            raise RuntimeError("lora export: the model was not built by LoraExport.load_input_model")
+        stage_dir = Path(stage_dir)
+        self._peft.save_pretrained(str(stage_dir / ADAPTER_DIR), safe_serialization=True,
+                                   save_embedding_layers=False)
+        non_lora = {name: p.detach().float().contiguous() for name, p in model.named_parameters()
+                    if p.requires_grad and not name.startswith("vlm.")}
+        if non_lora:
+            save_file(non_lora, str(stage_dir / NON_LORA_FILE))
+        model.vlm = self._peft.merge_and_unload()
+        self._peft = None
+        model.save_pretrained(str(model_dir(stage_dir)))
+
+
+def run_lora(cfg: RunConfig, ctx: StageContext, start: Path, splits) -> Path:
+    """Stage 1 from the model directory `start`; returns the merged model directory DPO reads."""
+    if start is None:
+        raise ValueError("lora: needs a starting model directory (--start, or an earlier stage)")
+    start = Path(start)
+    # Cast to the training dtype up front: DeepSpeed's bf16 cast converts parameters only, and the float32
+    # buffers left behind (SAM2's positional encoding) would meet bf16 weights. The export starts again
+    # from the float32 input model and the float32 master weights, so nothing is lost.
+    model = Sa2VAModel.from_pretrained(str(start), dtype="float32").to(training_dtype(ctx))
+    task = LoraTask(model, splits.train, cfg.lora, splits.val, cfg.mining)
+    exporter = LoraExport(start, cfg.lora)
+    summary = run_training_stage(ctx, task, cfg.lora.train, load_input_model=exporter.load_input_model,
+                                 export=exporter.export)
+    stage_dir = ctx.stage_dir("lora")
+    ctx.results["lora"] = {
+        "samples": len(task),
+        "adapted_modules": len(adapted_modules(model.vlm)),
+        "rank": cfg.lora.rank,
+        "alpha": cfg.lora.alpha,
+        "mask_loss_weight": cfg.lora.mask_loss_weight,
+        "adapter": str(stage_dir / ADAPTER_DIR),
+        "optimizer_steps": summary["optimizer_steps"],
+        "epochs": summary["epochs"],
+    }
+    return model_dir(stage_dir)

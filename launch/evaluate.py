@@ -1,0 +1,76 @@
+#!/usr/bin/env python
+"""Evaluate a model checkpoint on both [SEG] paths and report the training-inference discrepancy.
+
+Every sample runs three ways: the teacher-forced forward pass with the training response
+("Sure, [SEG]."), the teacher-forced pass with [SEG] appended to the instruction, and greedy
+generation with the KV cache (what a user's inference does; no [SEG] = empty mask). Dice and IoU
+are computed per image at the original resolution, inside the FOV when the dataset has one.
+
+    python launch/evaluate.py --checkpoint runs/hsft/hsft/model --output runs/eval_hsft
+    python launch/evaluate.py --checkpoint DIR --data-format drive --data-root /data/DRIVE --output OUT
+    python launch/evaluate.py --checkpoint runs/hsft/dpo/model --compare runs/hsft/hsft/model --output OUT
+"""
+
+import argparse
+import sys
+from pathlib import Path
+
+# Run as a script, this file's directory is sys.path[0], and launch/hsft.py there would shadow the
+# hsft package: drop the directory so `import hsft` finds the package.
+_LAUNCH_DIR = Path(__file__).resolve().parent
+sys.path[:] = [entry for entry in sys.path if Path(entry or ".").resolve() != _LAUNCH_DIR]
+
+from hsft.arguments import add_config_arguments, apply_arguments  # noqa: E402
+from hsft.data import DatasetError  # noqa: E402
+from hsft.eval.commands import EVAL_SPLITS, EvaluateOptions, run_evaluate  # noqa: E402
+from hsft.eval.errors import InputError  # noqa: E402
+
+ALIASES = {
+    "eval.batch_size": ["--batch-size"],
+    "eval.max_new_tokens": ["--max-new-tokens"],
+    "eval.overlays": ["--overlays"],
+    "eval.tau": ["--tau"],
+    "eval.stable_tolerance": ["--tolerance"],
+}
+
+
+def parse(argv):
+    parser = argparse.ArgumentParser(
+        prog="launch/evaluate.py", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog="Outputs: OUT/eval.json (summary), OUT/eval.md (summary table, per-sample table, discrepancy "
+               "section), OUT/per_sample.csv, OUT/overlays/*.png (worst and fixed samples: green TP, red FP, "
+               "blue FN), OUT/tb (TensorBoard). With --compare DIR2: OUT/compare/ holds DIR2's report and "
+               "OUT/comparison.{md,csv,json} the per-sample table (before = --checkpoint, after = --compare; "
+               "category Easy/Hard by the before Dice at --tau, then Better/Stable/Worse beyond --tolerance).",
+    )
+    parser.add_argument("--checkpoint", required=True, metavar="DIR",
+                        help="model directory written by save_pretrained (or a run's stage directory holding model/)")
+    parser.add_argument("--output", required=True, metavar="OUT", help="directory the report is written to")
+    parser.add_argument("--split", default="test", choices=EVAL_SPLITS,
+                        help="which split to evaluate (default: test, the held-out split)")
+    parser.add_argument("--compare", metavar="DIR2", default=None,
+                        help="a second model directory evaluated on the same samples ('after' in the comparison)")
+    parser.add_argument("--limit", type=int, default=None, metavar="N", help="evaluate only the first N samples")
+    parser.add_argument("--device", default="auto", help="cpu, cuda, cuda:1 ... (default: cuda when available)")
+    parser.add_argument("--dtype", default=None, choices=("float32", "bfloat16", "float16"),
+                        help="load the weights in this dtype (default: as saved)")
+    parser.add_argument("--no-tensorboard", action="store_true", help="do not write OUT/tb")
+    dests = add_config_arguments(parser, EvaluateOptions, skip={"data.augment"}, aliases=ALIASES)
+    args = parser.parse_args(argv)
+    return args, apply_arguments(EvaluateOptions(), args, dests)
+
+
+def main(argv=None) -> int:
+    args, options = parse(sys.argv[1:] if argv is None else argv)
+    try:
+        run_evaluate(args.checkpoint, args.output, data=options.data, split=args.split, compare=args.compare,
+                     cfg=options.eval, device=args.device, dtype=args.dtype, limit=args.limit,
+                     tensorboard=not args.no_tensorboard)
+    except (InputError, DatasetError) as error:
+        print(f"launch/evaluate.py: error: {error}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,120 @@
+"""Stage 1 LoRA: which modules get adapters, the stage through the real loop (one-rank gloo group),
+the peft adapter directory and the merged export."""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from hsft.config import LoraStageConfig, MiningConfig, RunConfig, TrainConfig
+from hsft.data import make_fundus
+from hsft.engine.ds_config import load_ds_config
+from hsft.model import Sa2VAModel, build_model
+from hsft.model.config import ModelConfig
+from hsft.stages import lora
+from hsft.stages.batching import make_seg_batch
+from hsft.stages.runner import StageContext
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def test_adapters_only_on_the_language_models_attention_projections():
+    model = build_model(ModelConfig(preset="tiny"), seed=0)
+    # The trap the explicit target avoids: other towers have layers of the same names.
+    same_names = [n for n, _ in model.named_modules() if n.rsplit(".", 1)[-1] in lora.ATTENTION_PROJECTIONS]
+    assert any(n.startswith("vlm.model.vision_tower.") for n in same_names)
+    assert any(n.startswith("sam2.") for n in same_names)
+
+    task = lora.LoraTask(model, [make_fundus(seed=1, size=64)], LoraStageConfig(rank=4, alpha=8.0), [], MiningConfig())
+    adapted = lora.adapted_modules(model)
+    layers = model.vlm.config.text_config.num_hidden_layers
+    assert adapted == [f"vlm.model.language_model.layers.{i}.self_attn.{p}"
+                       for i in range(layers) for p in lora.ATTENTION_PROJECTIONS]
+    trainable = [n for n, p in model.named_parameters() if p.requires_grad]
+    assert all(".lora_" in n or n.startswith("text_hidden_fcs.") for n in trainable)
+    assert sum(".lora_" in n for n in trainable) == 2 * len(adapted)
+    assert any(n.startswith("text_hidden_fcs.") for n in trainable)
+    assert task.module.mask_weight == 1.0 and task.module.lm_weight == 1.0
+
+    # CE only (the published recipe): no gradient reaches text_hidden_fcs, so it stays frozen.
+    ce_only = build_model(ModelConfig(preset="tiny"), seed=0)
+    lora.LoraTask(ce_only, [make_fundus(seed=1, size=64)], LoraStageConfig(rank=4, mask_loss_weight=0.0), [],
+                  MiningConfig())
+    assert not any(p.requires_grad for p in ce_only.text_hidden_fcs.parameters())
+
+
+def _forward(model: Sa2VAModel, samples):
+    batch = make_seg_batch(model, samples, form="response", dtype=torch.float32)
+    with torch.no_grad():
+        out = model.forward_seg(batch.images, batch.tokens, compute_lm_loss=True)
+    return out.mask_logits, out.lm_logits
+
+
+def test_lora_stage_trains_through_the_loop_and_exports_adapter_and_merged_model(tmp_path):
+    from peft import PeftModel
+
+    start = tmp_path / "start"
+    build_model(ModelConfig(preset="tiny"), seed=0).save_pretrained(str(start))
+    samples = [make_fundus(seed=400 + i, size=64) for i in range(4)]
+    cfg = RunConfig(lora=LoraStageConfig(train=TrainConfig(epochs=1, micro_batch=2, grad_accum=1, lr=5e-3,
+                                                           min_lr=5e-3),
+                                         rank=4, alpha=8.0, dropout=0.0),
+                    mining=MiningConfig(batch_size=4, max_new_tokens=8))
+    ctx = StageContext(out_dir=tmp_path / "run", ds_base=load_ds_config(REPO / "ds_configs" / "zero2.json"), seed=0,
+                       precision="fp32", resume=False)
+    out = lora.run_lora(cfg, ctx, start, SimpleNamespace(train=samples, val=samples[:1], test=[]))
+    stage = tmp_path / "run" / "lora"
+    assert out == stage / "model"
+    metrics = json.loads((stage / "metrics.json").read_text())
+    assert metrics["optimizer_steps"] == 2 and "val_dice" in metrics["epochs"][0]
+    assert ctx.results["lora"]["adapted_modules"] == 8
+
+    # The standard peft adapter directory, for the language model's attention only.
+    adapter_config = json.loads((stage / "adapter" / "adapter_config.json").read_text())
+    assert adapter_config["r"] == 4 and adapter_config["lora_alpha"] == 8.0
+    assert adapter_config["base_model_name_or_path"] == str((start / "vlm").resolve())
+    keys = load_file(str(stage / "adapter" / "adapter_model.safetensors")).keys()
+    assert keys and all(re.search(r"language_model\.layers\.\d+\.self_attn\.[qkvo]_proj\.lora_[AB]", k) for k in keys)
+    non_lora = load_file(str(stage / lora.NON_LORA_FILE))
+    assert set(non_lora) == {f"text_hidden_fcs.{k}" for k in ("0.weight", "0.bias", "2.weight", "2.bias")}
+
+    # The merged export is a plain model; the adapter loads with peft on the input model's VLM.
+    merged = Sa2VAModel.from_pretrained(str(out))
+    assert not lora.adapted_modules(merged)
+    adapted = Sa2VAModel.from_pretrained(str(start))
+    PeftModel.from_pretrained(adapted.vlm, str(stage / "adapter"))  # injects into adapted.vlm in place
+    assert len(lora.adapted_modules(adapted)) == 8
+    adapted.load_state_dict(non_lora, strict=False)
+    adapted.eval()
+
+    base_masks, base_lm = _forward(Sa2VAModel.from_pretrained(str(start)), samples[:2])
+    merged_masks, merged_lm = _forward(merged, samples[:2])
+    adapted_masks, adapted_lm = _forward(adapted, samples[:2])
+    # training changed the model (the adapters are not the zero-initialised no-op) ...
+    assert (merged_lm - base_lm).abs().max() > 1e-3
+    # ... and folding them in changes nothing
+    torch.testing.assert_close(merged_lm, adapted_lm, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(merged_masks, adapted_masks, rtol=1e-4, atol=1e-4)
+
+    # The merged VLM directory also loads as a plain transformers model.
+    from transformers import InternVLForConditionalGeneration
+
+    plain = InternVLForConditionalGeneration.from_pretrained(str(out / "vlm"), local_files_only=True)
+    assert not any("lora_" in n for n, _ in plain.named_parameters())
+
+
+def test_lora_refuses_a_language_model_without_attention_projections():
+    model = build_model(ModelConfig(preset="tiny"), seed=0)
+    for layer in model.vlm.model.language_model.layers:
+        layer.self_attn.q_proj = torch.nn.Identity()
+        layer.self_attn.k_proj = torch.nn.Identity()
+        layer.self_attn.v_proj = torch.nn.Identity()
+        layer.self_attn.o_proj = torch.nn.Identity()
+    with pytest.raises(ValueError, match="attention projections"):
+        lora.attach_lora(model, LoraStageConfig(rank=4))
