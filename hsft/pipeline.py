@@ -91,7 +91,7 @@ def _continue_global_step(ctx: StageContext, before: str) -> None:
 
 def run_base(cfg: RunConfig, ctx: StageContext, splits) -> Path:
     stage_dir = ctx.stage_dir("base")
-    precision = ctx.precision or precision_of(ctx.ds_base)
+    precision = cfg.base.precision or ctx.precision or precision_of(ctx.ds_base)
     key = base_stage.cache_key(cfg.base, cfg.model, cfg.data, cfg.seed, precision)
     cached = base_stage.cache_root(cfg.base) / f"base-{key}"
     if not is_complete(cached):
@@ -101,7 +101,7 @@ def run_base(cfg: RunConfig, ctx: StageContext, splits) -> Path:
         torch.manual_seed(cfg.seed)
         task = base_stage.BaseTask(build_model(cfg.model, seed=cfg.seed), pool, cfg.base, held, cfg.mining)
         # Train inside the cache directory itself so an interrupted pre-training resumes with --resume.
-        cache_ctx = StageContext(cached.parent, ctx.ds_base, cfg.seed, ctx.precision, ctx.resume, ctx.global_step)
+        cache_ctx = StageContext(cached.parent, ctx.ds_base, cfg.seed, precision, ctx.resume, ctx.global_step)
         cached_name = cached.name
         task.name = cached_name
         run_training_stage(cache_ctx, task, cfg.base.train,
@@ -112,6 +112,7 @@ def run_base(cfg: RunConfig, ctx: StageContext, splits) -> Path:
     elif distributed.is_main():
         print(f"[base] reusing the pre-trained embedded model cached at {cached}")
     base_stage.copy_cached(cached, stage_dir)
+    _continue_global_step(ctx, "lora")
     return model_dir(stage_dir)
 
 

@@ -20,6 +20,7 @@ from hsft.model import (
 )
 from hsft.model.chat import IGNORE_INDEX
 from hsft.model.images import IMAGENET_NORM
+from hsft.model.presets import PRESETS
 from hsft.model.tokenizer import add_seg_token, build_preset_tokenizer, single_token_id
 
 
@@ -112,7 +113,9 @@ def test_build_is_deterministic_and_leaves_the_global_rng_alone() -> None:
 
 def test_model_shapes_follow_the_configs(tiny: Sa2VAModel) -> None:
     assert tiny.hidden_size == 64 and tiny.prompt_width == 64 and tiny.fcs_hidden == 16
-    assert (tiny.vlm_image_size, tiny.sam_image_size, tiny.mask_size) == (64, 256, (64, 64))
+    spec = PRESETS["tiny"]
+    side = spec.sam2.image_size // 4  # SAM2's low-res masks are a quarter of its input side
+    assert (tiny.vlm_image_size, tiny.sam_image_size, tiny.mask_size) == (64, spec.sam2.image_size, (side, side))
     assert tiny.text_hidden_fcs[0].in_features == 64 and tiny.text_hidden_fcs[2].out_features == 64
     wide = build_model(ModelConfig(fcs_hidden=40))
     assert wide.text_hidden_fcs[0].out_features == 40 and wide.text_hidden_fcs[2].in_features == 40
@@ -191,7 +194,8 @@ def test_tokenize_prompt_and_generate_forms(tiny: Sa2VAModel) -> None:
 def test_preprocess_resizes_and_normalises(tiny: Sa2VAModel) -> None:
     grey = np.full((37, 53, 3), 100, dtype=np.uint8)
     batch = tiny.preprocess([grey, circle_image(300, 90, 0)[0]])
-    assert batch.vlm_pixels.shape == (2, 3, 64, 64) and batch.sam_pixels.shape == (2, 3, 256, 256)
+    side = tiny.sam_image_size
+    assert batch.vlm_pixels.shape == (2, 3, 64, 64) and batch.sam_pixels.shape == (2, 3, side, side)
     assert batch.original_sizes == [(37, 53), (300, 90)]
     expected = (100 / 255 - torch.tensor(IMAGENET_NORM.mean)) / torch.tensor(IMAGENET_NORM.std)
     assert torch.allclose(batch.sam_pixels[0].mean(dim=(1, 2)), expected, atol=1e-5)
@@ -208,7 +212,7 @@ def test_preprocess_resizes_and_normalises(tiny: Sa2VAModel) -> None:
 def test_forward_seg_shapes_loss_and_gradients(tiny: Sa2VAModel, images: ImageBatch) -> None:
     tokens = tiny.tokenize(3, instruction=INSTRUCTIONS)
     out = tiny.forward_seg(images, tokens, compute_lm_loss=True)
-    assert out.mask_logits.shape == (3, 64, 64) and out.mask_logits.dtype == torch.float32
+    assert out.mask_logits.shape == (3, *tiny.mask_size) and out.mask_logits.dtype == torch.float32
     assert out.seg_hidden.shape == (3, 64) and out.seg_embedding.shape == (3, 64)
     assert out.lm_logits.shape == (3, tokens.input_ids.shape[1], len(tiny.tokenizer))
     assert out.lm_loss.ndim == 0 and bool(torch.isfinite(out.lm_loss))
@@ -249,8 +253,9 @@ def test_forward_seg_equals_cached_decode(tiny: Sa2VAModel, images: ImageBatch) 
         assert torch.allclose(tiny.decode_masks(cached, seg_hidden), out.mask_logits, atol=1e-5)
         single = tiny.decode_masks(feats.index(1), seg_hidden[1:2])
         assert torch.allclose(single[0], out.mask_logits[1], atol=1e-5)
-    assert feats.image_embedding.shape == (3, 64, 16, 16)
-    assert feats.feat_s0.shape == (3, 8, 64, 64) and feats.feat_s1.shape == (3, 16, 32, 32)
+    h, w = tiny.mask_size  # SAM2 levels: the mask size, half of it, a quarter of it
+    assert feats.image_embedding.shape == (3, 64, h // 4, w // 4)
+    assert feats.feat_s0.shape == (3, 8, h, w) and feats.feat_s1.shape == (3, 16, h // 2, w // 2)
 
 
 def test_cached_training_matches_uncached_gradients(tiny: Sa2VAModel, images: ImageBatch) -> None:

@@ -118,9 +118,9 @@ def test_build_from_local_checkpoints(tmp_path) -> None:
 
     images = _images(model)
     out = model.forward_seg(images, model.tokenize(2), compute_lm_loss=True)
-    assert out.mask_logits.shape == (2, 64, 64) and bool(torch.isfinite(out.lm_loss))
+    assert out.mask_logits.shape == (2, *model.mask_size) and bool(torch.isfinite(out.lm_loss))
     gen = model.generate_seg(images, max_new_tokens=4)
-    assert len(gen.text) == 2 and gen.mask_logits.shape == (2, 64, 64)
+    assert len(gen.text) == 2 and gen.mask_logits.shape == (2, *model.mask_size)
 
     # the composite's vlm/ and sam2/ are ordinary checkpoints again ([SEG] already present: no resize)
     model.save_pretrained(str(tmp_path / "composite"))

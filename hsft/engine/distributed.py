@@ -92,3 +92,12 @@ def any_rank(flag: bool) -> bool:
     t = torch.tensor([1.0 if flag else 0.0])
     dist.all_reduce(t, op=dist.ReduceOp.MAX)
     return bool(t.item() > 0)
+
+
+def mean_over_ranks(values: list[float]) -> list[float]:
+    """Element-wise mean of `values` over ranks (every rank passes a list of the same length)."""
+    if not is_initialized() or world_size() == 1:
+        return list(values)
+    t = torch.tensor(values, dtype=torch.float64)
+    dist.all_reduce(t, op=dist.ReduceOp.SUM)
+    return (t / world_size()).tolist()

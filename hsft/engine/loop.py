@@ -184,7 +184,11 @@ def train(task: TrainTask, cfg: TrainConfig, ds_base: dict, *, stage_dir: Path, 
             skipped = engine.skipped_steps > skipped_before or window_nonfinite or not math.isfinite(grad_norm)
             global_step += 1
             stage_steps += 1
-            mean_loss = sum(window_losses) / len(window_losses)
+            # Log the global batch's loss, not this rank's share of it.
+            names = sorted(window_terms)
+            reduced = distributed.mean_over_ranks(
+                [sum(window_losses) / len(window_losses)] + [sum(window_terms[k]) / len(window_terms[k]) for k in names])
+            mean_loss, term_means = reduced[0], dict(zip(names, reduced[1:]))
             result.losses.append(mean_loss)
             if skipped:
                 skipped_total += 1
@@ -196,7 +200,7 @@ def train(task: TrainTask, cfg: TrainConfig, ds_base: dict, *, stage_dir: Path, 
                 scalars = {f"{task.name}/loss": mean_loss, f"{task.name}/lr": scheduler.get_last_lr()[0],
                            f"{task.name}/grad_norm": grad_norm, f"{task.name}/skipped_steps": skipped_total,
                            f"{task.name}/samples_per_s": global_batch / elapsed, f"{task.name}/epoch": epoch}
-                scalars.update({f"{task.name}/{k}": sum(v) / len(v) for k, v in window_terms.items()})
+                scalars.update({f"{task.name}/{k}": v for k, v in term_means.items()})
                 tb.scalars(scalars, global_step)
             progress.set_postfix(loss=f"{mean_loss:.4f}", gnorm=f"{grad_norm:.3g}", lr=f"{scheduler.get_last_lr()[0]:.2e}")
             progress.update(1)

@@ -1,0 +1,259 @@
+// C++ tests of the CPU mask kernels against a naive double-precision reference that
+// materialises the full-resolution logits (written independently of common/mask_math.h).
+// Run by ctest; exits non-zero and names the failing check on the first failure.
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <cstdio>
+#include <random>
+#include <stdexcept>
+#include <string>
+#include <vector>
+
+#include "common/mask_math.h"
+#include "cpu/mask_kernels.h"
+
+namespace {
+
+using hsft::cpu::MaskGeometry;
+using hsft::cpu::PlaneType;
+using hsft::cpu::TargetPlanes;
+
+int g_failures = 0;
+
+void expect(bool ok, const std::string& what) {
+  if (!ok) {
+    ++g_failures;
+    std::fprintf(stderr, "FAILED: %s\n", what.c_str());
+  }
+}
+
+void expect_close(double got, double want, double rtol, double atol, const std::string& what) {
+  const bool ok = std::isfinite(got) && std::fabs(got - want) <= atol + rtol * std::fabs(want);
+  if (!ok) std::fprintf(stderr, "  got %.17g want %.17g\n", got, want);
+  expect(ok, what);
+}
+
+// ---- naive reference --------------------------------------------------------------------------
+
+// Source coordinate and weights of output index o (bilinear, align_corners=False), in double.
+struct RefTap {
+  int64_t lo, hi;
+  double w_lo, w_hi;
+};
+
+RefTap ref_tap(int64_t o, int64_t in, int64_t out) {
+  if (in == out) return {o, o, 1.0, 0.0};
+  double src = (static_cast<double>(o) + 0.5) * static_cast<double>(in) / static_cast<double>(out) - 0.5;
+  src = std::max(src, 0.0);
+  const int64_t lo = std::min<int64_t>(static_cast<int64_t>(std::floor(src)), in - 1);
+  const int64_t hi = std::min<int64_t>(lo + 1, in - 1);
+  const double frac = std::min(std::max(src - static_cast<double>(lo), 0.0), 1.0);
+  return {lo, hi, 1.0 - frac, frac};
+}
+
+// Full-resolution logits of all masks.
+std::vector<double> ref_upsample(const std::vector<double>& logits, const MaskGeometry& g) {
+  std::vector<double> out(g.num_masks * g.out_h * g.out_w);
+  for (int64_t n = 0; n < g.num_masks; ++n)
+    for (int64_t y = 0; y < g.out_h; ++y)
+      for (int64_t x = 0; x < g.out_w; ++x) {
+        const RefTap ty = ref_tap(y, g.in_h, g.out_h), tx = ref_tap(x, g.in_w, g.out_w);
+        auto at = [&](int64_t r, int64_t c) { return logits[(n * g.in_h + r) * g.in_w + c]; };
+        out[(n * g.out_h + y) * g.out_w + x] = ty.w_lo * (tx.w_lo * at(ty.lo, tx.lo) + tx.w_hi * at(ty.lo, tx.hi)) +
+                                               ty.w_hi * (tx.w_lo * at(ty.hi, tx.lo) + tx.w_hi * at(ty.hi, tx.hi));
+      }
+  return out;
+}
+
+double sigmoid(double z) { return 1.0 / (1.0 + std::exp(-z)); }
+double bce(double z, double g) { return std::max(z, 0.0) - z * g + std::log1p(std::exp(-std::fabs(z))); }
+
+struct RefLoss {
+  std::vector<double> loss;  // per mask
+  std::vector<double> grad;  // d(sum_n loss_n) / d logits
+};
+
+RefLoss ref_dice_bce(const std::vector<double>& logits, const std::vector<double>& target, const MaskGeometry& g,
+                     double dice_weight, double bce_weight, double eps) {
+  const std::vector<double> z = ref_upsample(logits, g);
+  const int64_t hw = g.out_h * g.out_w;
+  RefLoss out{std::vector<double>(g.num_masks), std::vector<double>(logits.size(), 0.0)};
+  for (int64_t n = 0; n < g.num_masks; ++n) {
+    double sp = 0, spg = 0, sg = 0, sb = 0;
+    for (int64_t i = 0; i < hw; ++i) {
+      const double zi = z[n * hw + i], gi = target[n * hw + i], p = sigmoid(zi);
+      sp += p;
+      spg += p * gi;
+      sg += gi;
+      sb += bce(zi, gi);
+    }
+    const double num = 2 * spg + eps, den = sp + sg + eps;
+    out.loss[n] = dice_weight * (1 - num / den) + bce_weight * sb / static_cast<double>(hw);
+    // Chain rule pixel by pixel, then scatter through the four bilinear taps.
+    for (int64_t y = 0; y < g.out_h; ++y)
+      for (int64_t x = 0; x < g.out_w; ++x) {
+        const int64_t i = y * g.out_w + x;
+        const double zi = z[n * hw + i], gi = target[n * hw + i], p = sigmoid(zi);
+        const double ddice_dp = -(2 * gi * den - num) / (den * den);
+        const double dz = dice_weight * ddice_dp * p * (1 - p) + bce_weight * (p - gi) / static_cast<double>(hw);
+        const RefTap ty = ref_tap(y, g.in_h, g.out_h), tx = ref_tap(x, g.in_w, g.out_w);
+        auto add = [&](int64_t r, int64_t c, double w) { out.grad[(n * g.in_h + r) * g.in_w + c] += w * dz; };
+        add(ty.lo, tx.lo, ty.w_lo * tx.w_lo);
+        add(ty.lo, tx.hi, ty.w_lo * tx.w_hi);
+        add(ty.hi, tx.lo, ty.w_hi * tx.w_lo);
+        add(ty.hi, tx.hi, ty.w_hi * tx.w_hi);
+      }
+  }
+  return out;
+}
+
+// ---- runners ----------------------------------------------------------------------------------
+
+// Runs tasks in reversed chunks of a given size, to show results do not depend on the split.
+hsft::cpu::TaskRunner reversed_chunks(int64_t chunk) {
+  return [chunk](int64_t num_tasks, int64_t, const hsft::cpu::TaskBody& body) {
+    for (int64_t end = num_tasks; end > 0; end -= chunk) body(std::max<int64_t>(0, end - chunk), end);
+  };
+}
+
+// ---- cases ------------------------------------------------------------------------------------
+
+enum class TargetKind { kRandomBinary, kEmpty, kFull, kSoft };
+
+struct Case {
+  std::string name;
+  MaskGeometry g;
+  double logit_scale;
+  TargetKind target;
+};
+
+std::vector<double> make_target(const MaskGeometry& g, TargetKind kind, std::mt19937& rng) {
+  std::vector<double> t(g.num_masks * g.out_h * g.out_w);
+  std::uniform_real_distribution<double> u(0.0, 1.0);
+  for (double& v : t) {
+    switch (kind) {
+      case TargetKind::kRandomBinary: v = u(rng) < 0.3 ? 1.0 : 0.0; break;
+      case TargetKind::kEmpty: v = 0.0; break;
+      case TargetKind::kFull: v = 1.0; break;
+      case TargetKind::kSoft: v = u(rng); break;
+    }
+  }
+  return t;
+}
+
+template <typename T>
+void check_case(const Case& c, const std::vector<double>& logits64, const std::vector<double>& target64,
+                const RefLoss& ref, double rtol, double atol, const char* type_name) {
+  const MaskGeometry& g = c.g;
+  const std::string tag = c.name + " [" + type_name + "]";
+  const std::vector<T> logits(logits64.begin(), logits64.end());
+  std::vector<uint8_t> target_bytes(target64.size());
+  std::transform(target64.begin(), target64.end(), target_bytes.begin(), [](double v) { return v > 0.5 ? 1 : 0; });
+  std::vector<T> target_typed(target64.begin(), target64.end());
+  const bool binary = c.target != TargetKind::kSoft;
+  const PlaneType float_type = sizeof(T) == 4 ? PlaneType::kFloat32 : PlaneType::kFloat64;
+  const TargetPlanes planes = binary ? TargetPlanes{target_bytes.data(), PlaneType::kByte}
+                                     : TargetPlanes{target_typed.data(), float_type};
+  const double dw = 1.0, bw = 0.5, eps = 1e-8;
+
+  std::vector<double> sums(g.num_masks * hsft::kNumSums), loss(g.num_masks);
+  hsft::cpu::dice_bce_forward(logits.data(), planes, g, dw, bw, eps, sums.data(), loss.data(), hsft::cpu::run_serial);
+  for (int64_t n = 0; n < g.num_masks; ++n)
+    expect_close(loss[n], ref.loss[n], rtol, atol, tag + " loss of mask " + std::to_string(n));
+
+  const std::vector<double> grad_loss(g.num_masks, 1.0);
+  std::vector<T> grad(logits.size());
+  hsft::cpu::dice_bce_backward(logits.data(), planes, g, sums.data(), grad_loss.data(), dw, bw, eps, grad.data(),
+                               hsft::cpu::run_serial);
+  double grad_scale = 0;
+  for (double v : ref.grad) grad_scale = std::max(grad_scale, std::fabs(v));
+  bool grad_ok = true;
+  for (size_t i = 0; i < grad.size(); ++i) {
+    const double got = grad[i], want = ref.grad[i];
+    if (!std::isfinite(got) || std::fabs(got - want) > atol * grad_scale + rtol * std::fabs(want)) {
+      if (grad_ok) std::fprintf(stderr, "  grad[%zu]: got %.17g want %.17g\n", i, got, want);
+      grad_ok = false;
+    }
+  }
+  expect(grad_ok, tag + " gradient");
+
+  // Same bits whatever the task split and order.
+  std::vector<double> sums2(sums.size()), loss2(loss.size());
+  std::vector<T> grad2(grad.size());
+  const auto runner = reversed_chunks(3);
+  hsft::cpu::dice_bce_forward(logits.data(), planes, g, dw, bw, eps, sums2.data(), loss2.data(), runner);
+  hsft::cpu::dice_bce_backward(logits.data(), planes, g, sums2.data(), grad_loss.data(), dw, bw, eps, grad2.data(),
+                               runner);
+  expect(sums == sums2 && loss == loss2 && grad == grad2, tag + " deterministic under another task split");
+
+  // Upsampling and stats against the reference's full-resolution logits.
+  const std::vector<double> z = ref_upsample(logits64, g);
+  std::vector<T> values(z.size());
+  std::vector<uint8_t> above(z.size());
+  hsft::cpu::upsample_masks(logits.data(), g, T(0), values.data(), above.data(), runner);
+  // Rounding error of a convex combination is relative to the inputs, not to the result.
+  double logit_scale = 0;
+  for (double v : logits64) logit_scale = std::max(logit_scale, std::fabs(v));
+  bool up_ok = true;
+  for (size_t i = 0; i < z.size(); ++i)
+    up_ok = up_ok && std::fabs(values[i] - z[i]) <= 1e-6 * (1 + logit_scale) && above[i] == (values[i] > T(0));
+  expect(up_ok, tag + " upsample_masks");
+
+  std::vector<uint8_t> fov(z.size());
+  for (size_t i = 0; i < fov.size(); ++i) fov[i] = (i % 7) != 0;
+  std::vector<int64_t> stats(g.num_masks * hsft::kNumStats);
+  hsft::cpu::mask_stats(logits.data(), planes, fov.data(), g, stats.data(), runner);
+  const int64_t hw = g.out_h * g.out_w;
+  for (int64_t n = 0; n < g.num_masks; ++n) {
+    int64_t inter = 0, pred = 0, gt = 0;
+    for (int64_t i = n * hw; i < (n + 1) * hw; ++i) {
+      if (!fov[i]) continue;
+      const bool p = values[i] > T(0), t = target64[i] > 0.5;
+      inter += p && t;
+      pred += p;
+      gt += t;
+    }
+    const int64_t* s = stats.data() + n * hsft::kNumStats;
+    expect(s[0] == inter && s[1] == pred && s[2] == gt && s[3] == pred + gt - inter,
+           tag + " mask_stats of mask " + std::to_string(n));
+  }
+}
+
+}  // namespace
+
+int main() {
+  const std::vector<Case> cases = {
+      {"4x upsampling", {2, 8, 8, 32, 32}, 3.0, TargetKind::kRandomBinary},
+      {"odd non-integer scale", {3, 5, 7, 23, 17}, 3.0, TargetKind::kRandomBinary},
+      {"downsampling", {2, 9, 11, 4, 5}, 3.0, TargetKind::kRandomBinary},
+      {"equal size", {2, 6, 5, 6, 5}, 3.0, TargetKind::kRandomBinary},
+      {"single pixel input", {1, 1, 1, 7, 9}, 3.0, TargetKind::kRandomBinary},
+      {"empty target", {2, 7, 6, 19, 22}, 3.0, TargetKind::kEmpty},
+      {"all-positive target", {2, 7, 6, 19, 22}, 3.0, TargetKind::kFull},
+      {"soft target", {2, 6, 6, 13, 21}, 3.0, TargetKind::kSoft},
+      {"extreme logits", {2, 6, 7, 25, 18}, 80.0, TargetKind::kRandomBinary},
+  };
+  std::mt19937 rng(1234);
+  for (const Case& c : cases) {
+    std::normal_distribution<double> normal(0.0, c.logit_scale);
+    std::vector<double> logits(c.g.num_masks * c.g.in_h * c.g.in_w);
+    for (double& v : logits) v = normal(rng);
+    // Round to float so the float and double kernels see the same inputs.
+    for (double& v : logits) v = static_cast<double>(static_cast<float>(v));
+    const std::vector<double> target = make_target(c.g, c.target, rng);
+    const RefLoss ref = ref_dice_bce(logits, target, c.g, 1.0, 0.5, 1e-8);
+    check_case<double>(c, logits, target, ref, 1e-12, 1e-12, "float64");
+    check_case<float>(c, logits, target, ref, 2e-5, 2e-5, "float32");
+  }
+  // Bad sizes are refused with a message.
+  bool threw = false;
+  try {
+    hsft::cpu::check_geometry({1, 0, 4, 8, 8});
+  } catch (const std::invalid_argument&) {
+    threw = true;
+  }
+  expect(threw, "empty logits plane is refused");
+  if (g_failures == 0) std::printf("all mask kernel checks passed (%zu cases)\n", cases.size());
+  return g_failures == 0 ? 0 : 1;
+}

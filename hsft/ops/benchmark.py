@@ -1,0 +1,311 @@
+"""Benchmark of the fused Dice+BCE op against eager PyTorch and torch.compile of the same formula.
+
+Providers: ``eager`` (F.interpolate + sigmoid + BCE + Dice, :func:`hsft.ops.reference.dice_bce_loss`),
+``compile`` (torch.compile of that function) and ``ours`` (:func:`hsft.ops.dice_bce_loss`). Modes:
+``fwd`` (forward with a graph recorded, as in training), ``bwd`` (backward alone) and ``fwd+bwd``.
+Per row: median and spread (min / max) of the wall time over the repeats, and the peak extra
+memory of one call.
+
+Peak extra memory, CPU: the process's resident-set high-water mark (VmHWM, reset through
+/proc/self/clear_refs before each call) minus the resident set before the call. glibc keeps
+freed blocks resident unless they were mmap'ed, so the memory pass runs after all timings with
+glibc's mmap threshold pinned at 64 KiB (mallopt): every buffer of 64 KiB or more then comes
+from mmap and leaves the resident set when freed. It counts everything the call allocates, the
+kernels' own scratch included. Timings run before that, with the allocator's default behaviour.
+CUDA: torch.cuda.max_memory_allocated minus memory_allocated before the call.
+
+CUDA rows also report the achieved bandwidth (the bytes the fused op must move: targets,
+logits, gradient) and the fraction of a roofline made of the measured device-to-device copy
+bandwidth and an estimate of the op's floating-point work against the FP32 peak.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import platform
+import re
+import statistics
+import sys
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass
+from datetime import datetime, timezone
+from pathlib import Path
+
+import torch
+
+from hsft.ops import library, reference
+from hsft.ops.mask_ops import dice_bce_loss
+
+__all__ = ["Shape", "Row", "DEFAULT_SHAPES", "QUICK_SHAPES", "PROVIDERS", "MODES", "run", "format_table",
+           "write_results"]
+
+PROVIDERS = ("eager", "compile", "ours")
+MODES = ("fwd", "bwd", "fwd+bwd")
+MMAP_THRESHOLD = 65536
+# Floating-point operations per full-resolution pixel of the fused op (interpolation, logistic
+# terms with the polynomial exp / log1p, sums or gradient): an estimate for the roofline.
+FLOPS_PER_PIXEL = {"fwd": 60, "bwd": 45, "fwd+bwd": 105}
+# Non-tensor FP32 peak (TFLOP/s) of a few GPUs, by name fragment; others report no compute bound.
+FP32_PEAK_TFLOPS = {"H200": 67.0, "H100": 67.0, "A100": 19.5, "L40S": 91.6, "A10": 31.2}
+
+
+@dataclass(frozen=True)
+class Shape:
+    masks: int
+    low: int
+    high: int
+
+    @property
+    def label(self) -> str:
+        return f"{self.masks}x{self.low}->{self.high}"
+
+
+DEFAULT_SHAPES = (Shape(8, 64, 256), Shape(16, 64, 256), Shape(8, 256, 1024), Shape(16, 256, 1024))
+QUICK_SHAPES = (Shape(8, 64, 256), Shape(8, 256, 1024))
+
+
+@dataclass
+class Row:
+    device: str
+    shape: str
+    provider: str
+    mode: str
+    median_ms: float
+    min_ms: float
+    max_ms: float
+    repeats: int
+    peak_extra_mib: float
+    bandwidth_gbs: float | None = None
+    roofline_fraction: float | None = None
+
+
+def _pin_malloc_mmap_threshold() -> None:
+    """Makes glibc serve buffers of 64 KiB or more by mmap from now on (see the module docstring)."""
+    import ctypes
+
+    libc = ctypes.CDLL("libc.so.6")
+    m_mmap_threshold = -3
+    if libc.mallopt(m_mmap_threshold, MMAP_THRESHOLD) != 1:
+        raise RuntimeError("benchmark: mallopt(M_MMAP_THRESHOLD) failed; cannot measure CPU peak memory")
+    libc.malloc_trim(0)
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _rss_bytes(field: str) -> int:
+    with open("/proc/self/status") as status:
+        match = re.search(rf"^{field}:\s+(\d+) kB", status.read(), re.M)
+    if match is None:
+        raise RuntimeError(f"/proc/self/status has no {field} line")
+    return int(match.group(1)) * 1024
+
+
+def _peak_extra_bytes(call: Callable[[], None], device: torch.device) -> int:
+    if device.type == "cuda":
+        _sync(device)
+        torch.cuda.reset_peak_memory_stats(device)
+        base = torch.cuda.memory_allocated(device)
+        call()
+        _sync(device)
+        return torch.cuda.max_memory_allocated(device) - base
+    with open("/proc/self/clear_refs", "w") as clear_refs:
+        clear_refs.write("5")  # resets VmHWM to the current resident set
+    base = _rss_bytes("VmRSS")
+    call()
+    return max(0, _rss_bytes("VmHWM") - base)
+
+
+def _providers(names: Sequence[str]) -> dict[str, Callable[[torch.Tensor, torch.Tensor], torch.Tensor]]:
+    table: dict[str, Callable[[torch.Tensor, torch.Tensor], torch.Tensor]] = {}
+    for name in names:
+        if name == "eager":
+            table[name] = reference.dice_bce_loss
+        elif name == "compile":
+            table[name] = torch.compile(reference.dice_bce_loss, dynamic=False)
+        elif name == "ours":
+            table[name] = dice_bce_loss
+        else:
+            raise ValueError(f"unknown provider {name!r}; choose from {PROVIDERS}")
+    return table
+
+
+def _time_mode(
+    fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor], logits: torch.Tensor, target: torch.Tensor,
+    mode: str, repeats: int, warmup: int,
+) -> tuple[list[float], Callable[[], Callable[[], None]]]:
+    device = logits.device
+
+    def forward() -> torch.Tensor:
+        return fn(logits, target)
+
+    def one(timed: bool) -> float:
+        if mode == "bwd":
+            loss = forward()
+            _sync(device)
+            start = time.perf_counter()
+            loss.backward()
+        else:
+            start = time.perf_counter()
+            loss = forward()
+            if mode == "fwd+bwd":
+                loss.backward()
+        _sync(device)
+        elapsed = time.perf_counter() - start
+        logits.grad = None
+        return elapsed
+
+    for _ in range(warmup):
+        one(False)
+    times = [one(True) for _ in range(repeats)]
+
+    def prepare_call() -> Callable[[], None]:
+        # For "bwd" the forward runs before the measurement starts: the peak is the backward's.
+        if mode == "bwd":
+            loss = forward()
+            _sync(device)
+            return loss.backward
+        if mode == "fwd":
+            return lambda: forward() and None
+        return lambda: forward().backward()
+
+    return times, prepare_call
+
+
+def _moved_bytes(shape: Shape, mode: str) -> int:
+    pixels = shape.masks * shape.high * shape.high
+    low = shape.masks * shape.low * shape.low * 4
+    per_pass = pixels * 1 + low  # uint8 target + float32 logits
+    return {"fwd": per_pass, "bwd": per_pass + low, "fwd+bwd": 2 * per_pass + low}[mode]
+
+
+def _copy_bandwidth(device: torch.device) -> float:
+    """Measured device-to-device copy bandwidth in bytes/s (read + write)."""
+    buffer = torch.empty(256 * 2**20, dtype=torch.uint8, device=device)
+    for _ in range(3):
+        buffer.clone()
+    _sync(device)
+    start = time.perf_counter()
+    for _ in range(10):
+        buffer.clone()
+    _sync(device)
+    return 2 * buffer.numel() * 10 / (time.perf_counter() - start)
+
+
+def run(
+    *, device: str = "cpu", shapes: Sequence[Shape] = DEFAULT_SHAPES, providers: Sequence[str] = PROVIDERS,
+    modes: Sequence[str] = MODES, repeats: int = 7, warmup: int = 2, seed: int = 0,
+    log: Callable[[str], None] = print,
+) -> list[Row]:
+    """Times every provider, mode and shape; returns one Row each."""
+    dev = torch.device(device)
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise RuntimeError("benchmark: --device cuda asked for but no CUDA device is available")
+    if "ours" in providers and not library.has_kernel(dev):
+        log(f"note: the compiled ops are not available on {dev.type}; 'ours' runs the reference "
+            f"({library.status().source})")
+    for mode in modes:
+        if mode not in MODES:
+            raise ValueError(f"unknown mode {mode!r}; choose from {MODES}")
+    table = _providers(providers)
+    copy_bw = _copy_bandwidth(dev) if dev.type == "cuda" else None
+    peak_flops = None
+    if dev.type == "cuda":
+        name = torch.cuda.get_device_name(dev)
+        peak_flops = next((tf * 1e12 for key, tf in FP32_PEAK_TFLOPS.items() if key in name), None)
+    def inputs(shape: Shape) -> tuple[torch.Tensor, torch.Tensor]:
+        gen = torch.Generator().manual_seed(seed)
+        logits = torch.randn(shape.masks, shape.low, shape.low, generator=gen).to(dev).requires_grad_(True)
+        target = (torch.rand(shape.masks, shape.high, shape.high, generator=gen) < 0.2).to(dev)
+        return logits, target
+
+    rows: list[Row] = []
+    for shape in shapes:
+        logits, target = inputs(shape)
+        for provider, fn in table.items():
+            for mode in modes:
+                times, _ = _time_mode(fn, logits, target, mode, repeats, warmup)
+                median = statistics.median(times)
+                row = Row(dev.type, shape.label, provider, mode, median * 1e3, min(times) * 1e3, max(times) * 1e3,
+                          repeats, float("nan"))
+                if copy_bw is not None:
+                    moved = _moved_bytes(shape, mode)
+                    row.bandwidth_gbs = moved / median / 1e9
+                    bound = moved / copy_bw
+                    if peak_flops is not None:
+                        pixels = shape.masks * shape.high * shape.high
+                        bound = max(bound, FLOPS_PER_PIXEL[mode] * pixels / peak_flops)
+                    row.roofline_fraction = bound / median
+                rows.append(row)
+                log(f"  {shape.label:>14} {provider:>8} {mode:>8}: {row.median_ms:9.3f} ms "
+                    f"[{row.min_ms:.3f}, {row.max_ms:.3f}]")
+        del logits, target
+
+    # Memory pass, after all timings (it changes the allocator's behaviour on CPU).
+    if dev.type == "cpu":
+        _pin_malloc_mmap_threshold()
+    by_key = {(r.shape, r.provider, r.mode): r for r in rows}
+    for shape in shapes:
+        logits, target = inputs(shape)
+        for provider, fn in table.items():
+            for mode in modes:
+                _, prepare_call = _time_mode(fn, logits, target, mode, repeats=1, warmup=0)
+                row = by_key[(shape.label, provider, mode)]
+                row.peak_extra_mib = _peak_extra_bytes(prepare_call(), dev) / 2**20
+                logits.grad = None
+                log(f"  {shape.label:>14} {provider:>8} {mode:>8}: peak +{row.peak_extra_mib:.1f} MiB")
+        del logits, target
+    return rows
+
+
+def format_table(rows: Sequence[Row]) -> str:
+    """Markdown table with the speed-up and memory ratio of every provider against eager."""
+    eager = {(r.device, r.shape, r.mode): r for r in rows if r.provider == "eager"}
+    lines = ["| device | shape | provider | mode | median ms | min-max ms | peak extra MiB | vs eager time |"
+             " vs eager memory | GB/s | roofline |",
+             "|---|---|---|---|---:|---:|---:|---:|---:|---:|---:|"]
+    for r in rows:
+        base = eager.get((r.device, r.shape, r.mode))
+        speedup = f"{base.median_ms / r.median_ms:.2f}x" if base else "-"
+        memory = f"{r.peak_extra_mib / base.peak_extra_mib:.3f}" if base and base.peak_extra_mib > 0 else "-"
+        bandwidth = f"{r.bandwidth_gbs:.0f}" if r.bandwidth_gbs is not None else "-"
+        roofline = f"{r.roofline_fraction:.0%}" if r.roofline_fraction is not None else "-"
+        lines.append(f"| {r.device} | {r.shape} | {r.provider} | {r.mode} | {r.median_ms:.3f} | "
+                     f"{r.min_ms:.3f}-{r.max_ms:.3f} | {r.peak_extra_mib:.1f} | {speedup} | {memory} | "
+                     f"{bandwidth} | {roofline} |")
+    return "\n".join(lines)
+
+
+def machine_description() -> dict[str, str | int]:
+    info: dict[str, str | int] = {
+        "platform": platform.platform(),
+        "processor": platform.processor() or platform.machine(),
+        "torch": torch.__version__,
+        "threads": torch.get_num_threads(),
+        "compiled_ops": library.status().source,
+    }
+    if torch.cuda.is_available():
+        info["gpu"] = torch.cuda.get_device_name(0)
+    return info
+
+
+def write_results(rows: Sequence[Row], out_dir: Path, *, command: str) -> tuple[Path, Path]:
+    """Writes bench_kernels_<UTC time>.json (rows + machine + command) and the same rows as CSV."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    stamp = datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%SZ")
+    json_path = out_dir / f"bench_kernels_{stamp}.json"
+    csv_path = out_dir / f"bench_kernels_{stamp}.csv"
+    payload = {"date": stamp, "command": command, "machine": machine_description(),
+               "rows": [asdict(r) for r in rows]}
+    json_path.write_text(json.dumps(payload, indent=2))
+    with csv_path.open("w", newline="") as handle:
+        writer = csv.DictWriter(handle, fieldnames=list(asdict(rows[0]).keys()) if rows else ["device"])
+        writer.writeheader()
+        for r in rows:
+            writer.writerow(asdict(r))
+    return json_path, csv_path

@@ -1,0 +1,115 @@
+"""Pure-torch reference of the hsft mask ops: the eager formulas.
+
+These define what the compiled ops compute (the tests compare against them) and are the
+fallback when the compiled library is missing. They materialise the full-resolution logits,
+which is exactly what the compiled ops avoid.
+
+Precision: float64 logits are computed in float64, every other float type in float32.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+import torch.nn.functional as F
+
+from hsft.ops.inputs import (
+    check_logits,
+    check_loss_weights,
+    check_planes,
+    check_reduction,
+    check_size,
+    compute_dtype,
+)
+
+__all__ = ["upsample_masks", "mask_loss", "dice_bce_loss", "mask_stats", "target_values"]
+
+
+def _upsample(logits: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+    """(N, H, W) bilinear upsampling (align_corners=False) in the compute dtype."""
+    planes = logits.reshape(logits.shape[0], 1, logits.shape[-2], logits.shape[-1]).to(compute_dtype(logits))
+    return F.interpolate(planes, size=size, mode="bilinear", align_corners=False)[:, 0]
+
+
+def target_values(target: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """Targets as values in [0, 1]: any non-zero bool / uint8 is 1; floats are used as they are."""
+    if target.dtype in (torch.bool, torch.uint8):
+        return (target != 0).to(dtype)
+    return target.to(dtype)
+
+
+def _target_positive(target: torch.Tensor) -> torch.Tensor:
+    if target.dtype in (torch.bool, torch.uint8):
+        return target != 0
+    return target > 0.5
+
+
+def upsample_masks(
+    logits: torch.Tensor, size: Sequence[int], *, threshold: float | None = None
+) -> torch.Tensor:
+    """F.interpolate(bilinear, align_corners=False) to `size`; bool (value > threshold) if given."""
+    op = "hsft.ops.reference.upsample_masks"
+    check_logits(op, logits)
+    out_size = check_size(op, size)
+    values = _upsample(logits, out_size)
+    out = values > threshold if threshold is not None else values.to(logits.dtype)
+    return out.unsqueeze(1) if logits.dim() == 4 else out
+
+
+def mask_loss(
+    logits: torch.Tensor,
+    target: torch.Tensor,
+    *,
+    dice_weight: float = 1.0,
+    bce_weight: float = 0.5,
+    eps: float = 1e-8,
+) -> torch.Tensor:
+    """Per-mask dice_weight * Dice loss + bce_weight * mean BCE-with-logits, shape (N,)."""
+    op = "hsft.ops.reference.mask_loss"
+    check_logits(op, logits)
+    check_planes(op, "target", target, logits, allow_float=True)
+    check_loss_weights(op, dice_weight, bce_weight, eps)
+    z = _upsample(logits, (target.shape[1], target.shape[2]))
+    g = target_values(target, z.dtype)
+    p = torch.sigmoid(z)
+    intersection = (p * g).sum(dim=(1, 2))
+    dice = 1.0 - (2.0 * intersection + eps) / (p.sum(dim=(1, 2)) + g.sum(dim=(1, 2)) + eps)
+    bce = F.binary_cross_entropy_with_logits(z, g, reduction="none").mean(dim=(1, 2))
+    return dice_weight * dice + bce_weight * bce
+
+
+def dice_bce_loss(
+    logits: torch.Tensor,
+    target: torch.Tensor,
+    *,
+    bce_weight: float = 0.5,
+    eps: float = 1e-8,
+    reduction: str = "mean",
+) -> torch.Tensor:
+    """Dice + bce_weight * BCE of sigmoid(upsampled logits); see hsft.ops.dice_bce_loss."""
+    check_reduction("hsft.ops.reference.dice_bce_loss", reduction)
+    per_mask = mask_loss(logits, target, dice_weight=1.0, bce_weight=bce_weight, eps=eps)
+    return per_mask.mean() if reduction == "mean" else per_mask
+
+
+def mask_stats(
+    logits: torch.Tensor, target: torch.Tensor, *, fov: torch.Tensor | None = None
+) -> torch.Tensor:
+    """(N, 4) int64 [intersection, |pred|, |target|, union] of (upsampled logits > 0) vs target."""
+    op = "hsft.ops.reference.mask_stats"
+    check_logits(op, logits)
+    check_planes(op, "target", target, logits, allow_float=True)
+    pred = _upsample(logits, (target.shape[1], target.shape[2])) > 0
+    gt = _target_positive(target)
+    if fov is not None:
+        check_planes(op, "fov", fov, logits, allow_float=False)
+        if fov.shape != target.shape:
+            raise ValueError(f"{op}: fov has shape {tuple(fov.shape)} but target has {tuple(target.shape)}")
+        inside = fov != 0
+        pred = pred & inside
+        gt = gt & inside
+    intersection = (pred & gt).sum(dim=(1, 2))
+    pred_count = pred.sum(dim=(1, 2))
+    gt_count = gt.sum(dim=(1, 2))
+    return torch.stack([intersection, pred_count, gt_count, pred_count + gt_count - intersection], dim=1)

@@ -1,0 +1,50 @@
+"""Benchmark the fused mask loss against eager PyTorch and torch.compile; see hsft.ops.benchmark.
+
+    python launch/bench_kernels.py [--quick] [--device cpu|cuda] [--out results/bench_kernels]
+"""
+
+from __future__ import annotations
+
+import argparse
+import shlex
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from hsft.ops import benchmark  # noqa: E402
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--device", default="cpu", help="cpu or cuda (default cpu)")
+    parser.add_argument("--quick", action="store_true", help="two shapes, 3 repeats: a smoke run")
+    parser.add_argument("--providers", nargs="+", default=list(benchmark.PROVIDERS), choices=benchmark.PROVIDERS)
+    parser.add_argument("--modes", nargs="+", default=list(benchmark.MODES), choices=benchmark.MODES)
+    parser.add_argument("--repeats", type=int, default=None, help="timed repeats per row (default 7, quick 3)")
+    parser.add_argument("--warmup", type=int, default=2)
+    parser.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's)")
+    parser.add_argument("--out", type=Path, default=Path("results/bench_kernels"), help="results directory")
+    args = parser.parse_args()
+    if args.repeats is not None and args.repeats < 1:
+        parser.error("--repeats must be >= 1")
+
+    import torch
+
+    if args.threads is not None:
+        torch.set_num_threads(args.threads)
+    rows = benchmark.run(
+        device=args.device,
+        shapes=benchmark.QUICK_SHAPES if args.quick else benchmark.DEFAULT_SHAPES,
+        providers=args.providers,
+        modes=args.modes,
+        repeats=args.repeats or (3 if args.quick else 7),
+        warmup=args.warmup,
+    )
+    print(benchmark.format_table(rows))
+    json_path, csv_path = benchmark.write_results(rows, args.out, command=shlex.join([sys.executable, *sys.argv]))
+    print(f"wrote {json_path} and {csv_path}")
+
+
+if __name__ == "__main__":
+    main()

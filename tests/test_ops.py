@@ -1,0 +1,354 @@
+"""Tests of the fused mask ops (hsft.ops) against the pure-torch reference.
+
+The compiled library is needed for most tests: in an installed checkout (``pip install
+--no-build-isolation -e .``) it is ``hsft._C``; in a source tree point HSFT_OPS_LIBRARY at a
+built ``_C*.so``. Without it those tests are skipped, unless HSFT_REQUIRE_COMPILED_OPS=1 (CI),
+which turns the skip into a failure.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import hsft.ops as ops
+from hsft import losses
+from hsft.ops import reference
+
+REPO = Path(__file__).resolve().parents[1]
+COMPILED = ops.library_status().loaded
+
+if not COMPILED and os.environ.get("HSFT_REQUIRE_COMPILED_OPS") == "1":
+    pytest.fail(f"HSFT_REQUIRE_COMPILED_OPS=1 but {ops.library_status().source}", pytrace=False)
+
+needs_compiled = pytest.mark.skipif(not COMPILED, reason=f"compiled ops not built: {ops.library_status().source}")
+needs_cuda = pytest.mark.skipif(
+    not (COMPILED and torch.cuda.is_available()), reason="needs a CUDA GPU and the compiled ops"
+)
+
+
+def make_inputs(
+    n: int, h: int, w: int, big_h: int, big_w: int, *, target: str = "binary", scale: float = 3.0,
+    dtype: torch.dtype = torch.float64, seed: int = 0, four_d: bool = False,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    gen = torch.Generator().manual_seed(seed)
+    shape = (n, 1, h, w) if four_d else (n, h, w)
+    logits = (torch.randn(shape, generator=gen, dtype=torch.float64) * scale).to(dtype)
+    if target == "binary":
+        tgt = torch.rand(n, big_h, big_w, generator=gen) < 0.3
+    elif target == "empty":
+        tgt = torch.zeros(n, big_h, big_w, dtype=torch.bool)
+    elif target == "full":
+        tgt = torch.ones(n, big_h, big_w, dtype=torch.uint8)
+    elif target == "soft":
+        tgt = torch.rand(n, big_h, big_w, generator=gen, dtype=torch.float64)
+    else:
+        raise ValueError(target)
+    return logits, tgt
+
+
+def loss_and_grad(fn, logits: torch.Tensor, target: torch.Tensor, **kwargs) -> tuple[torch.Tensor, torch.Tensor]:
+    x = logits.detach().clone().requires_grad_(True)
+    per_mask = fn(x, target, reduction="none", **kwargs)
+    # Distinct weights per mask exercise the incoming gradient of each mask.
+    weights = torch.linspace(0.5, 1.5, per_mask.shape[0], dtype=per_mask.dtype)
+    (grad,) = torch.autograd.grad((per_mask * weights).sum(), x)
+    return per_mask.detach(), grad
+
+
+# ---- Dice + BCE -----------------------------------------------------------------------------------
+
+LOSS_CASES = {
+    "4x upsampling, N=3": dict(n=3, h=8, w=8, big_h=32, big_w=32),
+    "odd, non-integer scale": dict(n=2, h=5, w=7, big_h=23, big_w=17),
+    "downsampling": dict(n=2, h=9, w=11, big_h=4, big_w=5),
+    "equal size": dict(n=2, h=6, w=5, big_h=6, big_w=5),
+    "empty target": dict(n=2, h=7, w=6, big_h=19, big_w=22, target="empty"),
+    "all-positive target": dict(n=2, h=7, w=6, big_h=19, big_w=22, target="full"),
+    "soft target": dict(n=2, h=6, w=6, big_h=13, big_w=21, target="soft"),
+    "(N, 1, h, w) logits": dict(n=2, h=6, w=9, big_h=17, big_w=20, four_d=True),
+    "extreme logits": dict(n=2, h=6, w=7, big_h=25, big_w=18, scale=80.0),
+}
+
+
+@needs_compiled
+@pytest.mark.parametrize("case", LOSS_CASES.values(), ids=LOSS_CASES.keys())
+def test_dice_bce_matches_reference_in_float64(case: dict) -> None:
+    logits, target = make_inputs(**case)
+    loss, grad = loss_and_grad(ops.dice_bce_loss, logits, target, bce_weight=0.7)
+    ref_loss, ref_grad = loss_and_grad(reference.dice_bce_loss, logits, target, bce_weight=0.7)
+    assert loss.dtype == torch.float64 and grad.shape == logits.shape
+    assert torch.isfinite(loss).all() and torch.isfinite(grad).all()
+    torch.testing.assert_close(loss, ref_loss, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(grad, ref_grad, rtol=1e-10, atol=1e-13)
+
+
+@needs_compiled
+def test_float32_matches_float64_reference() -> None:
+    logits, target = make_inputs(3, 16, 16, 61, 64, seed=1)
+    loss, grad = loss_and_grad(ops.dice_bce_loss, logits.float(), target)
+    ref_loss, ref_grad = loss_and_grad(reference.dice_bce_loss, logits.float().double(), target)
+    assert loss.dtype == torch.float32 and grad.dtype == torch.float32
+    torch.testing.assert_close(loss.double(), ref_loss, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(grad.double(), ref_grad, rtol=1e-4, atol=1e-4 * ref_grad.abs().max().item())
+
+
+@needs_compiled
+def test_extreme_logits_stay_finite_in_float32() -> None:
+    logits, target = make_inputs(2, 6, 7, 25, 18, scale=200.0, dtype=torch.float32)
+    assert logits.abs().max() > 50
+    loss, grad = loss_and_grad(ops.dice_bce_loss, logits, target)
+    ref_loss, _ = loss_and_grad(reference.dice_bce_loss, logits.double(), target)
+    assert torch.isfinite(loss).all() and torch.isfinite(grad).all()
+    torch.testing.assert_close(loss.double(), ref_loss, rtol=1e-5, atol=1e-5)
+
+
+# Documented tolerance for bfloat16 / float16 logits: the loss is computed in float32 from the
+# exactly converted logits (within 1e-5 relative of float64); the gradient is rounded once to
+# the logits' dtype (relative error up to 2^-8 for bfloat16, 2^-11 for float16).
+@needs_compiled
+@pytest.mark.parametrize("dtype,grad_rtol", [(torch.bfloat16, 2**-7), (torch.float16, 2**-10)])
+def test_half_precision_logits(dtype: torch.dtype, grad_rtol: float) -> None:
+    logits, target = make_inputs(2, 12, 12, 40, 37, dtype=dtype, seed=2)
+    loss, grad = loss_and_grad(ops.dice_bce_loss, logits, target)
+    ref_loss, ref_grad = loss_and_grad(reference.dice_bce_loss, logits.double(), target)
+    assert loss.dtype == torch.float32 and grad.dtype == dtype
+    torch.testing.assert_close(loss.double(), ref_loss, rtol=1e-5, atol=1e-6)
+    scale = ref_grad.abs().max().item()
+    torch.testing.assert_close(grad.double(), ref_grad, rtol=grad_rtol, atol=1e-3 * scale)
+
+
+@needs_compiled
+def test_gradcheck_float64() -> None:
+    logits, target = make_inputs(2, 3, 4, 7, 9, seed=3, target="soft")
+    x = logits.clone().requires_grad_(True)
+    assert torch.autograd.gradcheck(lambda z: ops.dice_bce_loss(z, target, reduction="none"), (x,))
+
+
+@needs_compiled
+def test_mean_reduction_and_loss_parts() -> None:
+    logits, target = make_inputs(3, 5, 6, 14, 15, seed=4)
+    per_mask = ops.dice_bce_loss(logits, target, bce_weight=0.5, reduction="none")
+    assert per_mask.shape == (3,)
+    torch.testing.assert_close(ops.dice_bce_loss(logits, target, bce_weight=0.5), per_mask.mean())
+    dice = losses.dice_loss(logits, target, reduction="none")
+    bce = losses.bce_loss(logits, target, reduction="none")
+    torch.testing.assert_close(dice + 0.5 * bce, per_mask, rtol=1e-12, atol=1e-12)
+    ref_bce = F.binary_cross_entropy_with_logits(
+        F.interpolate(logits[:, None], (14, 15), mode="bilinear", align_corners=False)[:, 0],
+        target.double(), reduction="none").mean(dim=(1, 2))
+    torch.testing.assert_close(bce, ref_bce, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(losses.dice_bce_loss(logits, target, reduction="none"), per_mask)
+
+
+@needs_compiled
+def test_gradient_is_deterministic_across_thread_counts() -> None:
+    logits, target = make_inputs(4, 32, 32, 130, 127, dtype=torch.float32, seed=5)
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        loss_1, grad_1 = loss_and_grad(ops.dice_bce_loss, logits, target)
+        torch.set_num_threads(max(2, threads))
+        loss_n, grad_n = loss_and_grad(ops.dice_bce_loss, logits, target)
+    finally:
+        torch.set_num_threads(threads)
+    assert torch.equal(loss_1, loss_n) and torch.equal(grad_1, grad_n)
+
+
+@needs_compiled
+def test_opcheck() -> None:
+    logits, target = make_inputs(2, 5, 6, 11, 13, seed=6)
+    x = logits.clone().requires_grad_(True)
+    torch.library.opcheck(torch.ops.hsft.dice_bce_loss.default, (x, target, 1.0, 0.5, 1e-8))
+    _, sums = torch.ops.hsft.dice_bce_loss(logits, target, 1.0, 0.5, 1e-8)
+    grad_loss = torch.ones(2, dtype=torch.float64)
+    torch.library.opcheck(
+        torch.ops.hsft.dice_bce_loss_backward.default, (grad_loss, logits, target, sums, 1.0, 0.5, 1e-8)
+    )
+    torch.library.opcheck(torch.ops.hsft.upsample_masks.default, (logits, [11, 13], None))
+    torch.library.opcheck(torch.ops.hsft.upsample_masks.default, (logits[:, None], [11, 13], 0.25))
+    fov = torch.rand(2, 11, 13) > 0.2
+    torch.library.opcheck(torch.ops.hsft.mask_stats.default, (logits, target, fov))
+
+
+@needs_compiled
+def test_torch_compile_traces_forward_and_backward() -> None:
+    logits, target = make_inputs(2, 6, 6, 20, 21, dtype=torch.float32, seed=7)
+    compiled = torch.compile(ops.dice_bce_loss, backend="aot_eager", fullgraph=True)
+    x = logits.clone().requires_grad_(True)
+    loss = compiled(x, target)
+    loss.backward()
+    y = logits.clone().requires_grad_(True)
+    eager_loss = ops.dice_bce_loss(y, target)
+    eager_loss.backward()
+    torch.testing.assert_close(loss, eager_loss)
+    torch.testing.assert_close(x.grad, y.grad)
+
+
+def test_bad_arguments_are_refused_with_their_name() -> None:
+    logits, target = make_inputs(2, 4, 4, 8, 8)
+    with pytest.raises(ValueError, match="logits must have shape"):
+        ops.dice_bce_loss(logits[0], target)
+    with pytest.raises(ValueError, match="target has 1 masks but logits have 2"):
+        ops.dice_bce_loss(logits, target[:1])
+    with pytest.raises(ValueError, match="reduction must be one of"):
+        ops.dice_bce_loss(logits, target, reduction="sum")
+    with pytest.raises(TypeError, match="target must be bool, uint8 or floating point"):
+        ops.dice_bce_loss(logits, target.long())
+    with pytest.raises(ValueError, match="size must be two positive ints"):
+        ops.upsample_masks(logits, (8, 0))
+    with pytest.raises(ValueError, match="fov has shape"):
+        ops.mask_stats(logits, target, fov=torch.ones(2, 8, 9, dtype=torch.bool))
+
+
+@needs_compiled
+def test_compiled_op_checks_its_arguments() -> None:
+    logits, target = make_inputs(2, 4, 4, 8, 8)
+    with pytest.raises(RuntimeError, match="logits must have shape"):
+        torch.ops.hsft.dice_bce_loss(logits[:, None, None], target, 1.0, 0.5, 1e-8)
+    with pytest.raises(RuntimeError, match="target must be bool, uint8 or floating point"):
+        torch.ops.hsft.mask_stats(logits, target.int(), None)
+
+
+# ---- upsample_masks / mask_stats ----------------------------------------------------------------------
+
+UPSAMPLE_SIZES = [(8, 8, 32, 32), (5, 7, 23, 17), (9, 11, 4, 5), (6, 5, 6, 5), (1, 1, 7, 9)]
+
+
+@needs_compiled
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+@pytest.mark.parametrize("h,w,big_h,big_w", UPSAMPLE_SIZES)
+def test_upsample_masks_equals_interpolate(dtype: torch.dtype, h: int, w: int, big_h: int, big_w: int) -> None:
+    logits, _ = make_inputs(3, h, w, big_h, big_w, dtype=dtype, four_d=True)
+    out = ops.upsample_masks(logits, (big_h, big_w))
+    expected = F.interpolate(logits, (big_h, big_w), mode="bilinear", align_corners=False)
+    assert out.shape == expected.shape and out.dtype == dtype
+    # Same formula; PyTorch's vectorised kernels may fuse multiply-adds, so allow last-bit rounding.
+    ulp = torch.finfo(dtype).eps * logits.abs().max().item()
+    torch.testing.assert_close(out, expected, rtol=0, atol=4 * ulp)
+    mask = ops.upsample_masks(logits[:, 0], (big_h, big_w), threshold=0.5)
+    assert mask.dtype == torch.bool and mask.shape == (3, big_h, big_w)
+    assert torch.equal(mask, out[:, 0] > 0.5)
+
+
+@needs_compiled
+def test_upsample_masks_bfloat16() -> None:
+    logits, _ = make_inputs(2, 9, 10, 33, 31, dtype=torch.bfloat16)
+    out = ops.upsample_masks(logits, (33, 31))
+    assert out.dtype == torch.bfloat16
+    # Interpolated in float32 and rounded once; a float32 last-bit difference can move a value
+    # across a bfloat16 rounding boundary, so allow one bfloat16 step.
+    expected = reference.upsample_masks(logits, (33, 31))
+    torch.testing.assert_close(out.float(), expected.float(), rtol=2**-7, atol=0)
+
+
+@needs_compiled
+@pytest.mark.parametrize("target_kind", ["binary", "soft"])
+@pytest.mark.parametrize("use_fov", [False, True])
+def test_mask_stats_matches_reference(target_kind: str, use_fov: bool) -> None:
+    logits, target = make_inputs(3, 7, 9, 29, 30, target=target_kind, seed=8)
+    fov = (torch.rand(3, 29, 30, generator=torch.Generator().manual_seed(9)) > 0.25) if use_fov else None
+    stats = ops.mask_stats(logits, target, fov=fov)
+    assert stats.dtype == torch.int64 and stats.shape == (3, 4)
+    expected = reference.mask_stats(logits, target, fov=fov)
+    # A pixel whose upsampled logit is within rounding of 0 may count differently from PyTorch's
+    # kernel (see the upsample test); none are that close here, so the counts must be equal.
+    z = F.interpolate(logits[:, None], (29, 30), mode="bilinear", align_corners=False)
+    assert z.abs().min() > 1e-9
+    assert torch.equal(stats, expected)
+    inter, pred, gt, union = stats.unbind(1)
+    assert torch.equal(union, pred + gt - inter) and (inter <= torch.minimum(pred, gt)).all()
+
+
+@needs_compiled
+def test_mask_stats_of_exact_prediction() -> None:
+    # Logits that are exactly +-1 on a 4x grid upsample to a prediction that equals the target.
+    gen = torch.Generator().manual_seed(10)
+    low = torch.rand(2, 6, 6, generator=gen) < 0.5
+    logits = low.double() * 2 - 1
+    target = ops.upsample_masks(logits, (24, 24), threshold=0.0)
+    stats = ops.mask_stats(logits.float(), target)
+    count = target.sum(dim=(1, 2))
+    assert torch.equal(stats, torch.stack([count, count, count, count], dim=1))
+
+
+# ---- library loading and fallback ------------------------------------------------------------------
+
+def run_python(code: str, **env: str) -> subprocess.CompletedProcess:
+    full_env = {**os.environ, "PYTHONPATH": str(REPO), **env}
+    return subprocess.run([sys.executable, "-c", textwrap.dedent(code)], env=full_env, cwd=REPO,
+                          capture_output=True, text=True, timeout=120)
+
+
+def test_fallback_to_reference_warns_once() -> None:
+    code = """
+        import sys, warnings
+        sys.modules["hsft._C"] = None  # as if the extension had not been built
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            import torch
+            import hsft.ops as ops
+            from hsft.ops import reference
+            logits = torch.randn(2, 5, 5, dtype=torch.float64)
+            target = torch.rand(2, 9, 9) > 0.5
+            a = ops.dice_bce_loss(logits, target)
+            b = ops.mask_stats(logits, target)
+        assert not ops.library_status().loaded
+        assert torch.equal(a, reference.dice_bce_loss(logits, target))
+        assert torch.equal(b, reference.mask_stats(logits, target))
+        messages = [str(w.message) for w in caught if issubclass(w.category, ops.OpsFallbackWarning)]
+        assert len(messages) == 1, messages
+        assert "pip install --no-build-isolation -e ." in messages[0], messages[0]
+    """
+    result = run_python(code, HSFT_OPS_LIBRARY="")
+    assert result.returncode == 0, result.stderr
+
+
+def test_library_env_var_with_bad_path_is_an_error() -> None:
+    result = run_python("import hsft.ops", HSFT_OPS_LIBRARY="/nonexistent/_C.so")
+    assert result.returncode != 0
+    assert "HSFT_OPS_LIBRARY='/nonexistent/_C.so' does not name a file" in result.stderr
+
+
+# ---- CUDA ---------------------------------------------------------------------------------------------
+
+@needs_cuda
+@pytest.mark.parametrize("case", LOSS_CASES.values(), ids=LOSS_CASES.keys())
+def test_cuda_dice_bce_matches_reference(case: dict) -> None:
+    logits, target = make_inputs(**case)
+    ref_loss, ref_grad = loss_and_grad(reference.dice_bce_loss, logits, target)
+    for dtype, rtol in [(torch.float64, 1e-10), (torch.float32, 1e-4)]:
+        loss, grad = loss_and_grad(ops.dice_bce_loss, logits.to("cuda", dtype), target.cuda())
+        assert loss.device.type == "cuda" and torch.isfinite(grad).all()
+        torch.testing.assert_close(loss.cpu().double(), ref_loss, rtol=rtol, atol=rtol)
+        torch.testing.assert_close(grad.cpu().double(), ref_grad, rtol=rtol, atol=rtol * ref_grad.abs().max().item())
+
+
+@needs_cuda
+def test_cuda_gradient_is_deterministic() -> None:
+    logits, target = make_inputs(4, 64, 64, 250, 256, dtype=torch.float32, seed=11)
+    logits, target = logits.cuda(), target.cuda()
+    first = loss_and_grad(ops.dice_bce_loss, logits, target)
+    second = loss_and_grad(ops.dice_bce_loss, logits, target)
+    assert torch.equal(first[0], second[0]) and torch.equal(first[1], second[1])
+
+
+@needs_cuda
+@pytest.mark.parametrize("h,w,big_h,big_w", UPSAMPLE_SIZES)
+def test_cuda_upsample_and_stats(h: int, w: int, big_h: int, big_w: int) -> None:
+    logits, target = make_inputs(3, h, w, big_h, big_w, dtype=torch.float32, seed=12)
+    fov = torch.rand(3, big_h, big_w) > 0.2
+    out = ops.upsample_masks(logits.cuda(), (big_h, big_w))
+    expected = F.interpolate(logits[:, None], (big_h, big_w), mode="bilinear", align_corners=False)[:, 0]
+    torch.testing.assert_close(out.cpu(), expected, rtol=0, atol=4e-7 * logits.abs().max().item())
+    mask = ops.upsample_masks(logits.cuda(), (big_h, big_w), threshold=0.0)
+    assert torch.equal(mask, out > 0)
+    stats = ops.mask_stats(logits.cuda(), target.cuda(), fov=fov.cuda())
+    assert torch.equal(stats.cpu(), ops.mask_stats(logits, target, fov=fov))
