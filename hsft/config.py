@@ -34,7 +34,7 @@ __all__ = [
 
 # The order the pipeline runs stages in. "base" (stage 0) only exists for the embedded default
 # model: it stands in for the published pre-trained checkpoint.
-STAGE_ORDER = ("base", "lora", "dpo", "mine", "hsft", "eval")
+STAGE_ORDER = ("base", "lora", "dpo", "mining", "hsft", "eval")
 PRECISIONS = ("bf16", "fp32")
 
 
@@ -294,7 +294,7 @@ class RunConfig:
         _check(len(self.stages) > 0, "stages", "select at least one stage")
         positions = [STAGE_ORDER.index(s) for s in self.stages]
         # Any ordered selection works (each stage reads the newest model before it), which allows
-        # ablations such as base,mine,hsft,eval (HSFT without LoRA and DPO).
+        # ablations such as base,mining,hsft,eval (HSFT without LoRA and DPO).
         _check(positions == sorted(set(positions)), "stages",
                f"must follow the pipeline order {','.join(STAGE_ORDER)} without repeats, got {','.join(self.stages)}")
         if "base" in self.stages:

@@ -119,8 +119,8 @@ def run_base(cfg: RunConfig, ctx: StageContext, splits) -> Path:
 def run_mining(cfg: RunConfig, ctx: StageContext, model_path: Path, splits) -> None:
     model = _load(model_path)
     result = mining_stage.mine_hard_samples(model, splits.train, cfg.mining)
-    tb = ctx.tb("mine")
-    mining_stage.write_mining(result, ctx.stage_dir("mine"), tb, ctx.global_step)
+    tb = ctx.tb("mining")
+    mining_stage.write_mining(result, ctx.stage_dir("mining"), tb, ctx.global_step)
     tb.close()
     distributed.barrier()
     ctx.results["mining"] = {"rule": result.rule, "hard": len(result.hard_ids), "total": len(result.samples),
@@ -128,7 +128,7 @@ def run_mining(cfg: RunConfig, ctx: StageContext, model_path: Path, splits) -> N
 
 
 def run_hsft(cfg: RunConfig, ctx: StageContext, model_path: Path, splits) -> Path:
-    hard_ids = mining_stage.read_hard_ids(ctx.stage_dir("mine"))
+    hard_ids = mining_stage.read_hard_ids(ctx.stage_dir("mining"))
     train_set = select_training_set(splits.train, hard_ids, cfg.hsft.control, cfg.seed)
     if not train_set:
         raise PipelineError("the hard set is empty: no training sample has Dice < tau; raise --tau or use "
@@ -181,6 +181,23 @@ def format_report(cfg: RunConfig, report: dict) -> str:
             lines.append(f"| {row['range']} | {row['count']} | {row['percent']:.1f}% | {row['category']} |")
         m = report["mining"]
         lines += ["", f"Hard set ({m['rule']}): {m['hard']} of {m['total']} training samples.", ""]
+    notes = []
+    if "lora" in report:
+        r = report["lora"]
+        notes.append(f"- LoRA: r {r['rank']}, alpha {r['alpha']} on {r['adapted_modules']} language-model projections, "
+                     f"{r['optimizer_steps']} optimizer steps on {r['samples']} samples")
+    if "dpo" in report:
+        r = report["dpo"]
+        notes.append(f"- DPO: {r['pairs']} preference pairs of {r['samples']} training samples (Dice < "
+                     f"{r['pair_threshold']}), {r['loss']} loss, beta {r['beta']}, {r['normalisation']} normalisation"
+                     + (" -- skipped: no pair" if r.get("skipped") else ""))
+    if "hsft" in report:
+        r = report["hsft"]
+        what = "a random training subset of the hard set's size (matched-compute control)" \
+            if r["control"] == "random" else "the hard set"
+        notes.append(f"- HSFT: {r['samples']} samples ({what}), frozen-feature cache {'on' if r['cache'] else 'off'}")
+    if notes:
+        lines += ["## Stages", ""] + notes + [""]
     lines += ["## Where things are", ""]
     for name, path in report["written"].items():
         lines.append(f"- {name}: `{path}`")
@@ -228,7 +245,7 @@ def run_pipeline(cfg: RunConfig) -> dict:
             from hsft.stages.dpo import run_dpo
 
             current = run_dpo(cfg, ctx, current, splits)
-        elif stage == "mine":
+        elif stage == "mining":
             run_mining(cfg, ctx, current, splits)
             written["hard set"] = str(stage_dir / "hard_samples.json")
             continue

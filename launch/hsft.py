@@ -2,7 +2,7 @@
 """hsft main command: stage 0 (embedded default) -> LoRA -> DPO -> mining -> HSFT -> evaluation.
 
     deepspeed launch/hsft.py --deepspeed ds_configs/zero2.json            # everything, embedded default
-    deepspeed --num_gpus 2 launch/hsft.py --deepspeed ds_configs/zero2.json --stages mine,hsft,eval
+    deepspeed --num_gpus 2 launch/hsft.py --deepspeed ds_configs/zero2.json --stages mining,hsft,eval
 """
 
 import argparse
@@ -41,7 +41,7 @@ def parse(argv):
     )
     parser.add_argument("--stages", default=",".join(STAGE_ORDER),
                         help=f"comma-separated stages, in the order {','.join(STAGE_ORDER)} (default: all; 'base' only "
-                             "runs for the embedded default model; e.g. base,mine,hsft,eval skips LoRA and DPO)")
+                             "runs for the embedded default model; e.g. base,mining,hsft,eval skips LoRA and DPO)")
     parser.add_argument("--local_rank", type=int, default=-1, help=argparse.SUPPRESS)
     dests = add_config_arguments(parser, RunConfig, aliases=ALIASES)
     args = parser.parse_args(argv)

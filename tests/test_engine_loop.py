@@ -64,15 +64,15 @@ class ToyTask:
         return {"note": "toy"}
 
 
-def ds_base(precision="fp32"):
-    cfg = load_ds_config(REPO / "ds_configs" / "zero2.json")
+def ds_base(precision="fp32", name="zero2.json"):
+    cfg = load_ds_config(REPO / "ds_configs" / name)
     cfg["bf16"]["enabled"] = precision == "bf16"
     return cfg
 
 
-def run(tmp: Path, cfg: TrainConfig, task=None, resume=False, precision="fp32"):
+def run(tmp: Path, cfg: TrainConfig, task=None, resume=False, precision="fp32", config="zero2.json"):
     task = task or ToyTask()
-    return train(task, cfg, ds_base(precision), stage_dir=tmp, tb=TBWriter(tmp / "tb"), seed=3,
+    return train(task, cfg, ds_base(precision, config), stage_dir=tmp, tb=TBWriter(tmp / "tb"), seed=3,
                  resume=resume, precision=precision), task
 
 
@@ -196,3 +196,11 @@ def test_crash_mid_save_leaves_previous_checkpoint(tmp_path):
     # A half-written newer tag without the marker update is ignored.
     (ckpts / "epoch0003").mkdir()
     assert checkpoint.latest_tag(ckpts) == "epoch0002"
+
+
+def test_offload_config_trains_the_same_steps(tmp_path):
+    cfg = TrainConfig(epochs=1, micro_batch=4, grad_accum=1, lr=0.05, clip=0)
+    plain, _ = run(tmp_path / "plain", cfg)
+    offload, _ = run(tmp_path / "offload", cfg, config="zero2_offload.json")
+    torch.testing.assert_close(offload.engine.module.linear.weight.detach(),
+                               plain.engine.module.linear.weight.detach(), rtol=1e-5, atol=1e-6)

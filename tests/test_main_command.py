@@ -44,7 +44,7 @@ def test_main_command_runs_every_stage_and_writes_the_report(full_run):
     tmp, proc = full_run
     run = tmp / "run"
     report = json.loads((run / "report.json").read_text())
-    assert report["stages"] == ["base", "lora", "dpo", "mine", "hsft", "eval"]
+    assert report["stages"] == ["base", "lora", "dpo", "mining", "hsft", "eval"]
     stages = [row["stage"] for row in report["evaluation"]]
     assert stages[0] == "base" and stages[-1] == "hsft" and "lora" in stages
     for row in report["evaluation"]:
@@ -53,7 +53,7 @@ def test_main_command_runs_every_stage_and_writes_the_report(full_run):
     assert report["evaluation"][0]["delta_base"] == 0.0
     # The pre-trained stand-in reaches a moderate Dice on held-out data and answers with [SEG].
     assert report["evaluation"][0]["dice"] > 0.2 and report["evaluation"][0]["seg_rate"] > 0.9
-    mined = json.loads((run / "mine" / "hard_samples.json").read_text())
+    mined = json.loads((run / "mining" / "hard_samples.json").read_text())
     assert sum(r["count"] for r in mined["table"]) == report["data"]["train"]
     assert all(r["dice"] < 0.75 for r in mined["hard"])
     train_ids = {r["id"] for r in mined["all"]}
@@ -87,18 +87,42 @@ def test_existing_output_needs_resume_or_overwrite(full_run):
     assert "already complete" in resumed.stdout
 
 
+def test_resume_after_a_crash_reproduces_the_uninterrupted_stage(full_run):
+    tmp, _ = full_run
+    run = tmp / "crashed"
+    shutil.copytree(tmp / "run", run)
+    hsft = run / "hsft"
+    uninterrupted = json.loads((hsft / "metrics.json").read_text())
+    weights = load_file(str(hsft / "trainable.safetensors"))
+    # A crash during HSFT's second (last) epoch: no result, only the epoch-1 checkpoint is complete.
+    shutil.rmtree(hsft / "model")
+    (hsft / "metrics.json").unlink()
+    (hsft / "trainable.safetensors").unlink()
+    ckpts = hsft / "checkpoints"
+    shutil.rmtree(ckpts / "epoch0002")
+    (ckpts / "COMPLETE").write_text("epoch0001\n")
+    launch(["--output-dir", str(run), "--resume", "--stages", "hsft", *SMALL], tmp)
+    resumed = json.loads((hsft / "metrics.json").read_text())
+    assert resumed["resumed_from"].endswith("epoch0001")
+    per_epoch = uninterrupted["optimizer_steps"] // 2
+    assert resumed["losses"] == uninterrupted["losses"][per_epoch:]
+    assert resumed["global_step_end"] == uninterrupted["global_step_end"]
+    again = load_file(str(hsft / "trainable.safetensors"))
+    assert all(torch.equal(weights[k], again[k]) for k in weights)
+
+
 def test_two_ranks_match_one_rank_for_the_same_global_batch(full_run):
     tmp, _ = full_run
     start = tmp / "run" / "dpo" / "model"
-    common = ["--model", str(start), "--stages", "mine,hsft", "--hsft-epochs", "1", "--hsft-grad-accum", "1",
+    common = ["--model", str(start), "--stages", "mining,hsft", "--hsft-epochs", "1", "--hsft-grad-accum", "1",
               "--hsft-lr", "1e-3", *SMALL]
     launch(["--output-dir", str(tmp / "one"), "--hsft-micro-batch", "2", *common], tmp, ranks=1)
     launch(["--output-dir", str(tmp / "two"), "--hsft-micro-batch", "1", *common], tmp, ranks=2)
     one = json.loads((tmp / "one" / "hsft" / "metrics.json").read_text())
     two = json.loads((tmp / "two" / "hsft" / "metrics.json").read_text())
     assert one["optimizer_steps"] == two["optimizer_steps"] > 0
-    assert json.loads((tmp / "one" / "mine" / "hard_samples.json").read_text())["all"] == \
-        json.loads((tmp / "two" / "mine" / "hard_samples.json").read_text())["all"]
+    assert json.loads((tmp / "one" / "mining" / "hard_samples.json").read_text())["all"] == \
+        json.loads((tmp / "two" / "mining" / "hard_samples.json").read_text())["all"]
     wa = load_file(str(tmp / "one" / "hsft" / "trainable.safetensors"))
     wb = load_file(str(tmp / "two" / "hsft" / "trainable.safetensors"))
     # Same global batch: the same logged losses and, up to float summation order (AdamW turns tiny

@@ -22,7 +22,7 @@ from hsft.config import BaseStageConfig, DataConfig, MiningConfig, ModelConfig
 from hsft.data import Sample, synthetic_pool
 from hsft.engine import distributed
 from hsft.stages.batching import make_seg_batch
-from hsft.stages.mining import per_sample_dice
+from hsft.stages.mining import validation_metrics
 from hsft.stages.objective import SegObjective
 
 CACHE_FORMAT = 1
@@ -58,11 +58,8 @@ class BaseTask:
         return make_seg_batch(self.model, [self.samples[i] for i in indices], form="response", dtype=dtype)
 
     def evaluate(self, module) -> dict[str, float]:
-        rows = per_sample_dice(module.model, self.val_samples, batch_size=self.mining.batch_size,
-                               max_new_tokens=self.mining.max_new_tokens, desc="val")
-        rows = [r for part in distributed.all_gather_objects(rows) for r in part]
-        return {"val_dice": sum(r[1] for r in rows) / len(rows),
-                "val_seg_rate": sum(r[2] for r in rows) / len(rows)}
+        """Validation Dice and [SEG] rate of the inference path (generate), as the final evaluation measures it."""
+        return validation_metrics(module.model, self.val_samples, self.mining)
 
     def client_state(self) -> dict:
         return {}

@@ -38,7 +38,7 @@ from hsft.engine.loop import write_json
 from hsft.losses import dpo_loss, mask_pair_logps
 from hsft.model import Sa2VAModel
 from hsft.ops import upsample_masks
-from hsft.stages.mining import per_sample_dice
+from hsft.stages.mining import validation_metrics
 from hsft.stages.objective import FeatureCache
 from hsft.stages.runner import StageContext, model_dir, run_training_stage, training_dtype
 
@@ -192,13 +192,8 @@ class DPOTask:
         )
 
     def evaluate(self, module) -> dict[str, float]:
-        """Validation Dice through the inference path (generate), as the final evaluation measures it."""
-        if not self.val_samples:
-            return {}
-        rows = per_sample_dice(module.model, self.val_samples, batch_size=self.mining.batch_size,
-                               max_new_tokens=self.mining.max_new_tokens, desc="val")
-        rows = [r for part in distributed.all_gather_objects(rows) for r in part]
-        return {"val_dice": sum(r[1] for r in rows) / len(rows)}
+        """Validation Dice and [SEG] rate of the inference path (generate), as the final evaluation measures it."""
+        return validation_metrics(module.model, self.val_samples, self.mining)
 
     def client_state(self) -> dict:
         return {"pair_ids": [p.sample.id for p in self.pairs]}

@@ -14,9 +14,8 @@ import torch
 
 from hsft.config import HSFTStageConfig, MiningConfig
 from hsft.data import Sample
-from hsft.engine import distributed
 from hsft.stages.batching import make_seg_batch
-from hsft.stages.mining import per_sample_dice
+from hsft.stages.mining import validation_metrics
 from hsft.stages.objective import FeatureCache, SegObjective
 
 TRAINABLE = {"text_hidden_fcs", "mask_decoder"}
@@ -47,13 +46,8 @@ class HSFTTask:
         return make_seg_batch(self.model, samples, form=self.cfg.seg_form, dtype=dtype)
 
     def evaluate(self, module) -> dict[str, float]:
-        """Validation Dice through the inference path (generate), as the final evaluation measures it."""
-        if not self.val_samples:
-            return {}
-        rows = per_sample_dice(module.model, self.val_samples, batch_size=self.mining.batch_size,
-                               max_new_tokens=self.mining.max_new_tokens, desc="val")
-        rows = [r for part in distributed.all_gather_objects(rows) for r in part]
-        return {"val_dice": sum(r[1] for r in rows) / len(rows)}
+        """Validation Dice and [SEG] rate of the inference path (generate), as the final evaluation measures it."""
+        return validation_metrics(module.model, self.val_samples, self.mining)
 
     def client_state(self) -> dict:
         return {"hard_set_ids": [s.id for s in self.samples], "cache": self.cache is not None}

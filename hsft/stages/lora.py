@@ -26,10 +26,9 @@ from safetensors.torch import save_file
 
 from hsft.config import LoraStageConfig, MiningConfig, RunConfig
 from hsft.data import Sample
-from hsft.engine import distributed
 from hsft.model import Sa2VAModel
 from hsft.stages.batching import make_seg_batch
-from hsft.stages.mining import per_sample_dice
+from hsft.stages.mining import validation_metrics
 from hsft.stages.objective import SegObjective
 from hsft.stages.runner import StageContext, model_dir, run_training_stage, training_dtype
 
@@ -122,14 +121,8 @@ class LoraTask:
         return make_seg_batch(self.model, [self.samples[i] for i in indices], form="response", dtype=dtype)
 
     def evaluate(self, module) -> dict[str, float]:
-        """Validation Dice and [SEG] rate of the inference path (generate), with the adapters active."""
-        if not self.val_samples:
-            return {}
-        rows = per_sample_dice(module.model, self.val_samples, batch_size=self.mining.batch_size,
-                               max_new_tokens=self.mining.max_new_tokens, desc="val")
-        rows = [r for part in distributed.all_gather_objects(rows) for r in part]
-        return {"val_dice": sum(r[1] for r in rows) / len(rows),
-                "val_seg_rate": sum(r[2] for r in rows) / len(rows)}
+        """Validation Dice and [SEG] rate of the inference path (generate), as the final evaluation measures it."""
+        return validation_metrics(module.model, self.val_samples, self.mining)
 
     def client_state(self) -> dict:
         return {"lora_rank": self.cfg.rank, "lora_alpha": self.cfg.alpha}

@@ -81,6 +81,16 @@ def per_sample_dice(model, samples: list[Sample], *, batch_size: int, max_new_to
     return out
 
 
+def validation_metrics(model, samples: list[Sample], cfg: MiningConfig) -> dict[str, float]:
+    """End-of-epoch metrics every stage logs: mean Dice and [SEG] rate of the inference path (generate)
+    on the validation split, sharded over ranks; {} without a validation split."""
+    if not samples:
+        return {}
+    local = per_sample_dice(model, samples, batch_size=cfg.batch_size, max_new_tokens=cfg.max_new_tokens, desc="val")
+    rows = [row for part in distributed.all_gather_objects(local) for row in part]
+    return {"val_dice": sum(r[1] for r in rows) / len(rows), "val_seg_rate": sum(r[2] for r in rows) / len(rows)}
+
+
 def mine_hard_samples(model, train_samples: list[Sample], cfg: MiningConfig) -> MiningResult:
     local = per_sample_dice(model, train_samples, batch_size=cfg.batch_size, max_new_tokens=cfg.max_new_tokens)
     gathered = [row for part in distributed.all_gather_objects(local) for row in part]
@@ -140,5 +150,5 @@ def write_mining(result: MiningResult, out_dir: Path, tb: TBWriter, step: int) -
 def read_hard_ids(out_dir: Path) -> list[str]:
     path = Path(out_dir) / "hard_samples.json"
     if not path.is_file():
-        raise FileNotFoundError(f"{path}: no mining result; run the 'mine' stage first (--stages mine,hsft)")
+        raise FileNotFoundError(f"{path}: no mining result; run the 'mining' stage first (--stages mining,hsft)")
     return [row["id"] for row in json.loads(path.read_text())["hard"]]
