@@ -18,7 +18,7 @@ REPO = Path(__file__).resolve().parents[1]
 DEEPSPEED = shutil.which("deepspeed") or str(Path(sys.executable).with_name("deepspeed"))
 
 # Smaller than the defaults so the suite stays quick; the stage logic is the same.
-SMALL = ["--base-epochs", "10", "--base-pool-size", "64", "--data-synthetic-train", "24", "--data-synthetic-test",
+SMALL = ["--base-epochs", "16", "--base-pool-size", "64", "--data-synthetic-train", "24", "--data-synthetic-test",
          "12", "--data-synthetic-size", "96", "--lora-epochs", "1", "--lora-rank", "8", "--hsft-epochs", "2",
          "--precision", "fp32"]
 
@@ -52,7 +52,7 @@ def test_main_command_runs_every_stage_and_writes_the_report(full_run):
         assert row["n"] == 12
     assert report["evaluation"][0]["delta_base"] == 0.0
     # The pre-trained stand-in reaches a moderate Dice on held-out data and answers with [SEG].
-    assert report["evaluation"][0]["dice"] > 0.2 and report["evaluation"][0]["seg_rate"] > 0.9
+    assert report["evaluation"][0]["dice"] > 0.3 and report["evaluation"][0]["seg_rate"] > 0.9
     mined = json.loads((run / "mining" / "hard_samples.json").read_text())
     assert sum(r["count"] for r in mined["table"]) == report["data"]["train"]
     assert all(r["dice"] < 0.75 for r in mined["hard"])

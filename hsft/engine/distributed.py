@@ -25,18 +25,22 @@ def _free_port() -> int:
 def init_distributed() -> None:
     """Start the process group (idempotent).
 
-    Under `deepspeed --num_gpus N` the launcher sets RANK/WORLD_SIZE/MASTER_*; a plain `python` run (or
-    a test) gets a one-process group on a free loopback port, since DeepSpeed otherwise falls back to
-    MPI discovery.
+    Under `deepspeed --num_gpus N` the launcher sets RANK/WORLD_SIZE/MASTER_*. A plain `python` run (or a
+    test) gets a one-process group on a free loopback port, passed explicitly rather than through the
+    environment, so child processes do not inherit a port this process holds.
     """
     if is_initialized():
         return
-    if "WORLD_SIZE" not in os.environ:
-        os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1")
-        os.environ.setdefault("MASTER_PORT", str(_free_port()))
     import deepspeed
 
-    deepspeed.init_distributed(dist_backend=None if torch.cuda.is_available() else "gloo")
+    backend = None if torch.cuda.is_available() else "gloo"
+    if "WORLD_SIZE" in os.environ:
+        deepspeed.init_distributed(dist_backend=backend)
+    else:
+        # DeepSpeed would otherwise fall back to MPI discovery; its engine still reads LOCAL_RANK.
+        os.environ.setdefault("LOCAL_RANK", "0")
+        deepspeed.init_distributed(dist_backend=backend, auto_mpi_discovery=False, rank=0, world_size=1,
+                                   init_method=f"tcp://127.0.0.1:{_free_port()}")
 
 
 def is_initialized() -> bool:

@@ -1,0 +1,76 @@
+"""Aggregate several runs' report.json files: one row per group of runs (e.g. one method over several
+seeds), the held-out Dice of the first and last evaluated stage and the change, as mean +- std.
+
+A single run's delta says little on a small held-out split; comparing a method with its matched-compute
+control over several seeds is what an experiment needs.
+"""
+
+from __future__ import annotations
+
+import json
+import statistics
+from dataclasses import dataclass
+from pathlib import Path
+
+
+class RunsError(ValueError):
+    pass
+
+
+@dataclass
+class RunResult:
+    path: Path
+    seed: int
+    stages: list[str]
+    start_dice: float
+    end_dice: float
+    end_iou: float
+
+    @property
+    def delta(self) -> float:
+        return self.end_dice - self.start_dice
+
+
+def read_run(run_dir: str | Path) -> RunResult:
+    path = Path(run_dir)
+    report_path = path / "report.json" if path.is_dir() else path
+    if not report_path.is_file():
+        raise RunsError(f"{run_dir}: no report.json (not an hsft output directory, or the run did not finish)")
+    report = json.loads(report_path.read_text())
+    rows = report.get("evaluation") or []
+    if not rows:
+        raise RunsError(f"{report_path}: holds no evaluation; run the 'eval' stage")
+    return RunResult(path=report_path.parent, seed=report.get("seed", -1), stages=[r["stage"] for r in rows],
+                     start_dice=rows[0]["dice"], end_dice=rows[-1]["dice"], end_iou=rows[-1]["iou"])
+
+
+def _mean_std(values: list[float]) -> tuple[float, float]:
+    return statistics.fmean(values), (statistics.stdev(values) if len(values) > 1 else 0.0)
+
+
+def summarize_groups(groups: dict[str, list[str | Path]]) -> list[dict]:
+    rows = []
+    for label, dirs in groups.items():
+        runs = [read_run(d) for d in dirs]
+        start, start_sd = _mean_std([r.start_dice for r in runs])
+        end, end_sd = _mean_std([r.end_dice for r in runs])
+        delta, delta_sd = _mean_std([r.delta for r in runs])
+        rows.append({"group": label, "runs": len(runs), "seeds": [r.seed for r in runs],
+                     "stages": runs[0].stages, "start_dice": start, "start_dice_std": start_sd,
+                     "end_dice": end, "end_dice_std": end_sd, "delta": delta, "delta_std": delta_sd,
+                     "deltas": [r.delta for r in runs], "runs_dirs": [str(r.path) for r in runs]})
+    return rows
+
+
+def format_groups(rows: list[dict]) -> str:
+    lines = ["| group | runs (seeds) | first stage Dice | last stage Dice | change | per run |",
+             "|---|---|---:|---:|---:|---|"]
+    for r in rows:
+        seeds = ", ".join(str(s) for s in r["seeds"])
+        per_run = " ".join(f"{d:+.4f}" for d in r["deltas"])
+        lines.append(f"| {r['group']} | {r['runs']} ({seeds}) | {r['start_dice']:.4f} +- {r['start_dice_std']:.4f} "
+                     f"| {r['end_dice']:.4f} +- {r['end_dice_std']:.4f} | {r['delta']:+.4f} +- {r['delta_std']:.4f} "
+                     f"| {per_run} |")
+    lines.append("")
+    lines.append("Held-out generate-path Dice (mean +- sample std over runs); change = last - first evaluated stage.")
+    return "\n".join(lines)

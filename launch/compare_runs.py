@@ -1,0 +1,42 @@
+#!/usr/bin/env python
+"""Compare groups of hsft runs (e.g. HSFT vs its matched-compute control over several seeds).
+
+    python launch/compare_runs.py hsft=runs/exp/hsft-s0,runs/exp/hsft-s1 control=runs/exp/ctl-s0,runs/exp/ctl-s1
+"""
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+_LAUNCH_DIR = Path(__file__).resolve().parent
+sys.path[:] = [entry for entry in sys.path if Path(entry or ".").resolve() != _LAUNCH_DIR]
+
+from hsft.eval.runs import RunsError, format_groups, summarize_groups  # noqa: E402
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("groups", nargs="+", metavar="LABEL=DIR[,DIR...]",
+                        help="a label and the output directories of the runs in that group")
+    parser.add_argument("--json", default=None, help="also write the table as JSON to this file")
+    args = parser.parse_args()
+    groups = {}
+    for item in args.groups:
+        label, sep, dirs = item.partition("=")
+        if not sep or not label or not dirs:
+            parser.error(f"{item!r}: expected LABEL=DIR[,DIR...]")
+        groups[label] = [d for d in dirs.split(",") if d]
+    try:
+        rows = summarize_groups(groups)
+    except RunsError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    print(format_groups(rows))
+    if args.json:
+        Path(args.json).write_text(json.dumps(rows, indent=2) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,36 @@
+"""Aggregating several runs' reports."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from hsft.eval.runs import RunsError, summarize_groups
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def fake_run(path: Path, seed: int, start: float, end: float) -> Path:
+    path.mkdir(parents=True)
+    rows = [{"stage": "base", "dice": start, "iou": start / 2}, {"stage": "hsft", "dice": end, "iou": end / 2}]
+    (path / "report.json").write_text(json.dumps({"seed": seed, "evaluation": rows}))
+    return path
+
+
+def test_groups_average_the_change_over_runs(tmp_path):
+    a = [fake_run(tmp_path / f"a{s}", s, 0.7, 0.7 + 0.01 * (s + 1)) for s in range(3)]
+    b = [fake_run(tmp_path / f"b{s}", s, 0.7, 0.7) for s in range(2)]
+    rows = summarize_groups({"hsft": a, "control": b})
+    assert rows[0]["runs"] == 3 and rows[0]["delta"] == pytest.approx(0.02)
+    assert rows[0]["delta_std"] == pytest.approx(0.01)
+    assert rows[1]["delta"] == pytest.approx(0.0) and rows[1]["seeds"] == [0, 1]
+
+
+def test_missing_report_is_named(tmp_path):
+    with pytest.raises(RunsError, match="nowhere: no report.json"):
+        summarize_groups({"x": [str(tmp_path / "nowhere")]})
+    proc = subprocess.run([sys.executable, str(REPO / "launch" / "compare_runs.py"), f"x={tmp_path / 'nowhere'}"],
+                          capture_output=True, text=True)
+    assert proc.returncode == 2 and "no report.json" in proc.stderr
