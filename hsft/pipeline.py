@@ -63,7 +63,7 @@ def _starting_model(cfg: RunConfig, ctx: StageContext) -> tuple[Path | None, str
         if not is_model_directory(start):
             raise PipelineError(f"--model {start}: not a saved hsft model directory (no {META_FILE}); pass a "
                                 "stage's model/ directory")
-        return start, f"--start {start}"
+        return start, f"--model {start}"
     first = STAGE_ORDER.index(cfg.stages[0])
     for name in reversed(STAGE_ORDER[:first]):
         if name in TRAINING_STAGES and is_complete(ctx.stage_dir(name)):

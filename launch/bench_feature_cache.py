@@ -2,9 +2,14 @@
 """Benchmark the HSFT frozen-feature cache: epoch time with and without it (writes JSON, prints a table)."""
 
 import argparse
+import sys
 from pathlib import Path
 
-from hsft.bench.feature_cache import format_summary, run
+# launch/hsft.py would shadow the hsft package while this directory is sys.path[0].
+_LAUNCH_DIR = Path(__file__).resolve().parent
+sys.path[:] = [entry for entry in sys.path if Path(entry or ".").resolve() != _LAUNCH_DIR]
+
+from hsft.bench.feature_cache import format_summary, run  # noqa: E402
 
 
 def main() -> None:
