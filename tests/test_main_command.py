@@ -133,12 +133,31 @@ def test_two_ranks_match_one_rank_for_the_same_global_batch(full_run):
         torch.testing.assert_close(wa[name], wb[name], rtol=1e-3, atol=1e-4)
 
 
+def test_main_command_from_local_transformers_checkpoints(tmp_path):
+    from plain_checkpoints import save_plain_checkpoints
+
+    vlm_dir, sam_dir, _, _ = save_plain_checkpoints(tmp_path / "ckpt")
+    proc = launch(["--vlm", vlm_dir, "--sam2", sam_dir, "--output-dir", str(tmp_path / "run"), "--precision", "fp32",
+                   "--data-synthetic-train", "8", "--data-synthetic-test", "4", "--data-synthetic-size", "64",
+                   "--hsft-epochs", "1"], tmp_path)
+    report = json.loads((tmp_path / "run" / "report.json").read_text())
+    # Without a model the stand-in stage 0 is skipped; the composite is built from the two directories.
+    assert report["stages"] == ["lora", "dpo", "mining", "hsft", "eval"]
+    assert report["start"].startswith("--vlm")
+    assert (tmp_path / "run" / "init" / "model" / "hsft_model.json").is_file()
+    assert [row["stage"] for row in report["evaluation"]] == ["start", "lora", "dpo", "hsft"]
+    assert "hsft run report" in proc.stdout
+
+
 @pytest.mark.parametrize("args, message", [
     (["--deepspeed", "missing.json"], "missing.json: no such file"),
     (["--stages", "hsft,base"], "pipeline order"),
     (["--data-format", "nope"], "unknown format 'nope'"),
     (["--hsft-lr", "-1"], "hsft.lr"),
     (["--stages", "hsft", "--output-dir", "empty"], "needs a starting model"),
+    (["--model", "nowhere"], "--model nowhere: not a saved hsft model directory"),
+    (["--vlm", "nowhere", "--sam2", "nowhere"], "model.vlm: checkpoint directory 'nowhere' does not exist"),
+    (["--data-format", "drive", "--data-root", "."], "training: missing directory (DRIVE layout"),
 ])
 def test_bad_input_gets_one_clear_line(tmp_path, args, message):
     env = {**os.environ, "HSFT_CACHE": str(tmp_path / "cache")}
