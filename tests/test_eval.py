@@ -10,7 +10,6 @@ import math
 import numpy as np
 import pytest
 import torch
-from transformers import LogitsProcessor
 
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
@@ -26,39 +25,13 @@ from hsft.model import ModelConfig, build_model
 from hsft.model.chat import IGNORE_INDEX
 from hsft.ops import upsample_masks
 
-
-class ForceTokens(LogitsProcessor):
-    """Makes greedy generation emit exactly `token_ids` after a prompt of `prompt_length` tokens."""
-
-    def __init__(self, prompt_length: int, token_ids: list[int]):
-        self.prompt_length, self.token_ids = prompt_length, token_ids
-
-    def __call__(self, input_ids, scores):
-        step = input_ids.shape[1] - self.prompt_length
-        if step >= len(self.token_ids):
-            return scores
-        forced = torch.full_like(scores, float("-inf"))
-        forced[:, self.token_ids[step]] = 0.0
-        return forced
+from forcing import ForceTokens, ForbidToken
 
 
-class ForbidToken(LogitsProcessor):
-    def __init__(self, token_id: int):
-        self.token_id = token_id
-
-    def __call__(self, input_ids, scores):
-        scores = scores.clone()
-        scores[:, self.token_id] = float("-inf")
-        return scores
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _single_thread():
-    # The tiny model gains nothing from intra-op threads; on shared cores they only contend.
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+
+
 
 
 @pytest.fixture(scope="module")

@@ -36,14 +36,6 @@ def circle_image(height: int, width: int, seed: int) -> tuple[np.ndarray, np.nda
     return np.clip(image, 0, 255).astype(np.uint8), mask
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _single_thread():
-    """The tiny model's tensors are too small to gain from threads; on shared CI cores, intra-op
-    threads mostly spin against each other (measured: 5x slower under load), so use one."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 @pytest.fixture(scope="module")

@@ -16,14 +16,6 @@ from hsft.model.presets import PRESETS, sam2_config
 from plain_checkpoints import save_plain_checkpoints
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _single_thread():
-    """The tiny model's tensors are too small to gain from threads; on shared CI cores, intra-op
-    threads mostly spin against each other (measured: 5x slower under load), so use one."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 def _images(model: Sa2VAModel):

@@ -12,9 +12,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
 from PIL import Image
-from transformers import LogitsProcessor
 
 from hsft.data import make_fundus
 from hsft.eval import InputError, predict_images
@@ -23,30 +21,13 @@ from hsft.model import ModelConfig, build_model
 from hsft.model.chat import IGNORE_INDEX
 from hsft.ops import upsample_masks
 
+from forcing import ForceTokens
+
 REPO = Path(__file__).resolve().parents[1]
 
 
-class ForceTokens(LogitsProcessor):
-    """Makes greedy generation emit exactly `token_ids` after a prompt of `prompt_length` tokens."""
-
-    def __init__(self, prompt_length: int, token_ids: list[int]):
-        self.prompt_length, self.token_ids = prompt_length, token_ids
-
-    def __call__(self, input_ids, scores):
-        step = input_ids.shape[1] - self.prompt_length
-        if step >= len(self.token_ids):
-            return scores
-        forced = torch.full_like(scores, float("-inf"))
-        forced[:, self.token_ids[step]] = 0.0
-        return forced
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _single_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 @pytest.fixture(scope="module")

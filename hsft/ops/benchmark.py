@@ -23,11 +23,9 @@ from __future__ import annotations
 
 import csv
 import json
-import os
 import platform
 import re
 import statistics
-import sys
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass

@@ -16,14 +16,10 @@ import shutil
 from dataclasses import asdict
 from pathlib import Path
 
-import torch
-
 from hsft.config import BaseStageConfig, DataConfig, MiningConfig, ModelConfig
 from hsft.data import Sample, synthetic_pool
 from hsft.engine import distributed
-from hsft.stages.batching import make_seg_batch
-from hsft.stages.mining import validation_metrics
-from hsft.stages.objective import SegObjective
+from hsft.stages.objective import SegObjective, SegTask
 
 CACHE_FORMAT = 1
 
@@ -41,28 +37,15 @@ def cache_key(cfg: BaseStageConfig, model_cfg: ModelConfig, data_cfg: DataConfig
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 
-class BaseTask:
+class BaseTask(SegTask):
     name = "base"
 
     def __init__(self, model, pool: list[Sample], cfg: BaseStageConfig, val_samples: list[Sample],
                  mining: MiningConfig):
-        self.model, self.samples, self.cfg = model, pool, cfg
-        self.val_samples, self.mining = val_samples, mining
+        super().__init__(model, pool, val_samples, mining)
+        self.cfg = cfg
         model.set_trainable({"vision", "projector", "llm", "text_hidden_fcs", "sam2_encoder", "mask_decoder"})
         self.module = SegObjective(model, lm_weight=1.0, mask_weight=cfg.mask_loss_weight)
-
-    def __len__(self) -> int:
-        return len(self.samples)
-
-    def make_batch(self, indices: list[int], dtype: torch.dtype):
-        return make_seg_batch(self.model, [self.samples[i] for i in indices], form="response", dtype=dtype)
-
-    def evaluate(self, module) -> dict[str, float]:
-        """Validation Dice and [SEG] rate of the inference path (generate), as the final evaluation measures it."""
-        return validation_metrics(module.model, self.val_samples, self.mining)
-
-    def client_state(self) -> dict:
-        return {}
 
 
 def pool_for(cfg: BaseStageConfig, data_cfg: DataConfig, seed: int) -> tuple[list[Sample], list[Sample]]:

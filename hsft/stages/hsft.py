@@ -14,40 +14,29 @@ import torch
 
 from hsft.config import HSFTStageConfig, MiningConfig
 from hsft.data import Sample
-from hsft.stages.batching import make_seg_batch
-from hsft.stages.mining import validation_metrics
-from hsft.stages.objective import FeatureCache, SegObjective
+from hsft.stages.objective import FeatureCache, SegObjective, SegTask
 
 TRAINABLE = {"text_hidden_fcs", "mask_decoder"}
 
 
-class HSFTTask:
+class HSFTTask(SegTask):
     name = "hsft"
 
     def __init__(self, model, samples: list[Sample], cfg: HSFTStageConfig, val_samples: list[Sample],
-                 mining: MiningConfig, name: str = "hsft"):
+                 mining: MiningConfig):
         if not samples:
             raise ValueError("HSFT: the hard set is empty (no training sample is below tau); raise --tau or "
                              "use --hard-quantile")
-        self.name = name
-        self.model, self.samples, self.cfg = model, samples, cfg
-        self.val_samples, self.mining = val_samples, mining
+        super().__init__(model, samples, val_samples, mining, form=cfg.seg_form)
+        self.cfg = cfg
         model.set_trainable(TRAINABLE)
         self.module = SegObjective(model, lm_weight=0.0, mask_weight=1.0, bce_weight=cfg.bce_weight, eps=cfg.dice_eps)
         self.cache = FeatureCache(model, cfg.seg_form) if cfg.cache_features else None
 
-    def __len__(self) -> int:
-        return len(self.samples)
-
     def make_batch(self, indices: list[int], dtype: torch.dtype):
-        samples = [self.samples[i] for i in indices]
-        if self.cache is not None:
-            return self.cache.batch(samples, dtype)
-        return make_seg_batch(self.model, samples, form=self.cfg.seg_form, dtype=dtype)
-
-    def evaluate(self, module) -> dict[str, float]:
-        """Validation Dice and [SEG] rate of the inference path (generate), as the final evaluation measures it."""
-        return validation_metrics(module.model, self.val_samples, self.mining)
+        if self.cache is None:
+            return super().make_batch(indices, dtype)
+        return self.cache.batch([self.samples[i] for i in indices], dtype)
 
     def client_state(self) -> dict:
         return {"hard_set_ids": [s.id for s in self.samples], "cache": self.cache is not None}

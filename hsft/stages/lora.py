@@ -27,9 +27,7 @@ from safetensors.torch import save_file
 from hsft.config import LoraStageConfig, MiningConfig, RunConfig
 from hsft.data import Sample
 from hsft.model import Sa2VAModel
-from hsft.stages.batching import make_seg_batch
-from hsft.stages.mining import validation_metrics
-from hsft.stages.objective import SegObjective
+from hsft.stages.objective import SegObjective, SegTask
 from hsft.stages.runner import StageContext, model_dir, run_training_stage, training_dtype
 
 __all__ = [
@@ -97,32 +95,20 @@ def adapted_modules(module: torch.nn.Module) -> list[str]:
     return [name for name, sub in module.named_modules() if isinstance(sub, LoraLayer)]
 
 
-class LoraTask:
+class LoraTask(SegTask):
     """LoRA adapters (LLM q/k/v/o) + text_hidden_fcs on CE (+ mask loss) over the training split."""
 
     name = "lora"
 
     def __init__(self, model: Sa2VAModel, samples: list[Sample], cfg: LoraStageConfig, val_samples: list[Sample],
                  mining: MiningConfig):
-        if not samples:
-            raise ValueError("lora: the training split is empty")
-        self.model, self.samples, self.cfg = model, samples, cfg
-        self.val_samples, self.mining = val_samples, mining
+        super().__init__(model, samples, val_samples, mining)
+        self.cfg = cfg
         # text_hidden_fcs only sits on the mask path: with the CE-only recipe (weight 0) no gradient
         # reaches it and training it would only apply weight decay, so it stays frozen then.
         model.set_trainable({"text_hidden_fcs"} if cfg.mask_loss_weight > 0 else set())
         self.peft = attach_lora(model, cfg)
         self.module = SegObjective(model, lm_weight=1.0, mask_weight=cfg.mask_loss_weight)
-
-    def __len__(self) -> int:
-        return len(self.samples)
-
-    def make_batch(self, indices: list[int], dtype: torch.dtype):
-        return make_seg_batch(self.model, [self.samples[i] for i in indices], form="response", dtype=dtype)
-
-    def evaluate(self, module) -> dict[str, float]:
-        """Validation Dice and [SEG] rate of the inference path (generate), as the final evaluation measures it."""
-        return validation_metrics(module.model, self.val_samples, self.mining)
 
     def client_state(self) -> dict:
         return {"lora_rank": self.cfg.rank, "lora_alpha": self.cfg.alpha}

@@ -14,6 +14,35 @@ from torch import nn
 
 from hsft.data import Sample
 from hsft.stages.batching import SegBatch, make_seg_batch, mask_loss_per_sample
+from hsft.stages.mining import validation_metrics
+
+
+class SegTask:
+    """The TrainTask shape shared by the supervised stages (base, LoRA, HSFT): a list of samples fed
+    through the teacher-forced [SEG] path in the given form, and the generate path's validation Dice
+    at every epoch end. Subclasses set `name`, freeze what they do not train and build `module`."""
+
+    name = "seg"
+    module: nn.Module
+
+    def __init__(self, model: nn.Module, samples: list[Sample], val_samples: list[Sample], mining,
+                 form: str = "response"):
+        if not samples:
+            raise ValueError(f"{self.name}: the training set is empty")
+        self.model, self.samples, self.val_samples, self.mining, self.form = model, samples, val_samples, mining, form
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    def make_batch(self, indices: list[int], dtype: torch.dtype):
+        return make_seg_batch(self.model, [self.samples[i] for i in indices], form=self.form, dtype=dtype)
+
+    def evaluate(self, module) -> dict[str, float]:
+        """Validation Dice and [SEG] rate of the inference path (generate), as the final evaluation measures it."""
+        return validation_metrics(module.model, self.val_samples, self.mining)
+
+    def client_state(self) -> dict:
+        return {}
 
 
 @dataclass
