@@ -55,7 +55,7 @@ def parse(argv):
     parser.add_argument("--dtype", default=None, choices=("float32", "bfloat16", "float16"),
                         help="load the weights in this dtype (default: as saved)")
     parser.add_argument("--no-tensorboard", action="store_true", help="do not write OUT/tb")
-    dests = add_config_arguments(parser, EvaluateOptions, skip={"data.augment"}, aliases=ALIASES)
+    dests = add_config_arguments(parser, EvaluateOptions, aliases=ALIASES)
     args = parser.parse_args(argv)
     return args, apply_arguments(EvaluateOptions(), args, dests)
 

@@ -3,7 +3,7 @@
 import numpy as np
 import pytest
 
-from hsft.data import AugmentParams, DataConfig, Sample, augment_sample, make_fundus
+from hsft.data import AugmentParams, Sample, augment_sample, make_fundus
 
 
 def _marked_sample() -> Sample:
@@ -43,7 +43,6 @@ def test_same_seed_same_augmentation_and_jitter_is_bounded():
         assert abs(out.image[out.fov].mean() - sample.image[sample.fov].mean()) <= 0.1 * 255 + 1
 
 
-def test_augmentation_is_off_by_default_and_params_are_checked():
-    assert DataConfig().augment is False
+def test_augmentation_params_are_checked():
     with pytest.raises(ValueError, match="AugmentParams.hflip"):
         AugmentParams(hflip=1.5)

@@ -30,10 +30,6 @@ class DataConfig:
     synthetic_train: int = field(default=64, metadata={"help": "generated training images (synthetic, no root)"})
     synthetic_test: int = field(default=32, metadata={"help": "generated test images (synthetic, no root)"})
     synthetic_size: int = field(default=96, metadata={"help": "side of generated images in pixels"})
-    augment: bool = field(
-        default=False,
-        metadata={"help": "random flips and brightness/contrast jitter on training samples (hsft.data.transforms)"},
-    )
 
     def validate(self) -> None:
         def check(condition: bool, name: str, message: str) -> None:
