@@ -3,7 +3,8 @@
 Every scalar field of a nested config becomes one option named after its path: RunConfig.hsft.train.lr
 is `--hsft-lr` (the `train` level is dropped: it is the stage's optimisation block), RunConfig.mining.tau
 is `--mining-tau`, top-level fields keep their name (`--output-dir`). Help text comes from each field's
-metadata. A few common options get short aliases (`--tau`, `--hard-quantile`, `--epochs` ...).
+metadata; a field's metadata "flag" overrides the generated name. Common options also get short
+aliases (`--tau`, `--hard-quantile`, `--vlm` ...).
 """
 
 from __future__ import annotations
@@ -78,7 +79,7 @@ def add_config_arguments(parser: argparse.ArgumentParser, cls, *, skip: set[str]
         if optional:
             parse = _optional(parse)
         help_text = f.metadata.get("help", "").replace("%", "%%")  # argparse formats help with %
-        names = [option_name(path)] + aliases.get(dotted, [])
+        names = [f.metadata.get("flag", option_name(path))] + aliases.get(dotted, [])
         dest = dotted.replace(".", "__")
         # A bare boolean flag means true (`--resume`); `--resume false` also works.
         extra = {"nargs": "?", "const": True} if tp is bool else {}

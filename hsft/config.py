@@ -267,12 +267,14 @@ class RunConfig:
     output_dir: str = field(default="runs/hsft", metadata={"help": "every stage writes below this directory"})
     deepspeed: str = field(default="ds_configs/zero2.json", metadata={"help": "DeepSpeed JSON config"})
     stages: tuple[str, ...] = STAGE_ORDER
-    seed: int = field(default=0, metadata={"help": "seeds the model init, data order and splits"})
+    seed: int = field(default=0, metadata={"help": "seeds the model init, the data order and the control subset "
+                                                    "(the validation split follows --data-seed)"})
     precision: str | None = field(default=None, metadata={"help": "override the DeepSpeed config: bf16 or fp32"})
     resume: bool = field(default=False, metadata={"help": "continue from the latest complete checkpoint"})
     overwrite: bool = field(default=False, metadata={"help": "replace the selected stages' earlier output"})
     start: str | None = field(
-        default=None, metadata={"help": "model directory the first selected stage starts from"}
+        default=None, metadata={"flag": "--model", "help": "a saved model directory (e.g. a stage's model/) that "
+                                                           "the first selected stage starts from"}
     )
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)

@@ -19,7 +19,6 @@ from hsft.arguments import add_config_arguments, apply_arguments  # noqa: E402
 from hsft.config import STAGE_ORDER, RunConfig  # noqa: E402
 
 ALIASES = {
-    "start": ["--model"],
     "model.vlm": ["--vlm"],
     "model.sam2": ["--sam2"],
     "model.preset": ["--preset"],
