@@ -65,7 +65,16 @@ def test_main_command_runs_every_stage_and_writes_the_report(full_run):
     hsft_weights = load_file(str(run / "hsft" / "trainable.safetensors"))
     assert hsft_weights and all(k.startswith(("text_hidden_fcs", "sam2.mask_decoder", "sam2.prompt_encoder"))
                                 for k in hsft_weights)
-    assert (run / "tb" / "hsft").is_dir() and any((run / "tb" / "hsft").iterdir())
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(run / "tb" / "hsft"))
+    events.Reload()
+    tags = set(events.Tags()["scalars"])
+    assert {"hsft/loss", "hsft/dice_loss", "hsft/bce", "hsft/lr", "hsft/grad_norm", "hsft/samples_per_s",
+            "hsft/epoch_val_dice"} <= tags
+    steps = [e.step for e in events.Scalars("hsft/loss")]
+    lora_end = json.loads((run / "lora" / "metrics.json").read_text())["global_step_end"]
+    assert steps == sorted(steps) and steps[0] > lora_end  # the global step continues across stages
     text = (run / "report.md").read_text()
     assert "| hsft |" in text and "Hard set" in text
     assert "hsft run report" in proc.stdout
