@@ -120,6 +120,22 @@ def test_resume_after_a_crash_reproduces_the_uninterrupted_stage(full_run):
     assert all(torch.equal(weights[k], again[k]) for k in weights)
 
 
+def test_main_command_on_a_dataset_folder(full_run):
+    tmp, _ = full_run
+    data = tmp / "folder_data"
+    subprocess.run([sys.executable, str(REPO / "launch" / "data.py"), "synth", "--out", str(data), "--n", "20",
+                    "--seed", "5", "--size", "80", "--quiet"], check=True, capture_output=True, timeout=300)
+    launch(["--model", str(tmp / "run" / "dpo" / "model"), "--stages", "mining,hsft,eval", "--data-format", "folder",
+            "--data-root", str(data), "--output-dir", str(tmp / "folder_run"), "--hard-quantile", "0.5",
+            "--hsft-epochs", "1", "--precision", "fp32"], tmp)
+    report = json.loads((tmp / "folder_run" / "report.json").read_text())
+    assert report["data"]["format"] == "folder"
+    assert report["data"]["train"] + report["data"]["val"] + report["data"]["test"] == 20
+    mined = json.loads((tmp / "folder_run" / "mining" / "hard_samples.json").read_text())
+    assert len(mined["all"]) == report["data"]["train"] and len(mined["hard"]) == -(-len(mined["all"]) // 2)
+    assert all(row["n"] == report["data"]["test"] for row in report["evaluation"])
+
+
 def test_two_ranks_match_one_rank_for_the_same_global_batch(full_run):
     tmp, _ = full_run
     start = tmp / "run" / "dpo" / "model"
