@@ -28,7 +28,7 @@ from hsft.model.checkpoint import META_FILE, is_model_directory
 from hsft.stages import base as base_stage
 from hsft.stages import mining as mining_stage
 from hsft.stages.hsft import HSFTTask, select_training_set
-from hsft.stages.runner import StageContext, is_complete, model_dir, run_training_stage
+from hsft.stages.runner import StageContext, is_complete, model_dir, run_training_stage, training_dtype
 
 TRAINING_STAGES = ("base", "lora", "dpo", "hsft")
 
@@ -76,7 +76,7 @@ def _starting_model(cfg: RunConfig, ctx: StageContext) -> tuple[Path | None, str
             build_model(cfg.model, seed=cfg.seed).save_pretrained(model_dir(init))
         distributed.barrier()
         return model_dir(init), f"--vlm {cfg.model.vlm} + --sam2 {cfg.model.sam2}"
-    raise PipelineError(f"stage {cfg.stages[0]!r} needs a starting model: pass --start DIR (a stage's model/ "
+    raise PipelineError(f"stage {cfg.stages[0]!r} needs a starting model: pass --model DIR (a stage's model/ "
                         "directory), --vlm/--sam2, or include the earlier stages")
 
 
@@ -130,13 +130,24 @@ def run_mining(cfg: RunConfig, ctx: StageContext, model_path: Path, splits) -> N
 def run_hsft(cfg: RunConfig, ctx: StageContext, model_path: Path, splits) -> Path:
     hard_ids = mining_stage.read_hard_ids(ctx.stage_dir("mining"))
     train_set = select_training_set(splits.train, hard_ids, cfg.hsft.control, cfg.seed)
+    ctx.results["hsft"] = {"samples": len(train_set), "control": cfg.hsft.control, "cache": cfg.hsft.cache_features}
     if not train_set:
-        raise PipelineError("the hard set is empty: no training sample has Dice < tau; raise --tau or use "
-                            "--hard-quantile")
-    task = HSFTTask(_load(model_path), train_set, cfg.hsft, splits.val, cfg.mining)
+        # A model with no training sample below tau has nothing to fine-tune on: pass it on unchanged so
+        # the evaluation still runs, and say so (as DPO does when it finds no pair).
+        message = (f"no training sample has Dice < tau = {cfg.mining.tau}; HSFT skipped, the input model is passed "
+                   "on unchanged (raise --tau or use --hard-quantile to train)")
+        stage_dir = ctx.stage_dir("hsft")
+        if distributed.is_main():
+            print(f"[hsft] {message}")
+            shutil.copytree(model_path, model_dir(stage_dir), dirs_exist_ok=True)
+            write_json(stage_dir / "metrics.json", {"stage": "hsft", "skipped": True, "reason": message, "samples": 0,
+                                                    "optimizer_steps": 0, "global_step_end": ctx.global_step})
+        distributed.barrier()
+        ctx.results["hsft"]["skipped"] = True
+        return model_dir(stage_dir)
+    # In the training dtype up front: DeepSpeed's bf16 cast converts parameters, not buffers.
+    task = HSFTTask(_load(model_path).to(training_dtype(ctx)), train_set, cfg.hsft, splits.val, cfg.mining)
     run_training_stage(ctx, task, cfg.hsft.train, load_input_model=lambda: _load(model_path))
-    ctx.results["hsft"] = {"samples": len(train_set), "control": cfg.hsft.control,
-                           "cache": cfg.hsft.cache_features}
     return model_dir(ctx.stage_dir("hsft"))
 
 
@@ -195,7 +206,8 @@ def format_report(cfg: RunConfig, report: dict) -> str:
         r = report["hsft"]
         what = "a random training subset of the hard set's size (matched-compute control)" \
             if r["control"] == "random" else "the hard set"
-        notes.append(f"- HSFT: {r['samples']} samples ({what}), frozen-feature cache {'on' if r['cache'] else 'off'}")
+        notes.append(f"- HSFT: {r['samples']} samples ({what}), frozen-feature cache {'on' if r['cache'] else 'off'}"
+                     + (" -- skipped: empty hard set" if r.get("skipped") else ""))
     if notes:
         lines += ["## Stages", ""] + notes + [""]
     lines += ["## Where things are", ""]

@@ -120,6 +120,17 @@ def test_resume_after_a_crash_reproduces_the_uninterrupted_stage(full_run):
     assert all(torch.equal(weights[k], again[k]) for k in weights)
 
 
+def test_empty_hard_set_skips_hsft_and_still_evaluates(full_run):
+    tmp, _ = full_run
+    proc = launch(["--model", str(tmp / "run" / "dpo" / "model"), "--stages", "mining,hsft,eval", "--tau", "1e-6",
+                   "--output-dir", str(tmp / "no_hard"), *SMALL], tmp)
+    assert "HSFT skipped" in proc.stdout
+    report = json.loads((tmp / "no_hard" / "report.json").read_text())
+    assert report["hsft"]["skipped"] and report["hsft"]["samples"] == 0
+    rows = {row["stage"]: row for row in report["evaluation"]}
+    assert rows["hsft"]["dice"] == rows["start"]["dice"]  # the model was passed on unchanged
+
+
 def test_main_command_on_a_dataset_folder(full_run):
     tmp, _ = full_run
     data = tmp / "folder_data"
