@@ -71,7 +71,10 @@ def dice_bce_loss(
 
 
 def upsample_masks(logits: torch.Tensor, size: Sequence[int], *, threshold: float | None = None) -> torch.Tensor:
-    """Bilinear upsampling, identical to F.interpolate(mode="bilinear", align_corners=False).
+    """Bilinear upsampling, the same sampling as F.interpolate(mode="bilinear", align_corners=False).
+
+    The values agree with F.interpolate up to a few ulp (the summation order differs), so a value within
+    rounding of `threshold` can fall on the other side of it than F.interpolate's would.
 
     Args:
         logits: (N, h, w) or (N, 1, h, w) floating point.
