@@ -1,8 +1,7 @@
 """Typed configuration for every stage of the pipeline.
 
-Defaults are the method's published settings where it publishes them (marked "published"); the
-embedded default run overrides a few of them (epochs, batch sizes) in `presets_for_embedded` so
-that the whole pipeline finishes in minutes on a laptop CPU, and says so in its report.
+Defaults are the method's published settings where it publishes them (marked "published"). Stage 0
+(`BaseStageConfig`) exists for the embedded default only and has its own settings.
 
 Each dataclass validates itself (`validate()` raises ValueError naming the offending field), so a
 bad value is found when the command starts, never hours into training.
@@ -210,6 +209,11 @@ class HSFTStageConfig:
     cache_features: bool = field(
         default=True, metadata={"help": "compute the frozen SAM2 features and [SEG] states once and reuse them"}
     )
+    cache_on_device: bool = field(
+        default=False,
+        metadata={"help": "keep the feature cache in accelerator memory (default: pinned host memory, copied per "
+                          "micro-batch)"},
+    )
     control: str = field(
         default="none",
         metadata={"help": "'random': train on a random training subset of the hard set's size instead "
@@ -301,7 +305,7 @@ class RunConfig:
                f"must follow the pipeline order {','.join(STAGE_ORDER)} without repeats, got {','.join(self.stages)}")
         if "base" in self.stages:
             _check(self.embedded_default, "stages",
-                   "'base' pre-trains the embedded tiny model; drop it when --model/--vlm/--start is given")
+                   "'base' pre-trains the embedded tiny model; drop it when --model or --vlm is given")
         if self.precision is not None:
             _check(self.precision in PRECISIONS, "precision", f"must be one of {PRECISIONS}, got {self.precision!r}")
         self.model.validate()

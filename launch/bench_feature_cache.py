@@ -2,14 +2,11 @@
 """Benchmark the HSFT frozen-feature cache: epoch time with and without it (writes JSON, prints a table)."""
 
 import argparse
-import sys
 from pathlib import Path
 
-# launch/hsft.py would shadow the hsft package while this directory is sys.path[0].
-_LAUNCH_DIR = Path(__file__).resolve().parent
-sys.path[:] = [entry for entry in sys.path if Path(entry or ".").resolve() != _LAUNCH_DIR]
+import _import_hsft  # noqa: F401  (first: makes `import hsft` find the package)
 
-from hsft.bench.feature_cache import format_summary, run  # noqa: E402
+from hsft.bench.feature_cache import format_summary, run
 
 
 def main() -> None:

@@ -9,10 +9,9 @@ import json
 import sys
 from pathlib import Path
 
-_LAUNCH_DIR = Path(__file__).resolve().parent
-sys.path[:] = [entry for entry in sys.path if Path(entry or ".").resolve() != _LAUNCH_DIR]
+import _import_hsft  # noqa: F401  (first: makes `import hsft` find the package)
 
-from hsft.eval.runs import RunsError, format_groups, summarize_groups  # noqa: E402
+from hsft.eval.runs import RunsError, format_groups, summarize_groups
 
 
 def main() -> int:

@@ -8,17 +8,13 @@ from __future__ import annotations
 
 import argparse
 import sys
-from pathlib import Path
 
-# Run as a script, this file's directory is sys.path[0], and launch/hsft.py there would shadow the
-# hsft package: drop the directory so `import hsft` finds the package.
-_LAUNCH_DIR = Path(__file__).resolve().parent
-sys.path[:] = [entry for entry in sys.path if Path(entry or ".").resolve() != _LAUNCH_DIR]
+import _import_hsft  # noqa: F401  (first: makes `import hsft` find the package)
 
-from hsft.data.check import check_dataset  # noqa: E402
-from hsft.data.export import write_synthetic_set  # noqa: E402
-from hsft.data.layouts import FORMATS  # noqa: E402
-from hsft.data.sample import DatasetError  # noqa: E402
+from hsft.data.check import check_dataset
+from hsft.data.export import write_synthetic_set
+from hsft.data.layouts import FORMATS
+from hsft.data.sample import DatasetError
 
 
 def _parser() -> argparse.ArgumentParser:

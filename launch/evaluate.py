@@ -13,17 +13,13 @@ are computed per image at the original resolution, inside the FOV when the datas
 
 import argparse
 import sys
-from pathlib import Path
 
-# Run as a script, this file's directory is sys.path[0], and launch/hsft.py there would shadow the
-# hsft package: drop the directory so `import hsft` finds the package.
-_LAUNCH_DIR = Path(__file__).resolve().parent
-sys.path[:] = [entry for entry in sys.path if Path(entry or ".").resolve() != _LAUNCH_DIR]
+import _import_hsft  # noqa: F401  (first: makes `import hsft` find the package)
 
-from hsft.arguments import add_config_arguments, apply_arguments  # noqa: E402
-from hsft.data import DatasetError  # noqa: E402
-from hsft.eval.commands import EVAL_SPLITS, EvaluateOptions, run_evaluate  # noqa: E402
-from hsft.eval.errors import InputError  # noqa: E402
+from hsft.arguments import add_config_arguments, apply_arguments
+from hsft.data import DatasetError
+from hsft.eval.cli import EVAL_SPLITS, EvaluateOptions, run_evaluate
+from hsft.eval.errors import InputError
 
 ALIASES = {
     "eval.batch_size": ["--batch-size"],

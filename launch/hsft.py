@@ -8,15 +8,11 @@
 import argparse
 import dataclasses
 import sys
-from pathlib import Path
 
-# Run as a script, this file's directory is sys.path[0] and this very file would shadow the hsft
-# package: drop the directory so `import hsft` finds the package.
-_LAUNCH_DIR = Path(__file__).resolve().parent
-sys.path[:] = [entry for entry in sys.path if Path(entry or ".").resolve() != _LAUNCH_DIR]
+import _import_hsft  # noqa: F401  (first: makes `import hsft` find the package)
 
-from hsft.arguments import add_config_arguments, apply_arguments  # noqa: E402
-from hsft.config import STAGE_ORDER, RunConfig  # noqa: E402
+from hsft.arguments import add_config_arguments, apply_arguments
+from hsft.config import STAGE_ORDER, RunConfig
 
 ALIASES = {
     "model.vlm": ["--vlm"],

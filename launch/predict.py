@@ -13,15 +13,11 @@ size; an unreadable file stops the command before the model loads, naming the fi
 
 import argparse
 import sys
-from pathlib import Path
 
-# Run as a script, this file's directory is sys.path[0], and launch/hsft.py there would shadow the
-# hsft package: drop the directory so `import hsft` finds the package.
-_LAUNCH_DIR = Path(__file__).resolve().parent
-sys.path[:] = [entry for entry in sys.path if Path(entry or ".").resolve() != _LAUNCH_DIR]
+import _import_hsft  # noqa: F401  (first: makes `import hsft` find the package)
 
-from hsft.eval.commands import run_predict  # noqa: E402
-from hsft.eval.errors import InputError  # noqa: E402
+from hsft.eval.cli import run_predict
+from hsft.eval.errors import InputError
 
 
 def parse(argv):

@@ -11,9 +11,10 @@ import pytest
 import torch
 from torch import nn
 
-from hsft.config import TrainConfig
+from hsft.config import RunConfig, TrainConfig
 from hsft.engine import checkpoint
-from hsft.engine.ds_config import DeepSpeedConfigError, load_ds_config, stage_ds_config
+from hsft.engine.context import RunContext
+from hsft.engine.ds_config import DeepSpeedConfigError, apply_precision, load_ds_config, stage_ds_config
 from hsft.engine.loop import NonFiniteTrainingError, epoch_order, param_groups, train
 from hsft.engine.schedule import cosine_with_warmup
 from hsft.engine.tensorboard import TBWriter
@@ -51,8 +52,8 @@ class ToyTask:
     def __len__(self):
         return len(self.x)
 
-    def make_batch(self, indices, dtype):
-        return self.x[indices].to(dtype), self.y[indices].to(dtype), list(indices)
+    def make_batch(self, indices, dtype, device):
+        return self.x[indices].to(device, dtype), self.y[indices].to(device, dtype), list(indices)
 
     def evaluate(self, module):
         with torch.no_grad():
@@ -64,16 +65,14 @@ class ToyTask:
         return {"note": "toy"}
 
 
-def ds_base(precision="fp32", name="zero2.json"):
-    cfg = load_ds_config(REPO / "ds_configs" / name)
-    cfg["bf16"]["enabled"] = precision == "bf16"
-    return cfg
+def context(tmp: Path, precision="fp32", name="zero2.json", resume=False) -> RunContext:
+    cfg = RunConfig(output_dir=str(tmp), seed=3, precision=precision, resume=resume)
+    return RunContext.build(cfg, load_ds_config(REPO / "ds_configs" / name))
 
 
 def run(tmp: Path, cfg: TrainConfig, task=None, resume=False, precision="fp32", config="zero2.json"):
     task = task or ToyTask()
-    return train(task, cfg, ds_base(precision, config), stage_dir=tmp, tb=TBWriter(tmp / "tb"), seed=3,
-                 resume=resume, precision=precision), task
+    return train(task, cfg, context(tmp, precision, config, resume), stage_dir=tmp, tb=TBWriter(tmp / "tb")), task
 
 
 def test_shipped_configs_are_concrete_and_auto_is_refused(tmp_path):
@@ -87,8 +86,8 @@ def test_shipped_configs_are_concrete_and_auto_is_refused(tmp_path):
         load_ds_config(bad)
     with pytest.raises(DeepSpeedConfigError, match="no such file"):
         load_ds_config(tmp_path / "missing.json")
-    merged = stage_ds_config(load_ds_config(REPO / "ds_configs" / "zero2.json"),
-                             TrainConfig(micro_batch=3, grad_accum=5, clip=0.25), precision="fp32")
+    merged = stage_ds_config(apply_precision(load_ds_config(REPO / "ds_configs" / "zero2.json"), "fp32"),
+                             TrainConfig(micro_batch=3, grad_accum=5, clip=0.25))
     assert (merged["train_micro_batch_size_per_gpu"], merged["gradient_accumulation_steps"]) == (3, 5)
     assert merged["gradient_clipping"] == 0.25 and merged["bf16"]["enabled"] is False
     assert "train_batch_size" not in merged
@@ -128,16 +127,15 @@ def test_loss_decreases_and_lr_follows_schedule(tmp_path):
     result, _ = run(tmp_path, cfg, task=task)
     assert result.optimizer_steps == 12 and result.skipped_steps == 0
     assert result.epoch_metrics[-1]["mse"] < 0.25 * initial
-    engine = result.engine
-    assert engine.optimizer.param_groups[0]["lr"] == pytest.approx(cosine_with_warmup(12, 12, 3, 0.5, 0.05))
+    assert result.last_lr == pytest.approx(cosine_with_warmup(12, 12, 3, 0.5, 0.05))
     assert (tmp_path / "checkpoints" / "COMPLETE").read_text().strip() == "epoch0003"
 
 
 def test_accumulation_matches_a_bigger_micro_batch(tmp_path):
     big, _ = run(tmp_path / "a", TrainConfig(epochs=1, micro_batch=4, grad_accum=1, lr=0.05, clip=0))
     acc, _ = run(tmp_path / "b", TrainConfig(epochs=1, micro_batch=2, grad_accum=2, lr=0.05, clip=0))
-    wa = big.engine.module.linear.weight.detach()
-    wb = acc.engine.module.linear.weight.detach()
+    wa = big.weights["linear.weight"]
+    wb = acc.weights["linear.weight"]
     torch.testing.assert_close(wa, wb, rtol=1e-5, atol=1e-6)
 
 

@@ -13,8 +13,8 @@ import pytest
 
 from hsft.config import DataConfig
 from hsft.eval import InputError
-from hsft.eval.commands import load_eval_samples, resolve_model_dir
-from hsft.model import ModelConfig, build_model
+from hsft.eval.cli import load_eval_samples, resolve_model_dir
+from hsft.model import ModelConfig, build_model, save_model
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -25,7 +25,7 @@ REPO = Path(__file__).resolve().parents[1]
 def run_dir(tmp_path_factory) -> Path:
     """A pipeline-like stage directory: <run>/hsft/model holds the saved model."""
     run = tmp_path_factory.mktemp("run")
-    build_model(ModelConfig(preset="tiny"), seed=0).save_pretrained(str(run / "hsft" / "model"))
+    save_model(build_model(ModelConfig(preset="tiny"), seed=0), run / "hsft" / "model")
     return run
 
 

@@ -10,7 +10,7 @@ import pytest
 import torch
 from transformers import Sam2Model
 
-from hsft.model import ModelConfig, PromptConfig, Sa2VAModel, build_model
+from hsft.model import ModelConfig, PromptConfig, Sa2VAModel, build_model, load_model, save_model
 from hsft.model.checkpoint import META_FILE, is_model_directory
 from hsft.model.presets import PRESETS, sam2_config
 from plain_checkpoints import save_plain_checkpoints
@@ -45,9 +45,9 @@ def test_save_load_round_trip_is_exact(tmp_path, dtype: str) -> None:
     prompt = PromptConfig(instruction="Segment the vessels.", response="It is [SEG].", system="Be brief.")
     model = _perturbed(build_model(ModelConfig(prompt=prompt, fcs_hidden=20, dtype=dtype)), seed=1)
     assert not is_model_directory(tmp_path / "m")
-    model.save_pretrained(str(tmp_path / "m"))
+    save_model(model, tmp_path / "m")
     assert is_model_directory(tmp_path / "m")
-    loaded = Sa2VAModel.from_pretrained(str(tmp_path / "m"))
+    loaded = load_model(tmp_path / "m")
     assert loaded.dtype == getattr(torch, dtype) and not loaded.training
     assert loaded.prompt == prompt and loaded.fcs_hidden == 20
     assert loaded.tokenizer.get_vocab() == model.tokenizer.get_vocab()
@@ -69,8 +69,8 @@ def test_save_load_round_trip_is_exact(tmp_path, dtype: str) -> None:
 
 def test_load_in_another_dtype(tmp_path) -> None:
     model = build_model(ModelConfig())
-    model.save_pretrained(str(tmp_path))
-    loaded = Sa2VAModel.from_pretrained(str(tmp_path), dtype="bfloat16")
+    save_model(model, tmp_path)
+    loaded = load_model(tmp_path, dtype="bfloat16")
     assert loaded.dtype == torch.bfloat16 and loaded.sam2.dtype == torch.bfloat16
     assert torch.equal(loaded.text_hidden_fcs[0].weight, model.text_hidden_fcs[0].weight.bfloat16())
 
@@ -96,7 +96,7 @@ def test_build_from_local_checkpoints(tmp_path) -> None:
     assert len(gen.text) == 2 and gen.mask_logits.shape == (2, *model.mask_size)
 
     # the composite's vlm/ and sam2/ are ordinary checkpoints again ([SEG] already present: no resize)
-    model.save_pretrained(str(tmp_path / "composite"))
+    save_model(model, tmp_path / "composite")
     again = build_model(ModelConfig(vlm=str(tmp_path / "composite" / "vlm"), sam2=str(tmp_path / "composite" / "sam2")))
     assert again.seg_token_id == model.seg_token_id
     assert torch.equal(again.vlm.get_input_embeddings().weight, embeddings)
@@ -105,22 +105,22 @@ def test_build_from_local_checkpoints(tmp_path) -> None:
 def test_bad_directories_give_clear_errors(tmp_path) -> None:
     missing = tmp_path / "nowhere"
     with pytest.raises(FileNotFoundError, match=f"model directory '{missing}' does not exist"):
-        Sa2VAModel.from_pretrained(str(missing))
+        load_model(missing)
     with pytest.raises(FileNotFoundError, match=f"'{tmp_path}' is not a complete hsft model directory: "
                                                 f"{META_FILE} is missing"):
-        Sa2VAModel.from_pretrained(str(tmp_path))
+        load_model(tmp_path)
 
     saved = tmp_path / "saved"
-    build_model(ModelConfig()).save_pretrained(str(saved))
+    save_model(build_model(ModelConfig()), saved)
     meta_path = saved / META_FILE
     meta = json.loads(meta_path.read_text())
     meta_path.write_text(json.dumps({**meta, "format_version": 99}))
     with pytest.raises(ValueError, match="format_version 99 is not supported"):
-        Sa2VAModel.from_pretrained(str(saved))
+        load_model(saved)
     meta_path.write_text(json.dumps(meta))
     shutil.rmtree(saved / "sam2")
     with pytest.raises(FileNotFoundError, match="sam2 is missing"):
-        Sa2VAModel.from_pretrained(str(saved))
+        load_model(saved)
 
     # a SAM2 checkpoint given as the VLM, and a checkpoint directory without weights
     vlm_dir = saved / "vlm"

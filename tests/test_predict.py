@@ -17,7 +17,7 @@ from PIL import Image
 from hsft.data import make_fundus
 from hsft.eval import InputError, predict_images
 from hsft.eval.predict import output_stems
-from hsft.model import ModelConfig, build_model
+from hsft.model import ModelConfig, build_model, save_model
 from hsft.model.chat import IGNORE_INDEX
 from hsft.ops import upsample_masks
 
@@ -38,7 +38,7 @@ def model():
 @pytest.fixture(scope="module")
 def checkpoint(model, tmp_path_factory) -> Path:
     directory = tmp_path_factory.mktemp("ckpt") / "model"
-    model.save_pretrained(str(directory))
+    save_model(model, directory)
     return directory
 
 

@@ -16,13 +16,15 @@ from pathlib import Path
 
 import torch
 
-from hsft.config import HSFTStageConfig, MiningConfig, TrainConfig
+from hsft.config import HSFTStageConfig, RunConfig, TrainConfig
 from hsft.data.synthetic import make_fundus
+from hsft.engine.context import RunContext
 from hsft.engine.ds_config import load_ds_config
 from hsft.engine.loop import train
 from hsft.engine.tensorboard import TBWriter
-from hsft.model import ModelConfig, Sa2VAModel, build_model
+from hsft.model import ModelConfig, build_model, load_model
 from hsft.stages.hsft import HSFTTask
+from hsft.stages.training import Validation
 
 
 def run(*, model_dir: str | None, preset: str, samples: int, size: int, epochs: int, precision: str,
@@ -31,14 +33,14 @@ def run(*, model_dir: str | None, preset: str, samples: int, size: int, epochs: 
     rows = {}
     for cache in (False, True):
         torch.manual_seed(0)
-        model = Sa2VAModel.from_pretrained(model_dir) if model_dir else build_model(ModelConfig(preset=preset))
+        model = load_model(model_dir) if model_dir else build_model(ModelConfig(preset=preset))
         cfg = HSFTStageConfig(train=TrainConfig(epochs=epochs, micro_batch=1, grad_accum=2, lr=1e-5),
                               cache_features=cache)
-        task = HSFTTask(model, data, cfg, [], MiningConfig())
+        task = HSFTTask(model, data, cfg, Validation([], 1, 1))
         with tempfile.TemporaryDirectory() as tmp:
+            ctx = RunContext.build(RunConfig(output_dir=tmp, seed=0, precision=precision), load_ds_config(ds_config))
             start = time.perf_counter()
-            result = train(task, cfg.train, load_ds_config(ds_config), stage_dir=Path(tmp), tb=TBWriter(None),
-                           seed=0, precision=precision)
+            result = train(task, cfg.train, ctx, stage_dir=Path(tmp), tb=TBWriter(None))
             total = time.perf_counter() - start
         epoch_seconds = [m["train_seconds"] for m in result.epoch_metrics]
         rows["cached" if cache else "uncached"] = {"epoch_seconds": epoch_seconds, "total_seconds": total,

@@ -1,6 +1,7 @@
 """Training augmentation on Samples: random flips and a small brightness/contrast jitter.
 
-Off by default (DataConfig.augment). Flips act on image, vessel mask and FOV together so the
+A library function: no stage applies it yet (it cannot be combined with the frozen-feature cache
+of HSFT and DPO). Flips act on image, vessel mask and FOV together so the
 ground truth stays exact; the photometric jitter touches the image only. A fundus flipped
 horizontally is a plausible other eye, vertically a plausible rotated capture, so neither creates
 anatomy that cannot occur.

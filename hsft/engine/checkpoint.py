@@ -12,6 +12,8 @@ import shutil
 from pathlib import Path
 from typing import Any
 
+import torch
+
 from hsft.engine import distributed
 
 MARKER = "COMPLETE"
@@ -53,3 +55,19 @@ def load(engine, ckpt_dir: Path, tag: str) -> dict[str, Any]:
     if path is None:
         raise RuntimeError(f"could not load the DeepSpeed checkpoint {Path(ckpt_dir) / tag}")
     return client_state
+
+
+def fp32_weights(ckpt_dir: Path) -> dict[str, torch.Tensor]:
+    """The full-precision weights of the module from the newest complete checkpoint.
+
+    Under bf16 the module holds bf16 copies; the fp32 master weights live (sharded) in the ZeRO
+    optimizer state. DeepSpeed's own converter reassembles them, so the next stage starts from exactly
+    what the optimizer held rather than a rounded copy.
+    """
+    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+
+    tag = latest_tag(ckpt_dir)
+    if tag is None:
+        raise RuntimeError(f"no complete checkpoint under {ckpt_dir}")
+    state = get_fp32_state_dict_from_zero_checkpoint(str(ckpt_dir), tag=tag)
+    return {k: v.float() for k, v in state.items()}

@@ -33,6 +33,11 @@ def init_distributed() -> None:
         return
     import deepspeed
 
+    if torch.cuda.is_available():
+        # Object collectives (all_gather_object) under NCCL use the current device: make it this rank's
+        # before anything runs, not only once a DeepSpeed engine exists.
+        torch.cuda.set_device(local_device())
+
     backend = None if torch.cuda.is_available() else "gloo"
     if "WORLD_SIZE" in os.environ:
         deepspeed.init_distributed(dist_backend=backend)
@@ -41,6 +46,21 @@ def init_distributed() -> None:
         os.environ.setdefault("LOCAL_RANK", "0")
         deepspeed.init_distributed(dist_backend=backend, auto_mpi_discovery=False, rank=0, world_size=1,
                                    init_method=f"tcp://127.0.0.1:{_free_port()}")
+
+
+def local_device() -> torch.device:
+    """This rank's device: the accelerator DeepSpeed assigns it (cuda:LOCAL_RANK), or the CPU where
+    there is none. The model, every tensor of a batch and the tensors of collectives live here."""
+    if torch.cuda.is_available():
+        return torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+    return torch.device("cpu")
+
+
+def collective_device() -> torch.device:
+    """Where the tensors of a collective must live: NCCL reduces GPU tensors only, gloo CPU tensors."""
+    if is_initialized() and dist.get_backend() == "nccl":
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
 
 
 def is_initialized() -> bool:
@@ -93,7 +113,7 @@ def any_rank(flag: bool) -> bool:
     """True on every rank when `flag` is true on at least one rank."""
     if not is_initialized():
         return flag
-    t = torch.tensor([1.0 if flag else 0.0])
+    t = torch.tensor([1.0 if flag else 0.0], device=collective_device())
     dist.all_reduce(t, op=dist.ReduceOp.MAX)
     return bool(t.item() > 0)
 
@@ -102,6 +122,6 @@ def mean_over_ranks(values: list[float]) -> list[float]:
     """Element-wise mean of `values` over ranks (every rank passes a list of the same length)."""
     if not is_initialized() or world_size() == 1:
         return list(values)
-    t = torch.tensor(values, dtype=torch.float64)
+    t = torch.tensor(values, dtype=torch.float64, device=collective_device())
     dist.all_reduce(t, op=dist.ReduceOp.SUM)
     return (t / world_size()).tolist()

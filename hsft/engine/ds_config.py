@@ -64,17 +64,24 @@ def precision_of(config: dict) -> str:
     return "bf16" if config.get("bf16", {}).get("enabled", False) else "fp32"
 
 
-def stage_ds_config(base: dict, train: TrainConfig, *, precision: str | None = None) -> dict:
-    """A copy of `base` with the stage's batch sizes, clipping and precision written in."""
+def apply_precision(base: dict, precision: str) -> dict:
+    """A copy of `base` that trains in `precision` ("bf16" or "fp32")."""
+    if precision not in ("bf16", "fp32"):
+        raise DeepSpeedConfigError(f"precision must be bf16 or fp32, got {precision!r}")
+    config = copy.deepcopy(base)
+    config["bf16"] = {**config.get("bf16", {}), "enabled": precision == "bf16"}
+    config["fp16"] = {**config.get("fp16", {}), "enabled": False}
+    return config
+
+
+def stage_ds_config(base: dict, train: TrainConfig) -> dict:
+    """A copy of `base` (precision already applied) with the stage's batch sizes and clipping written in."""
     config = copy.deepcopy(base)
     for key in _BATCH_KEYS:
         config.pop(key, None)
     config["train_micro_batch_size_per_gpu"] = train.micro_batch
     config["gradient_accumulation_steps"] = train.grad_accum
     config["gradient_clipping"] = train.clip
-    if precision is not None:
-        config["bf16"] = {**config.get("bf16", {}), "enabled": precision == "bf16"}
-        config["fp16"] = {**config.get("fp16", {}), "enabled": False}
     if precision_of(config) == "fp16":
         raise DeepSpeedConfigError("fp16 is not supported (no loss scaling here); use bf16 or fp32")
     if config.get("bf16", {}).get("enabled", False):

@@ -7,7 +7,6 @@ It reads top to bottom as one epoch loop.
 
 from __future__ import annotations
 
-import json
 import math
 import random
 import time
@@ -24,6 +23,7 @@ from hsft.config import TrainConfig
 from hsft.engine import checkpoint, distributed
 from hsft.engine.ds_config import stage_ds_config
 from hsft.engine.schedule import build_scheduler
+from hsft.engine.context import RunContext
 from hsft.engine.tensorboard import TBWriter
 
 
@@ -40,8 +40,9 @@ class TrainTask(Protocol):
 
     def __len__(self) -> int: ...
 
-    def make_batch(self, indices: list[int], dtype: torch.dtype) -> Any:
-        """The micro-batch holding these training-set indices, floating tensors in `dtype`."""
+    def make_batch(self, indices: list[int], dtype: torch.dtype, device: torch.device) -> Any:
+        """The micro-batch holding these training-set indices: every tensor on `device`, floating
+        tensors in `dtype`."""
 
     def evaluate(self, module: nn.Module) -> dict[str, float]:
         """End-of-epoch metrics (e.g. validation Dice); {} when there is nothing to measure."""
@@ -63,7 +64,11 @@ class TrainResult:
     epoch_metrics: list[dict[str, float]] = field(default_factory=list)
     seconds: float = 0.0
     resumed_from: str | None = None
-    engine: Any = None  # the DeepSpeed engine, for the caller's weight export
+    last_lr: float = 0.0  # the scheduler's learning rate after the last step
+    grad_norms: list[float] = field(default_factory=list)  # pre-clip global gradient norm of every step
+    engine: Any = None  # the DeepSpeed engine, for inspection (optimizer state) by tools and tests
+    # The trained parameters' float32 values (rank 0; empty elsewhere), named as in task.module.
+    weights: dict[str, torch.Tensor] = field(default_factory=dict)
 
 
 def param_groups(module: nn.Module, weight_decay: float) -> list[dict]:
@@ -94,12 +99,14 @@ def _seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def train(task: TrainTask, cfg: TrainConfig, ds_base: dict, *, stage_dir: Path, tb: TBWriter, seed: int,
-          step_offset: int = 0, resume: bool = False, precision: str | None = None) -> TrainResult:
+def train(task: TrainTask, cfg: TrainConfig, ctx: RunContext, *, stage_dir: Path, tb: TBWriter) -> TrainResult:
+    """Train `task` with `cfg` in the run `ctx` (DeepSpeed config, precision, seed, resume, the run-wide
+    step); checkpoints go to `stage_dir/checkpoints`. Returns the trained weights (float32, rank 0)."""
     import deepspeed
 
     distributed.init_distributed()
     rank, world = distributed.rank(), distributed.world_size()
+    seed, resume, step_offset = ctx.seed, ctx.resume, ctx.global_step
     stage_dir = Path(stage_dir)
     ckpt_dir = stage_dir / "checkpoints"
     start_time = time.time()
@@ -117,8 +124,9 @@ def train(task: TrainTask, cfg: TrainConfig, ds_base: dict, *, stage_dir: Path, 
     optimizer = torch.optim.AdamW(param_groups(task.module, cfg.weight_decay), lr=cfg.lr, betas=cfg.betas)
     scheduler = build_scheduler(optimizer, total_steps, warmup_steps, cfg.lr, cfg.min_lr)
     engine, _, _, _ = deepspeed.initialize(model=task.module, optimizer=optimizer, lr_scheduler=scheduler,
-                                           config=stage_ds_config(ds_base, cfg, precision=precision))
+                                           config=stage_ds_config(ctx.ds_config, cfg))
     dtype = next(p for p in engine.module.parameters()).dtype
+    device = engine.device  # the batch follows the model onto this rank's accelerator
 
     # --- resume -----------------------------------------------------------------------------------
     first_epoch, global_step, stage_steps, skipped_total = 0, step_offset, 0, 0
@@ -158,7 +166,7 @@ def train(task: TrainTask, cfg: TrainConfig, ds_base: dict, *, stage_dir: Path, 
         window_start = time.time()
         for micro in range(micro_steps):
             start = micro * cfg.micro_batch * world + rank * cfg.micro_batch
-            batch = task.make_batch(order[start:start + cfg.micro_batch], dtype)
+            batch = task.make_batch(order[start:start + cfg.micro_batch], dtype, device)
             loss, terms = engine(batch)
 
             # Log before backward: engine.backward divides by the accumulation steps itself.
@@ -190,6 +198,7 @@ def train(task: TrainTask, cfg: TrainConfig, ds_base: dict, *, stage_dir: Path, 
                 [sum(window_losses) / len(window_losses)] + [sum(window_terms[k]) / len(window_terms[k]) for k in names])
             mean_loss, term_means = reduced[0], dict(zip(names, reduced[1:]))
             result.losses.append(mean_loss)
+            result.grad_norms.append(grad_norm)
             if skipped:
                 skipped_total += 1
                 consecutive_skips += 1
@@ -232,32 +241,10 @@ def train(task: TrainTask, cfg: TrainConfig, ds_base: dict, *, stage_dir: Path, 
     result.global_step, result.optimizer_steps, result.skipped_steps = global_step, stage_steps, skipped_total
     result.seconds = time.time() - start_time
     task.module = engine.module
-    result.engine = engine  # the caller exports weights from it
+    result.last_lr, result.engine = scheduler.get_last_lr()[0], engine
+    if distributed.is_main():
+        trainable = {name for name, p in engine.module.named_parameters() if p.requires_grad}
+        state = checkpoint.fp32_weights(ckpt_dir)
+        result.weights = {name: state[name].contiguous() for name in sorted(trainable)}
+    distributed.barrier()
     return result
-
-
-def export_fp32_state(engine, ckpt_dir: Path) -> dict[str, torch.Tensor]:
-    """The full-precision weights of the module from the newest complete checkpoint.
-
-    Under bf16 the module holds bf16 copies; the fp32 master weights live (sharded) in the ZeRO
-    optimizer state. DeepSpeed's own converter reassembles them, so the next stage starts from exactly
-    what the optimizer held rather than a rounded copy.
-    """
-    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
-
-    tag = checkpoint.latest_tag(ckpt_dir)
-    if tag is None:
-        raise RuntimeError(f"no complete checkpoint under {ckpt_dir}")
-    state = get_fp32_state_dict_from_zero_checkpoint(str(ckpt_dir), tag=tag)
-    return {k: v.float() for k, v in state.items()}
-
-
-def write_json(path: Path, payload: dict) -> None:
-    """Write JSON atomically (rank 0 only)."""
-    if not distributed.is_main():
-        return
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text(json.dumps(payload, indent=2, default=float) + "\n")
-    tmp.replace(path)

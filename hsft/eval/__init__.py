@@ -4,10 +4,10 @@
     summary = evaluate_model(model, samples, EvalConfig(), out_dir=Path("out"), tb=tb, tag="eval")
     summary["paths"]["generate"]["dice"], summary["generate"]["seg_rate"], summary["discrepancy"]
 
-Modules: paths (running the forward / prompt / generate paths), scoring (metrics at the original
+Modules: seg_paths (running the forward / prompt / generate [SEG] paths), inference (the one sharded generate-and-score pass), scoring (metrics at the original
 resolution through hsft.ops + hsft.metrics), summary + statistics (aggregates, paired bootstrap,
 flips), report (eval.json / eval.md / per_sample.csv), overlays (pictures), compare (checkpoint
-comparison), predict (masks for image files), commands (the two launch scripts' bodies).
+comparison), predict (masks for image files), cli (what launch/evaluate.py and launch/predict.py run).
 """
 
 from hsft.eval.compare import compare_summaries, format_comparison, write_comparison

@@ -10,14 +10,14 @@ from pathlib import Path
 
 import numpy as np
 from PIL import Image
-from tqdm import tqdm
 
 from hsft.config import EvalConfig
 from hsft.data import Sample
 from hsft.engine import distributed
 from hsft.engine.tensorboard import TBWriter
+from hsft.eval.inference import sharded_map
 from hsft.eval.overlays import ERROR_LEGEND, Panel, compose, error_map, save_png, tint
-from hsft.eval.paths import measure_batch, run_paths
+from hsft.eval.seg_paths import measure_batch, run_paths
 from hsft.eval.records import PATHS, SampleRecord
 from hsft.eval.report import format_summary_table, write_report
 from hsft.eval.scoring import binary_mask
@@ -50,21 +50,6 @@ def _check_samples(samples: Sequence[Sample]) -> None:
     if duplicates:
         # Ids key the per-sample tables, the flip list and checkpoint comparisons.
         raise ValueError(f"samples: ids must be unique; repeated: {duplicates[:10]}")
-
-
-def _evaluate_shard(model, samples: Sequence[Sample], indices: Sequence[int], cfg: EvalConfig, logits_processor,
-                    desc: str) -> list[SampleRecord]:
-    records: list[SampleRecord] = []
-    with tqdm(total=len(indices), desc=desc, unit="img", disable=not distributed.is_main(),
-              dynamic_ncols=True) as progress:
-        for start in range(0, len(indices), cfg.batch_size):
-            chunk = list(indices[start:start + cfg.batch_size])
-            batch = [samples[i] for i in chunk]
-            outputs = run_paths(model, [s.image for s in batch], max_new_tokens=cfg.max_new_tokens,
-                                logits_processor=logits_processor)
-            records.extend(measure_batch(outputs, batch, chunk))
-            progress.update(len(chunk))
-    return records
 
 
 def _file_safe(sample_id: str) -> str:
@@ -164,12 +149,12 @@ def evaluate_model(model, samples: list[Sample], cfg: EvalConfig, *, out_dir: Pa
     was_training = net.training
     net.eval()
     try:
-        mine = distributed.shard(list(range(len(samples))))
-        local = _evaluate_shard(net, samples, mine, cfg, logits_processor, desc=tag)
-        records = sorted((r for part in distributed.all_gather_objects(local) for r in part), key=lambda r: r.index)
-        if [r.index for r in records] != list(range(len(samples))):
-            raise RuntimeError(f"evaluation gathered {len(records)} records for {len(samples)} samples; the ranks "
-                               "did not evaluate the same sample list")
+        def run_batch(batch: list[Sample], indices: list[int]) -> list[SampleRecord]:
+            outputs = run_paths(net, [s.image for s in batch], max_new_tokens=cfg.max_new_tokens,
+                                logits_processor=logits_processor)
+            return measure_batch(outputs, batch, indices)
+
+        records = sharded_map(samples, cfg.batch_size, run_batch, desc=tag)
         summary = build_summary(records, cfg, tag=tag, step=step, title=title)
         draw = distributed.is_main() and (out_dir is not None or (tb is not None and tb.enabled))
         if draw:

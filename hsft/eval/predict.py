@@ -22,7 +22,7 @@ from hsft.data import DatasetError
 from hsft.data.imageio import image_stem, read_rgb
 from hsft.eval.errors import InputError
 from hsft.eval.evaluator import unwrap_model
-from hsft.eval.paths import as_processor_list
+from hsft.eval.seg_paths import as_processor_list
 from hsft.eval.overlays import PREDICTION_COLOUR, save_png, tint
 from hsft.eval.report import visible_text, write_text
 from hsft.eval.scoring import binary_mask

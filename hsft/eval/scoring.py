@@ -16,7 +16,7 @@ from hsft import metrics
 from hsft.eval.records import PathScores
 from hsft.ops import mask_stats, upsample_masks
 
-__all__ = ["score_logits", "binary_mask"]
+__all__ = ["confusion_counts", "score_logits", "binary_mask"]
 
 
 def _as_batch(mask: np.ndarray | Tensor, device: torch.device) -> Tensor:
@@ -24,8 +24,9 @@ def _as_batch(mask: np.ndarray | Tensor, device: torch.device) -> Tensor:
     return tensor.to(device=device, dtype=torch.bool)[None]
 
 
-def score_logits(logits: Tensor, target: np.ndarray | Tensor, fov: np.ndarray | Tensor | None) -> PathScores:
-    """Metrics of (logits > 0 after upsampling to target's (H, W)) against `target`.
+def confusion_counts(logits: Tensor, target: np.ndarray | Tensor, fov: np.ndarray | Tensor | None) -> Tensor:
+    """(1, 4) counts (tp, fp, fn, tn) of (logits > 0 after upsampling to target's (H, W)) against
+    `target`, on the logits' device: the target and FOV go to the logits, never the reverse.
 
     logits: (h, w) low-resolution logits of one sample; target: (H, W) bool; fov: (H, W) bool or
     None (then every pixel counts).
@@ -40,7 +41,13 @@ def score_logits(logits: Tensor, target: np.ndarray | Tensor, fov: np.ndarray | 
         fov_pixels = fov_batch.sum(dim=(1, 2))
     else:
         fov_pixels = torch.tensor([target_batch[0].numel()], device=device)
-    counts = metrics.counts_from_stats(stats, fov_pixels)
+    return metrics.counts_from_stats(stats, fov_pixels)
+
+
+def score_logits(logits: Tensor, target: np.ndarray | Tensor, fov: np.ndarray | Tensor | None) -> PathScores:
+    """Metrics of (logits > 0 after upsampling to target's (H, W)) against `target` (see confusion_counts):
+    the one definition of a sample's Dice that mining, DPO pairs, validation and evaluation share."""
+    counts = confusion_counts(logits, target, fov)
     values = metrics.per_image_metrics(counts)
     tp, fp, fn, tn = (int(v) for v in counts[0].tolist())
     return PathScores(

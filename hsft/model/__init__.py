@@ -16,6 +16,9 @@ _EXPORTS = {
     "ModelConfig": "hsft.model.config",
     "PromptConfig": "hsft.model.config",
     "build_model": "hsft.model.build",
+    "load_model": "hsft.model.checkpoint",
+    "save_model": "hsft.model.checkpoint",
+    "is_model_directory": "hsft.model.checkpoint",
     "ImageBatch": "hsft.model.images",
     "TokenBatch": "hsft.model.chat",
     "SamFeatures": "hsft.model.features",
@@ -28,6 +31,7 @@ __all__ = list(_EXPORTS)
 
 if TYPE_CHECKING:
     from hsft.model.build import build_model
+    from hsft.model.checkpoint import is_model_directory, load_model, save_model
     from hsft.model.chat import TokenBatch
     from hsft.model.config import ModelConfig, PromptConfig
     from hsft.model.features import SamFeatures

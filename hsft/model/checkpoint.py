@@ -21,6 +21,7 @@ import json
 import os
 from dataclasses import asdict
 
+import torch
 from safetensors.torch import load_file, save_file
 
 from hsft.model.build import load_sam2, load_vlm, torch_dtype
@@ -43,7 +44,9 @@ def is_model_directory(directory: str | os.PathLike) -> bool:
     return os.path.isfile(os.path.join(directory, META_FILE))
 
 
-def save_model(model: Sa2VAModel, directory: str) -> None:
+def save_model(model: Sa2VAModel, directory: str | os.PathLike) -> None:
+    """Write the whole composite to `directory` (the layout above); the metadata file goes last."""
+    directory = os.fspath(directory)
     os.makedirs(directory, exist_ok=True)
     meta_path = os.path.join(directory, META_FILE)
     if os.path.exists(meta_path):
@@ -90,9 +93,15 @@ def _read_meta(directory: str) -> dict:
     return meta
 
 
-def load_model(directory: str, *, dtype: str | None = None) -> Sa2VAModel:
-    """The model saved in `directory`, in eval mode, in its saved dtype unless `dtype` is given."""
+def load_model(directory: str | os.PathLike, *, device: torch.device | str = "cpu",
+               dtype: str | torch.dtype | None = None) -> Sa2VAModel:
+    """The model saved in `directory`, in eval mode, on `device`, in its saved dtype unless `dtype` is
+    given (a name such as "float32" or a torch.dtype). Every place that reads a model directory calls
+    this."""
+    directory = os.fspath(directory)
     meta = _read_meta(directory)
+    if isinstance(dtype, torch.dtype):
+        dtype = str(dtype).removeprefix("torch.")
     target = torch_dtype(dtype if dtype is not None else meta["dtype"])
     vlm, tokenizer, _ = load_vlm(os.path.join(directory, VLM_DIR), target, where=f"{directory}/{VLM_DIR}")
     sam2, _ = load_sam2(os.path.join(directory, SAM2_DIR), target, where=f"{directory}/{SAM2_DIR}")
@@ -105,4 +114,4 @@ def load_model(directory: str, *, dtype: str | None = None) -> Sa2VAModel:
         model.text_hidden_fcs.load_state_dict(load_file(fcs_path), strict=True)
     except RuntimeError as err:
         raise ValueError(f"{fcs_path}: does not match the model's text_hidden_fcs ({err})") from err
-    return model.to(target).eval()
+    return model.to(device=device, dtype=target).eval()

@@ -32,24 +32,26 @@ class SamFeatures:
     def __len__(self) -> int:
         return int(self.image_embedding.shape[0])
 
-    def _map(self, fn) -> SamFeatures:
+    def map(self, fn) -> SamFeatures:
+        """`fn` applied to every tensor."""
         return SamFeatures(*(fn(getattr(self, f.name)) for f in fields(self)))
 
-    def to(self, device: torch.device | str | None = None, dtype: torch.dtype | None = None) -> SamFeatures:
-        return self._map(lambda t: t.to(device=device, dtype=dtype))
+    def to(self, device: torch.device | str | None = None, dtype: torch.dtype | None = None, *,
+           non_blocking: bool = False) -> SamFeatures:
+        return self.map(lambda t: t.to(device=device, dtype=dtype, non_blocking=non_blocking))
 
     def detach(self) -> SamFeatures:
-        return self._map(Tensor.detach)
+        return self.map(Tensor.detach)
 
     def index(self, i: int) -> SamFeatures:
         """Sample i as a batch of one (the batch dimension is kept)."""
         if not -len(self) <= i < len(self):
             raise IndexError(f"sample index {i} out of range for a batch of {len(self)}")
-        return self._map(lambda t: t[i:i + 1])
+        return self.map(lambda t: t[i:i + 1])
 
     def select(self, indices: Sequence[int]) -> SamFeatures:
         rows = [int(i) for i in indices]
-        return self._map(lambda t: t[rows])
+        return self.map(lambda t: t[rows])
 
     @staticmethod
     def cat(items: Sequence[SamFeatures]) -> SamFeatures:

@@ -419,17 +419,3 @@ class Sa2VAModel(nn.Module):
         counts = {part: sum(p.numel() for p in params) for part, params in self.trainable_groups().items()}
         counts["total"] = sum(counts.values())
         return counts
-
-    # ------------------------------------------------------------------ persistence
-    def save_pretrained(self, directory: str) -> None:
-        """Write the whole composite (see hsft.model.checkpoint for the layout)."""
-        from hsft.model.checkpoint import save_model
-
-        save_model(self, directory)
-
-    @classmethod
-    def from_pretrained(cls, directory: str, *, dtype: str | None = None) -> Sa2VAModel:
-        """Load a directory written by save_pretrained (in its saved dtype unless `dtype` is given)."""
-        from hsft.model.checkpoint import load_model
-
-        return load_model(directory, dtype=dtype)

@@ -16,10 +16,16 @@ import shutil
 from dataclasses import asdict
 from pathlib import Path
 
-from hsft.config import BaseStageConfig, DataConfig, MiningConfig, ModelConfig
+import torch
+
+from hsft.config import BaseStageConfig, DataConfig, ModelConfig
 from hsft.data import Sample, synthetic_pool
 from hsft.engine import distributed
+from hsft.engine.context import RunContext
+from hsft.engine.tensorboard import TBWriter
+from hsft.model import build_model
 from hsft.stages.objective import SegObjective, SegTask
+from hsft.stages.training import StageResult, Validation, is_complete, model_dir, train_stage
 
 CACHE_FORMAT = 1
 
@@ -40,9 +46,8 @@ def cache_key(cfg: BaseStageConfig, model_cfg: ModelConfig, data_cfg: DataConfig
 class BaseTask(SegTask):
     name = "base"
 
-    def __init__(self, model, pool: list[Sample], cfg: BaseStageConfig, val_samples: list[Sample],
-                 mining: MiningConfig):
-        super().__init__(model, pool, val_samples, mining)
+    def __init__(self, model, pool: list[Sample], cfg: BaseStageConfig, validation: Validation):
+        super().__init__(model, pool, validation)
         self.cfg = cfg
         model.set_trainable({"vision", "projector", "llm", "text_hidden_fcs", "sam2_encoder", "mask_decoder"})
         self.module = SegObjective(model, lm_weight=1.0, mask_weight=cfg.mask_loss_weight)
@@ -55,9 +60,34 @@ def pool_for(cfg: BaseStageConfig, data_cfg: DataConfig, seed: int) -> tuple[lis
     return pool[:cfg.pool_size], pool[cfg.pool_size:]
 
 
-def copy_cached(cached: Path, dest: Path) -> None:
+def run(ctx: RunContext, cfg: BaseStageConfig, start: Path | None) -> StageResult:
+    """Pre-train the embedded tiny model (or reuse the cached pre-training) into `<out>/base/`."""
+    if start is not None:
+        raise ValueError("stage 'base' pre-trains the embedded tiny model from scratch; it takes no input model")
+    run_cfg = ctx.cfg
+    # The stand-in pre-training has its own precision (fp32 by default: bf16 is slow on CPUs).
+    base_ctx = ctx.with_precision(cfg.precision or ctx.precision)
+    cached = cache_root(cfg) / f"base-{cache_key(cfg, run_cfg.model, run_cfg.data, ctx.seed, base_ctx.precision)}"
+    if not is_complete(cached):
+        if distributed.is_main():
+            print(f"[base] pre-training the embedded tiny model (cached afterwards under {cached})")
+        pool, held = pool_for(cfg, run_cfg.data, ctx.seed)
+        torch.manual_seed(ctx.seed)
+        task = BaseTask(build_model(run_cfg.model, seed=ctx.seed), pool, cfg,
+                        Validation(held, run_cfg.mining.batch_size, run_cfg.mining.max_new_tokens))
+        # Train inside the cache directory itself, so an interrupted pre-training resumes with --resume; the
+        # run-wide step starts at 0 there, so every run that reuses the cache continues from the same step.
+        base_ctx.global_step = 0
+        train_stage(base_ctx, task, cfg.train, stage_dir=cached, tb=TBWriter(None),
+                    load_input_model=lambda: build_model(run_cfg.model, seed=ctx.seed))
+        if distributed.is_main():
+            shutil.rmtree(cached / "checkpoints", ignore_errors=True)  # the weights are what is reused
+    elif distributed.is_main():
+        print(f"[base] reusing the pre-trained embedded model cached at {cached}")
+    stage_dir = ctx.stage_dir("base")
     if distributed.is_main():
-        if dest.exists():
-            shutil.rmtree(dest)
-        shutil.copytree(cached, dest)
+        if stage_dir.exists():
+            shutil.rmtree(stage_dir)
+        shutil.copytree(cached, stage_dir)
     distributed.barrier()
+    return StageResult(model_dir=model_dir(stage_dir), summary={"cache": str(cached)})

@@ -7,7 +7,7 @@ from dataclasses import dataclass
 import torch
 
 from hsft.data import Sample
-from hsft.losses import dice_bce_loss
+from hsft.ops import dice_bce_loss
 
 
 @dataclass
@@ -20,11 +20,17 @@ class SegBatch:
     masks: list[torch.Tensor]  # each (H, W) bool at the sample's original size
 
 
-def make_seg_batch(model, samples: list[Sample], *, form: str, dtype: torch.dtype) -> SegBatch:
-    images = model.preprocess([s.image for s in samples]).to(dtype=dtype)
-    tokens = model.tokenize(len(samples), form=form)
-    masks = [torch.from_numpy(s.mask) for s in samples]
-    return SegBatch(ids=[s.id for s in samples], images=images, tokens=tokens, masks=masks)
+def make_seg_batch(model, samples: list[Sample], *, form: str, dtype: torch.dtype, device: torch.device) -> SegBatch:
+    """The teacher-forced micro-batch of `samples`, every tensor on `device` (the rank's accelerator),
+    pixels in `dtype`."""
+    images = model.preprocess([s.image for s in samples]).to(device=device, dtype=dtype)
+    tokens = model.tokenize(len(samples), form=form).to(device)
+    return SegBatch(ids=[s.id for s in samples], images=images, tokens=tokens, masks=masks_on(samples, device))
+
+
+def masks_on(samples: list[Sample], device: torch.device) -> list[torch.Tensor]:
+    """The samples' full-resolution ground-truth masks on `device`, where the logits they meet live."""
+    return [torch.from_numpy(s.mask).to(device) for s in samples]
 
 
 def mask_loss_per_sample(logits: torch.Tensor, masks: list[torch.Tensor], *, bce_weight: float,
@@ -43,6 +49,6 @@ def mask_loss_per_sample(logits: torch.Tensor, masks: list[torch.Tensor], *, bce
         parts.append((idx, dice_bce_loss(logits[idx], target, bce_weight=bce_weight, eps=eps, reduction="none")))
     if len(parts) == 1:
         return parts[0][1]
-    order = torch.tensor([i for idx, _ in parts for i in idx])
+    order = torch.tensor([i for idx, _ in parts for i in idx], device=logits.device)
     losses = torch.cat([loss for _, loss in parts])
     return losses[torch.argsort(order)]

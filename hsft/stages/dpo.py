@@ -21,28 +21,25 @@ trains nothing.
 
 from __future__ import annotations
 
-import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
 from torch import nn
-from tqdm import tqdm
 
-from hsft import metrics
-from hsft.config import DPOStageConfig, MiningConfig, RunConfig
+from hsft.config import DPOStageConfig
 from hsft.data import Sample
 from hsft.engine import distributed
-from hsft.engine.loop import write_json
-from hsft.losses import dpo_loss, mask_pair_logps
-from hsft.model import Sa2VAModel
-from hsft.ops import upsample_masks
-from hsft.stages.mining import validation_metrics
+from hsft.engine.context import RunContext
+from hsft.engine.files import write_json
+from hsft.eval.inference import generate_and_score
+from hsft.model import Sa2VAModel, load_model
+from hsft.stages.mask_dpo import dpo_loss, mask_pair_logps
 from hsft.stages.objective import FeatureCache
-from hsft.stages.runner import StageContext, model_dir, run_training_stage, training_dtype
+from hsft.stages.training import StageResult, Validation, model_dir, pass_model_on, train_stage
 
-__all__ = ["TRAINABLE", "MaskPair", "PairBatch", "MaskDPOObjective", "DPOTask", "inference_pairs", "run_dpo"]
+__all__ = ["TRAINABLE", "MaskPair", "PairBatch", "MaskDPOObjective", "DPOTask", "inference_pairs", "run"]
 
 TRAINABLE = {"text_hidden_fcs", "mask_decoder"}
 # Where [SEG] sits in the teacher-forced input whose hidden state the policy decodes: in the response,
@@ -106,37 +103,16 @@ class MaskDPOObjective(nn.Module):
         return losses.mean(), terms
 
 
-@torch.no_grad()
 def inference_pairs(model: Sa2VAModel, samples: list[Sample], *, pair_threshold: float, batch_size: int,
                     max_new_tokens: int) -> tuple[list[MaskPair], list[MaskPair]]:
     """(kept pairs, every sample's pair) from the generate path, in the order of `samples`.
 
-    The work is sharded over ranks and gathered, so every rank holds every pair (any rank may be
-    handed any pair by the loop). Masks travel bit-packed.
+    The one inference pass (sharded over ranks and gathered) provides every sample's Dice and predicted
+    mask, so every rank holds every pair (any rank may be handed any pair by the loop).
     """
-    model.eval()
-    dtype = next(model.parameters()).dtype
-    mine = distributed.shard(samples)
-    local: list[tuple[str, float, bool, bytes]] = []
-    for start in tqdm(range(0, len(mine), batch_size), desc="dpo pairs", disable=not distributed.is_main(),
-                      dynamic_ncols=True):
-        chunk = mine[start:start + batch_size]
-        generated = model.generate_seg(model.preprocess([s.image for s in chunk]).to(dtype=dtype),
-                                       max_new_tokens=max_new_tokens)
-        for i, sample in enumerate(chunk):
-            predicted = upsample_masks(generated.mask_logits[i:i + 1].float(), sample.size, threshold=0.0)
-            target = torch.from_numpy(sample.mask)[None]
-            fov = torch.from_numpy(sample.fov)[None] if sample.fov is not None else None
-            dice = float(metrics.dice_from_masks(predicted.cpu(), target, fov)[0])
-            packed = np.packbits(predicted[0].cpu().numpy()).tobytes()
-            local.append((sample.id, dice, bool(generated.seg_emitted[i]), packed))
-    by_id = {row[0]: row for part in distributed.all_gather_objects(local) for row in part}
-    pairs = []
-    for sample in samples:
-        _, dice, emitted, packed = by_id[sample.id]
-        height, width = sample.size
-        bits = np.unpackbits(np.frombuffer(packed, dtype=np.uint8), count=height * width)
-        pairs.append(MaskPair(sample, bits.reshape(height, width).astype(bool), dice, emitted))
+    scored = generate_and_score(model, samples, batch_size=batch_size, max_new_tokens=max_new_tokens,
+                                desc="dpo pairs", keep_masks=True)
+    pairs = [MaskPair(sample, s.mask(sample.size), s.dice, s.seg_emitted) for sample, s in zip(samples, scored)]
     return [p for p in pairs if p.dice < pair_threshold], pairs
 
 
@@ -147,12 +123,11 @@ class DPOTask:
 
     name = "dpo"
 
-    def __init__(self, model: Sa2VAModel, pairs: list[MaskPair], cfg: DPOStageConfig, val_samples: list[Sample],
-                 mining: MiningConfig, *, reference_batch: int = 8):
+    def __init__(self, model: Sa2VAModel, pairs: list[MaskPair], cfg: DPOStageConfig, validation: Validation, *,
+                 reference_batch: int = 8):
         if not pairs:
             raise ValueError("dpo: no preference pairs (no training prediction has Dice < pair_threshold)")
-        self.model, self.pairs, self.cfg = model, pairs, cfg
-        self.val_samples, self.mining = val_samples, mining
+        self.model, self.pairs, self.cfg, self.validation = model, pairs, cfg, validation
         model.set_trainable(TRAINABLE)
         self.module = MaskDPOObjective(model, cfg)
         self.cache = FeatureCache(model, SEG_FORM)
@@ -167,9 +142,10 @@ class DPOTask:
         reference: dict[str, tuple[float, float]] = {}
         for start in range(0, len(self.pairs), batch_size):
             chunk = self.pairs[start:start + batch_size]
-            cached = self.cache.batch([p.sample for p in chunk], self.dtype)
+            cached = self.cache.batch([p.sample for p in chunk], self.dtype, self.model.device)
             logits = self.model.decode_masks(cached.sam_features, cached.seg_hidden)
-            chosen, rejected = mask_pair_logps(logits, cached.masks, [torch.from_numpy(p.rejected) for p in chunk],
+            chosen, rejected = mask_pair_logps(logits, cached.masks, [torch.from_numpy(p.rejected).to(logits.device)
+                                                                      for p in chunk],
                                                normalisation=self.cfg.normalisation)
             for pair, c, r in zip(chunk, chosen.tolist(), rejected.tolist()):
                 reference[pair.sample.id] = (c, r)
@@ -179,21 +155,20 @@ class DPOTask:
     def __len__(self) -> int:
         return len(self.pairs)
 
-    def make_batch(self, indices: list[int], dtype: torch.dtype) -> PairBatch:
+    def make_batch(self, indices: list[int], dtype: torch.dtype, device: torch.device) -> PairBatch:
         chunk = [self.pairs[i] for i in indices]
-        cached = self.cache.batch([p.sample for p in chunk], dtype)
+        cached = self.cache.batch([p.sample for p in chunk], dtype, device)
         reference = [self.reference[p.sample.id] for p in chunk]
         return PairBatch(
             ids=cached.ids, sam_features=cached.sam_features, seg_hidden=cached.seg_hidden, chosen=cached.masks,
-            rejected=[torch.from_numpy(p.rejected) for p in chunk],
-            reference_chosen=torch.tensor([c for c, _ in reference], dtype=torch.float32),
-            reference_rejected=torch.tensor([r for _, r in reference], dtype=torch.float32),
-            margin=torch.tensor([p.margin for p in chunk], dtype=torch.float32),
+            rejected=[torch.from_numpy(p.rejected).to(device) for p in chunk],
+            reference_chosen=torch.tensor([c for c, _ in reference], dtype=torch.float32, device=device),
+            reference_rejected=torch.tensor([r for _, r in reference], dtype=torch.float32, device=device),
+            margin=torch.tensor([p.margin for p in chunk], dtype=torch.float32, device=device),
         )
 
     def evaluate(self, module) -> dict[str, float]:
-        """Validation Dice and [SEG] rate of the inference path (generate), as the final evaluation measures it."""
-        return validation_metrics(module.model, self.val_samples, self.mining)
+        return self.validation(module.model)
 
     def client_state(self) -> dict:
         return {"pair_ids": [p.sample.id for p in self.pairs]}
@@ -206,46 +181,36 @@ def _write_pairs(path: Path, kept: list[MaskPair], every: list[MaskPair], thresh
     write_json(path, {"pair_threshold": threshold, "pairs": len(kept), "samples": len(every), "rows": rows})
 
 
-def run_dpo(cfg: RunConfig, ctx: StageContext, start: Path, splits) -> Path:
-    """Stage 2 from the model directory `start` (stage 1's model/); returns this stage's model/."""
+def run(ctx: RunContext, cfg: DPOStageConfig, start: Path | None) -> StageResult:
+    """Stage 2 from the model directory `start` (stage 1's model/)."""
     if start is None:
-        raise ValueError("dpo: needs a starting model directory (--start, or an earlier stage)")
+        raise ValueError("dpo: needs a starting model directory (--model, or an earlier stage)")
     start = Path(start)
     stage_dir = ctx.stage_dir("dpo")
-    model = Sa2VAModel.from_pretrained(str(start), dtype="float32")
-    kept, every = inference_pairs(model, splits.train, pair_threshold=cfg.dpo.pair_threshold,
-                                  batch_size=cfg.mining.batch_size, max_new_tokens=cfg.mining.max_new_tokens)
-    _write_pairs(stage_dir / "pairs.json", kept, every, cfg.dpo.pair_threshold)
-    summary = {"pairs": len(kept), "samples": len(every), "pair_threshold": cfg.dpo.pair_threshold,
-               "loss": cfg.dpo.loss, "beta": cfg.dpo.beta, "normalisation": cfg.dpo.normalisation}
+    mining = ctx.cfg.mining
+    model = load_model(start, device=ctx.device, dtype="float32")
+    kept, every = inference_pairs(model, ctx.splits.train, pair_threshold=cfg.pair_threshold,
+                                  batch_size=mining.batch_size, max_new_tokens=mining.max_new_tokens)
+    _write_pairs(stage_dir / "pairs.json", kept, every, cfg.pair_threshold)
+    summary = {"pairs": len(kept), "samples": len(every), "pair_threshold": cfg.pair_threshold,
+               "loss": cfg.loss, "beta": cfg.beta, "normalisation": cfg.normalisation}
+    note = (f"- DPO: {len(kept)} preference pairs of {len(every)} training samples (Dice < {cfg.pair_threshold}), "
+            f"{cfg.loss} loss, beta {cfg.beta}, {cfg.normalisation} normalisation")
     if distributed.is_main():
-        print(f"[dpo] {len(kept)} of {len(every)} training predictions have Dice < {cfg.dpo.pair_threshold}: "
+        print(f"[dpo] {len(kept)} of {len(every)} training predictions have Dice < {cfg.pair_threshold}: "
               f"{len(kept)} preference pairs")
-
     if not kept:
-        message = (f"no preference pair: every training prediction has Dice >= pair_threshold "
-                   f"{cfg.dpo.pair_threshold}; DPO skipped, the input model is passed on unchanged "
-                   "(raise --dpo-pair-threshold to train)")
-        if distributed.is_main():
-            print(f"[dpo] {message}")
-            if model_dir(stage_dir).exists():
-                shutil.rmtree(model_dir(stage_dir))
-            shutil.copytree(start, model_dir(stage_dir))
-            write_json(stage_dir / "metrics.json", {"stage": "dpo", "skipped": True, "reason": message,
-                                                    "samples": 0, "optimizer_steps": 0,
-                                                    "global_step_end": ctx.global_step, **summary})
-        distributed.barrier()
-        ctx.results["dpo"] = {**summary, "skipped": True, "reason": message}
-        return model_dir(stage_dir)
+        reason = (f"no preference pair: every training prediction has Dice >= pair_threshold {cfg.pair_threshold}; "
+                  "DPO skipped, the input model is passed on unchanged (raise --dpo-pair-threshold to train)")
+        result = pass_model_on(ctx, "dpo", start, reason, summary)
+        result.notes = [note + " -- skipped: no pair"]
+        return result
 
     # The reference log-likelihoods are computed in the dtype the policy trains in, so that at step 0 the
     # policy is the reference exactly; casting here also gives the buffers the parameters' dtype, which
     # DeepSpeed's own bf16 cast (parameters only) does not.
-    model = model.to(training_dtype(ctx))
-    task = DPOTask(model, kept, cfg.dpo, splits.val, cfg.mining, reference_batch=cfg.mining.batch_size)
-    result = run_training_stage(ctx, task, cfg.dpo.train,
-                                load_input_model=lambda: Sa2VAModel.from_pretrained(str(start), dtype="float32"))
-    ctx.results["dpo"] = {**summary, "skipped": False, "optimizer_steps": result["optimizer_steps"],
-                          "epochs": result["epochs"]}
-    return model_dir(stage_dir)
-
+    model = model.to(ctx.dtype)
+    task = DPOTask(model, kept, cfg, Validation.of(ctx), reference_batch=mining.batch_size)
+    trained = train_stage(ctx, task, cfg.train, load_input_model=lambda: load_model(start, dtype="float32"))
+    summary.update(skipped=False, optimizer_steps=trained.optimizer_steps, epochs=trained.epoch_metrics)
+    return StageResult(model_dir=model_dir(stage_dir), summary=summary, notes=[note])

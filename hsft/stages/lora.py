@@ -24,11 +24,12 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
-from hsft.config import LoraStageConfig, MiningConfig, RunConfig
+from hsft.config import LoraStageConfig
 from hsft.data import Sample
-from hsft.model import Sa2VAModel
+from hsft.engine.context import RunContext
+from hsft.model import Sa2VAModel, load_model, save_model
 from hsft.stages.objective import SegObjective, SegTask
-from hsft.stages.runner import StageContext, model_dir, run_training_stage, training_dtype
+from hsft.stages.training import StageResult, Validation, model_dir, train_stage
 
 __all__ = [
     "ATTENTION_PROJECTIONS",
@@ -40,7 +41,7 @@ __all__ = [
     "adapted_modules",
     "LoraTask",
     "LoraExport",
-    "run_lora",
+    "run",
 ]
 
 ATTENTION_PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj")
@@ -100,9 +101,8 @@ class LoraTask(SegTask):
 
     name = "lora"
 
-    def __init__(self, model: Sa2VAModel, samples: list[Sample], cfg: LoraStageConfig, val_samples: list[Sample],
-                 mining: MiningConfig):
-        super().__init__(model, samples, val_samples, mining)
+    def __init__(self, model: Sa2VAModel, samples: list[Sample], cfg: LoraStageConfig, validation: Validation):
+        super().__init__(model, samples, validation)
         self.cfg = cfg
         # text_hidden_fcs only sits on the mask path: with the CE-only recipe (weight 0) no gradient
         # reaches it and training it would only apply weight decay, so it stays frozen then.
@@ -124,7 +124,7 @@ class LoraExport:
         self._peft = None
 
     def load_input_model(self) -> Sa2VAModel:
-        model = Sa2VAModel.from_pretrained(str(self.start), dtype="float32")
+        model = load_model(self.start, dtype="float32")
         model.set_trainable({"text_hidden_fcs"} if self.cfg.mask_loss_weight > 0 else set())
         self._peft = attach_lora(model, self.cfg)
         # The adapter is for the VLM this stage started from; record where it lives.
@@ -143,31 +143,32 @@ class LoraExport:
             save_file(non_lora, str(stage_dir / NON_LORA_FILE))
         model.vlm = self._peft.merge_and_unload()
         self._peft = None
-        model.save_pretrained(str(model_dir(stage_dir)))
+        save_model(model, model_dir(stage_dir))
 
 
-def run_lora(cfg: RunConfig, ctx: StageContext, start: Path, splits) -> Path:
-    """Stage 1 from the model directory `start`; returns the merged model directory DPO reads."""
+def run(ctx: RunContext, cfg: LoraStageConfig, start: Path | None) -> StageResult:
+    """Stage 1 from the model directory `start`; its result is the merged model directory DPO reads."""
     if start is None:
-        raise ValueError("lora: needs a starting model directory (--start, or an earlier stage)")
+        raise ValueError("lora: needs a starting model directory (--model, or an earlier stage)")
     start = Path(start)
     # Cast to the training dtype up front: DeepSpeed's bf16 cast converts parameters only, and the float32
     # buffers left behind (SAM2's positional encoding) would meet bf16 weights. The export starts again
     # from the float32 input model and the float32 master weights, so nothing is lost.
-    model = Sa2VAModel.from_pretrained(str(start), dtype="float32").to(training_dtype(ctx))
-    task = LoraTask(model, splits.train, cfg.lora, splits.val, cfg.mining)
-    exporter = LoraExport(start, cfg.lora)
-    summary = run_training_stage(ctx, task, cfg.lora.train, load_input_model=exporter.load_input_model,
-                                 export=exporter.export)
+    model = load_model(start, device=ctx.device, dtype=ctx.dtype)
+    task = LoraTask(model, ctx.splits.train, cfg, Validation.of(ctx))
+    exporter = LoraExport(start, cfg)
+    result = train_stage(ctx, task, cfg.train, load_input_model=exporter.load_input_model, export=exporter.export)
     stage_dir = ctx.stage_dir("lora")
-    ctx.results["lora"] = {
+    summary = {
         "samples": len(task),
         "adapted_modules": len(adapted_modules(model.vlm)),
-        "rank": cfg.lora.rank,
-        "alpha": cfg.lora.alpha,
-        "mask_loss_weight": cfg.lora.mask_loss_weight,
+        "rank": cfg.rank,
+        "alpha": cfg.alpha,
+        "mask_loss_weight": cfg.mask_loss_weight,
         "adapter": str(stage_dir / ADAPTER_DIR),
-        "optimizer_steps": summary["optimizer_steps"],
-        "epochs": summary["epochs"],
+        "optimizer_steps": result.optimizer_steps,
+        "epochs": result.epoch_metrics,
     }
-    return model_dir(stage_dir)
+    note = (f"- LoRA: r {cfg.rank}, alpha {cfg.alpha} on {summary['adapted_modules']} language-model projections, "
+            f"{result.optimizer_steps} optimizer steps on {len(task)} samples")
+    return StageResult(model_dir=model_dir(stage_dir), summary=summary, notes=[note])

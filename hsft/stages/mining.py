@@ -12,15 +12,14 @@ import math
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-import torch
-from tqdm import tqdm
-
-from hsft import metrics
 from hsft.config import DICE_BUCKETS, MiningConfig
 from hsft.data import Sample
 from hsft.engine import distributed
+from hsft.engine.context import RunContext
 from hsft.engine.tensorboard import TBWriter
-from hsft.ops import mask_stats
+from hsft.eval.inference import generate_and_score
+from hsft.model import load_model
+from hsft.stages.training import StageResult
 
 
 @dataclass
@@ -57,43 +56,10 @@ def bucket_table(dices: list[float]) -> list[dict]:
     return rows
 
 
-@torch.no_grad()
-def per_sample_dice(model, samples: list[Sample], *, batch_size: int, max_new_tokens: int,
-                    desc: str = "mining") -> list[tuple[str, float, bool]]:
-    """(id, Dice of the generate path at original resolution inside the FOV, [SEG] emitted) per sample,
-    for this rank's shard of `samples`."""
-    model.eval()
-    dtype = next(model.parameters()).dtype
-    mine = distributed.shard(samples)
-    out: list[tuple[str, float, bool]] = []
-    for start in tqdm(range(0, len(mine), batch_size), desc=desc, disable=not distributed.is_main(),
-                      dynamic_ncols=True):
-        chunk = mine[start:start + batch_size]
-        generated = model.generate_seg(model.preprocess([s.image for s in chunk]).to(dtype=dtype),
-                                       max_new_tokens=max_new_tokens)
-        for i, sample in enumerate(chunk):
-            target = torch.from_numpy(sample.mask)[None]
-            fov = torch.from_numpy(sample.fov)[None] if sample.fov is not None else None
-            stats = mask_stats(generated.mask_logits[i:i + 1].float(), target, fov=fov)
-            fov_pixels = fov.sum(dim=(1, 2)) if fov is not None else torch.tensor([target[0].numel()])
-            dice = metrics.per_image_metrics(metrics.counts_from_stats(stats, fov_pixels))["dice"][0]
-            out.append((sample.id, float(dice), bool(generated.seg_emitted[i])))
-    return out
-
-
-def validation_metrics(model, samples: list[Sample], cfg: MiningConfig) -> dict[str, float]:
-    """End-of-epoch metrics every stage logs: mean Dice and [SEG] rate of the inference path (generate)
-    on the validation split, sharded over ranks; {} without a validation split."""
-    if not samples:
-        return {}
-    local = per_sample_dice(model, samples, batch_size=cfg.batch_size, max_new_tokens=cfg.max_new_tokens, desc="val")
-    rows = [row for part in distributed.all_gather_objects(local) for row in part]
-    return {"val_dice": sum(r[1] for r in rows) / len(rows), "val_seg_rate": sum(r[2] for r in rows) / len(rows)}
-
-
 def mine_hard_samples(model, train_samples: list[Sample], cfg: MiningConfig) -> MiningResult:
-    local = per_sample_dice(model, train_samples, batch_size=cfg.batch_size, max_new_tokens=cfg.max_new_tokens)
-    gathered = [row for part in distributed.all_gather_objects(local) for row in part]
+    scored = generate_and_score(model, train_samples, batch_size=cfg.batch_size, max_new_tokens=cfg.max_new_tokens,
+                                desc="mining")
+    gathered = [(s.id, s.dice, s.seg_emitted) for s in scored]
     # Hardest first; ties broken by id so the order does not depend on the rank layout.
     gathered.sort(key=lambda row: (row[1], row[0]))
     samples = [MinedSample(id=i, dice=d, bucket=bucket_of(d), seg_emitted=e) for i, d, e in gathered]
@@ -107,10 +73,16 @@ def mine_hard_samples(model, train_samples: list[Sample], cfg: MiningConfig) -> 
     return MiningResult(samples=samples, hard_ids=[s.id for s in hard], rule=rule)
 
 
-def format_table(result: MiningResult) -> str:
+def table_lines(result: MiningResult) -> list[str]:
+    """The bucket table in markdown."""
     lines = ["| Dice | count | percent | category |", "|---|---:|---:|---|"]
     for row in result.table():
         lines.append(f"| {row['range']} | {row['count']} | {row['percent']:.1f}% | {row['category']} |")
+    return lines
+
+
+def format_table(result: MiningResult) -> str:
+    lines = table_lines(result)
     n, k = len(result.samples), len(result.hard_ids)
     lines.append("")
     lines.append(f"hard set ({result.rule}): {k} of {n} training samples ({100.0 * k / max(1, n):.1f}%)")
@@ -152,3 +124,21 @@ def read_hard_ids(out_dir: Path) -> list[str]:
     if not path.is_file():
         raise FileNotFoundError(f"{path}: no mining result; run the 'mining' stage first (--stages mining,hsft)")
     return [row["id"] for row in json.loads(path.read_text())["hard"]]
+
+
+def run(ctx: RunContext, cfg: MiningConfig, start: Path | None) -> StageResult:
+    """Mine the training split with the model `start`; writes `<out>/mining/` and trains nothing."""
+    if start is None:
+        raise ValueError("mining: needs a model to mine with (--model, or an earlier stage)")
+    model = load_model(start, device=ctx.device, dtype="float32")
+    result = mine_hard_samples(model, ctx.splits.train, cfg)
+    stage_dir = ctx.stage_dir("mining")
+    tb = ctx.tb("mining")
+    write_mining(result, stage_dir, tb, ctx.global_step)
+    tb.close()
+    distributed.barrier()
+    section = (["## Hard-sample mining (training split)", ""] + table_lines(result)
+               + ["", f"Hard set ({result.rule}): {len(result.hard_ids)} of {len(result.samples)} training samples.", ""])
+    return StageResult(summary={"rule": result.rule, "hard": len(result.hard_ids), "total": len(result.samples),
+                                "table": result.table()},
+                       section=section, written={"hard set": str(stage_dir / "hard_samples.json")})

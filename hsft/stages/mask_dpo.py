@@ -1,56 +1,15 @@
-"""Mask losses of every training stage.
-
-Dice, BCE and Dice+BCE of low-resolution mask logits against full-resolution targets. All three
-go through the fused op :func:`hsft.ops.mask_loss` (one implementation, compiled or reference):
-the logits are upsampled bilinearly (align_corners=False) to the target's size inside it.
-Shapes and dtypes are those of :func:`hsft.ops.dice_bce_loss`; ``reduction`` is "mean" (over
-masks) or "none" (per mask, shape (N,)).
-"""
+"""The mask-DPO losses of stage 2: the log-likelihood of a binary mask under the mask decoder, and the
+preference losses built on it. Their names (`DPO_LOSSES`, `DPO_NORMALISATIONS`) live in hsft.config,
+where the options are validated."""
 
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 
-from hsft.ops import mask_loss
+from hsft.config import DPO_LOSSES, DPO_NORMALISATIONS
 
-__all__ = ["dice_loss", "bce_loss", "dice_bce_loss"]
-
-
-# ---- Dice / BCE ---------------------------------------------------------------------------------
-
-
-def dice_loss(
-    logits: torch.Tensor, target: torch.Tensor, *, eps: float = 1e-8, reduction: str = "mean"
-) -> torch.Tensor:
-    """Soft Dice loss 1 - (2 sum(p g) + eps) / (sum p + sum g + eps), p = sigmoid(upsampled logits)."""
-    return mask_loss(logits, target, dice_weight=1.0, bce_weight=0.0, eps=eps, reduction=reduction)
-
-
-def bce_loss(logits: torch.Tensor, target: torch.Tensor, *, reduction: str = "mean") -> torch.Tensor:
-    """Mean over pixels of BCE-with-logits of the upsampled logits."""
-    # eps only keeps the unused Dice ratio finite (0 * NaN would still be NaN).
-    return mask_loss(logits, target, dice_weight=0.0, bce_weight=1.0, eps=1e-8, reduction=reduction)
-
-
-def dice_bce_loss(
-    logits: torch.Tensor,
-    target: torch.Tensor,
-    *,
-    bce_weight: float = 0.5,
-    eps: float = 1e-8,
-    reduction: str = "mean",
-) -> torch.Tensor:
-    """Dice + bce_weight * BCE: the mask loss of every stage (see hsft.ops.dice_bce_loss)."""
-    return mask_loss(logits, target, dice_weight=1.0, bce_weight=bce_weight, eps=eps, reduction=reduction)
-
-
-# =================================================================================================
-# Mask-DPO (stage 2): the log-likelihood of a binary mask under the mask decoder, and the
-# preference losses built on it. Owned by the DPO stage (hsft/stages/dpo.py).
-# =================================================================================================
-
-MASK_LOGP_NORMALISATIONS = ("mean", "sum", "disagree")
-DPO_LOSS_TYPES = ("sigmoid", "ipo", "hinge", "robust")
+__all__ = ["mask_pair_logps", "dpo_loss"]
 
 
 def mask_pair_logps(logits: torch.Tensor, chosen: list[torch.Tensor], rejected: list[torch.Tensor], *,
@@ -77,12 +36,12 @@ def mask_pair_logps(logits: torch.Tensor, chosen: list[torch.Tensor], rejected: 
     Args:
         logits: (B, h, w) low-resolution mask logits, any floating dtype (computed in float32).
         chosen, rejected: B masks each, (H_i, W_i) bool (or {0, 1}), at each sample's original size.
-        normalisation: one of MASK_LOGP_NORMALISATIONS.
+        normalisation: one of DPO_NORMALISATIONS.
 
     Differentiable w.r.t. `logits`.
     """
-    if normalisation not in MASK_LOGP_NORMALISATIONS:
-        raise ValueError(f"normalisation: must be one of {MASK_LOGP_NORMALISATIONS}, got {normalisation!r}")
+    if normalisation not in DPO_NORMALISATIONS:
+        raise ValueError(f"normalisation: must be one of {DPO_NORMALISATIONS}, got {normalisation!r}")
     if logits.ndim != 3:
         raise ValueError(f"logits: expected (B, h, w), got shape {tuple(logits.shape)}")
     if not (len(chosen) == len(rejected) == logits.shape[0]):
@@ -93,12 +52,12 @@ def mask_pair_logps(logits: torch.Tensor, chosen: list[torch.Tensor], rejected: 
         if good.shape != bad.shape or good.ndim != 2:
             raise ValueError(f"sample {i}: chosen {tuple(good.shape)} and rejected {tuple(bad.shape)} must be "
                              "two (H, W) masks of the same size")
-        up = torch.nn.functional.interpolate(logits[i][None, None].float(), size=tuple(good.shape), mode="bilinear",
+        up = F.interpolate(logits[i][None, None].float(), size=tuple(good.shape), mode="bilinear",
                            align_corners=False)[0, 0]
         good = good.to(device=up.device, dtype=torch.float32)
         bad = bad.to(device=up.device, dtype=torch.float32)
-        nll_good = torch.nn.functional.binary_cross_entropy_with_logits(up, good, reduction="none")
-        nll_bad = torch.nn.functional.binary_cross_entropy_with_logits(up, bad, reduction="none")
+        nll_good = F.binary_cross_entropy_with_logits(up, good, reduction="none")
+        nll_bad = F.binary_cross_entropy_with_logits(up, bad, reduction="none")
         if normalisation == "disagree":
             region = (good != bad).float()
             count = region.sum().clamp(min=1.0)  # identical masks: both 0, no preference signal
@@ -134,8 +93,8 @@ def dpo_loss(policy_chosen: torch.Tensor, policy_rejected: torch.Tensor, referen
     gaps (in the units the normalisation gives them, see mask_pair_logps) into rewards, so the loss
     saturates once the policy's gap over the reference reaches a few 1 / beta.
     """
-    if loss_type not in DPO_LOSS_TYPES:
-        raise ValueError(f"loss_type: must be one of {DPO_LOSS_TYPES}, got {loss_type!r}")
+    if loss_type not in DPO_LOSSES:
+        raise ValueError(f"loss_type: must be one of {DPO_LOSSES}, got {loss_type!r}")
     if not beta > 0:
         raise ValueError(f"beta: must be > 0, got {beta}")
     if not 0.0 <= label_smoothing < 0.5:
@@ -152,15 +111,12 @@ def dpo_loss(policy_chosen: torch.Tensor, policy_rejected: torch.Tensor, referen
             raise ValueError("margin: required when margin_weight > 0")
         h = h - margin_weight * margin.to(h)
     if loss_type == "sigmoid":
-        losses = -torch.nn.functional.logsigmoid(h)
+        losses = -F.logsigmoid(h)
     elif loss_type == "ipo":
         losses = (h / beta - 1.0 / (2.0 * beta)) ** 2
     elif loss_type == "hinge":
         losses = torch.relu(1.0 - h)
     else:
         eps = label_smoothing
-        losses = ((1.0 - eps) * -torch.nn.functional.logsigmoid(h) - eps * -torch.nn.functional.logsigmoid(-h)) / (1.0 - 2.0 * eps)
+        losses = ((1.0 - eps) * -F.logsigmoid(h) - eps * -F.logsigmoid(-h)) / (1.0 - 2.0 * eps)
     return losses, chosen_rewards.detach(), rejected_rewards.detach()
-
-
-__all__ += ["MASK_LOGP_NORMALISATIONS", "DPO_LOSS_TYPES", "mask_pair_logps", "dpo_loss"]

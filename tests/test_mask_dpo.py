@@ -1,27 +1,15 @@
-"""Mask-DPO: the losses against hand computations, the mask log-likelihood normalisations, a toy
-preference problem, and the stage through the real loop on the tiny model (one-rank gloo group)."""
+"""The mask-DPO losses (hsft/stages/mask_dpo.py): each loss against a hand computation, the mask
+log-likelihood normalisations, and a toy preference problem."""
 
 from __future__ import annotations
 
-import json
 import math
-from pathlib import Path
-from types import SimpleNamespace
 
 import pytest
 import torch
 
-from hsft.config import DPO_LOSSES, DPO_NORMALISATIONS, DPOStageConfig, MiningConfig, RunConfig, TrainConfig
-from hsft.data import make_fundus
-from hsft.engine.ds_config import load_ds_config
-from hsft.engine.loop import train
-from hsft.losses import DPO_LOSS_TYPES, MASK_LOGP_NORMALISATIONS, dpo_loss, mask_pair_logps
-from hsft.model import Sa2VAModel, build_model
-from hsft.model.config import ModelConfig
-from hsft.stages import dpo
-from hsft.stages.runner import StageContext
-
-REPO = Path(__file__).resolve().parents[1]
+from hsft.config import DPO_LOSSES, DPOStageConfig
+from hsft.stages.mask_dpo import dpo_loss, mask_pair_logps
 
 
 def _sigmoid(x: float) -> float:
@@ -40,7 +28,7 @@ def _hand_loss(loss_type: str, pc, pr, rc, rr, beta, eps=0.0, offset=0.0) -> flo
     return ((1 - eps) * -math.log(_sigmoid(h)) - eps * -math.log(_sigmoid(-h))) / (1 - 2 * eps)
 
 
-@pytest.mark.parametrize("loss_type", DPO_LOSS_TYPES)
+@pytest.mark.parametrize("loss_type", DPO_LOSSES)
 def test_each_loss_equals_the_hand_computation(loss_type):
     pc = [-0.20, -1.50, -0.70]
     pr = [-0.90, -0.40, -0.70]
@@ -68,8 +56,6 @@ def test_each_loss_equals_the_hand_computation(loss_type):
 
 
 def test_bad_loss_arguments_are_refused():
-    # the command line offers exactly what the losses implement
-    assert DPO_LOSS_TYPES == DPO_LOSSES and MASK_LOGP_NORMALISATIONS == DPO_NORMALISATIONS
     x = torch.zeros(2)
     with pytest.raises(ValueError, match="loss_type"):
         dpo_loss(x, x, x, x, beta=0.1, loss_type="kto")
@@ -165,109 +151,3 @@ def test_a_few_steps_on_a_toy_problem_raise_reward_accuracy():
     last_accuracy, last_loss = accuracy_and_loss()
     assert first_accuracy == 0.0 and first_loss.item() == pytest.approx(math.log(2.0))
     assert last_accuracy >= 0.9 and last_loss.item() < 0.9 * math.log(2.0)
-
-
-class RecordingTB:
-    """Collects what the loop logs (the TensorBoard writer's interface)."""
-
-    def __init__(self):
-        self.rows: list[tuple[int, dict]] = []
-
-    def scalars(self, values, step):
-        self.rows.append((step, dict(values)))
-
-    def text(self, *args, **kwargs):
-        pass
-
-    def histogram(self, *args, **kwargs):
-        pass
-
-    def flush(self):
-        pass
-
-    def close(self):
-        pass
-
-
-@pytest.fixture(scope="module")
-def tiny_model_dir(tmp_path_factory):
-    directory = tmp_path_factory.mktemp("start") / "model"
-    build_model(ModelConfig(preset="tiny"), seed=0).save_pretrained(str(directory))
-    return directory
-
-
-@pytest.fixture(scope="module")
-def samples():
-    return [make_fundus(seed=300 + i, size=64) for i in range(4)]
-
-
-def test_inference_pairs_hold_the_predicted_masks(tiny_model_dir, samples):
-    model = Sa2VAModel.from_pretrained(str(tiny_model_dir))
-    threshold = 0.05
-    kept, every = dpo.inference_pairs(model, samples, pair_threshold=threshold, batch_size=3, max_new_tokens=8)
-    assert [p.sample.id for p in every] == [s.id for s in samples]
-    assert [p.sample.id for p in kept] == [p.sample.id for p in every if p.dice < threshold]
-    from hsft.stages.mining import per_sample_dice
-
-    reference = {i: d for i, d, _ in per_sample_dice(model, samples, batch_size=4, max_new_tokens=8)}
-    for pair in every:
-        assert pair.rejected.shape == pair.sample.mask.shape and pair.rejected.dtype == bool
-        assert pair.dice == pytest.approx(reference[pair.sample.id], abs=1e-9)  # the mining Dice
-        assert pair.margin == pytest.approx(1.0 - pair.dice)
-
-
-def test_dpo_task_through_the_loop_starts_at_log2_and_learns(tiny_model_dir, samples, tmp_path):
-    model = Sa2VAModel.from_pretrained(str(tiny_model_dir))
-    kept, _ = dpo.inference_pairs(model, samples, pair_threshold=1.0, batch_size=4, max_new_tokens=8)
-    assert len(kept) >= 3  # an untrained model gets nothing right
-    cfg = DPOStageConfig(train=TrainConfig(epochs=2, micro_batch=len(kept), grad_accum=1, lr=1e-3, min_lr=1e-3),
-                         beta=0.5, normalisation="disagree")
-    task = dpo.DPOTask(model, kept, cfg, [], MiningConfig(batch_size=4, max_new_tokens=8))
-    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
-    assert trainable and all(n.startswith(("text_hidden_fcs", "sam2.mask_decoder", "sam2.prompt_encoder"))
-                             for n in trainable)
-    tb = RecordingTB()
-    result = train(task, cfg.train, load_ds_config(REPO / "ds_configs" / "zero2.json"), stage_dir=tmp_path, tb=tb,
-                   seed=0, precision="fp32")
-    logged = [values for _, values in tb.rows if "dpo/loss" in values]
-    names = {"dpo/rewards/chosen", "dpo/rewards/rejected", "dpo/rewards/accuracies", "dpo/rewards/margins",
-             "dpo/logps/chosen", "dpo/logps/rejected"}
-    assert names <= set(logged[0])
-    # step 0: the policy is the reference, so every reward is 0 and the loss is log 2
-    assert logged[0]["dpo/loss"] == pytest.approx(math.log(2.0), abs=1e-5)
-    assert logged[0]["dpo/rewards/accuracies"] == 0.0
-    # afterwards the ground truth is preferred
-    assert logged[-1]["dpo/rewards/accuracies"] > 0.5 and logged[-1]["dpo/rewards/margins"] > 0
-    assert result.losses[-1] < result.losses[0]
-    assert task.cache.misses == len(kept)  # frozen features were computed once per pair
-
-
-def _ctx(tmp_path):
-    return StageContext(out_dir=tmp_path, ds_base=load_ds_config(REPO / "ds_configs" / "zero2.json"), seed=0,
-                        precision="fp32", resume=False)
-
-
-def test_run_dpo_writes_the_stage_and_skips_cleanly_without_pairs(tiny_model_dir, samples, tmp_path, monkeypatch):
-    cfg = RunConfig(dpo=DPOStageConfig(train=TrainConfig(epochs=1, micro_batch=2, grad_accum=1, lr=1e-4),
-                                       pair_threshold=1.0),
-                    mining=MiningConfig(batch_size=4, max_new_tokens=8))
-    splits = SimpleNamespace(train=samples, val=samples[:1], test=[])
-    ctx = _ctx(tmp_path / "run")
-    out = dpo.run_dpo(cfg, ctx, tiny_model_dir, splits)
-    assert out == tmp_path / "run" / "dpo" / "model"
-    trained = Sa2VAModel.from_pretrained(str(out))
-    metrics = json.loads((tmp_path / "run" / "dpo" / "metrics.json").read_text())
-    assert metrics["optimizer_steps"] == 2 and "val_dice" in metrics["epochs"][0]
-    assert json.loads((tmp_path / "run" / "dpo" / "pairs.json").read_text())["pairs"] == len(samples)
-    assert ctx.results["dpo"]["pairs"] == len(samples) and not ctx.results["dpo"]["skipped"]
-    assert trained.text_hidden_fcs[0].weight.dtype == torch.float32
-
-    # No pair survives: the stage says so, trains nothing and passes its input on.
-    monkeypatch.setattr(dpo, "inference_pairs", lambda model, samples, **kw: ([], []))
-    ctx = _ctx(tmp_path / "empty")
-    out = dpo.run_dpo(cfg, ctx, tiny_model_dir, splits)
-    metrics = json.loads((tmp_path / "empty" / "dpo" / "metrics.json").read_text())
-    assert metrics["skipped"] and "no preference pair" in metrics["reason"] and ctx.results["dpo"]["skipped"]
-    start_fcs = (tiny_model_dir / "text_hidden_fcs.safetensors").read_bytes()
-    assert (out / "text_hidden_fcs.safetensors").read_bytes() == start_fcs
-    Sa2VAModel.from_pretrained(str(out))

@@ -5,33 +5,30 @@ from __future__ import annotations
 
 import json
 import re
-from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
 import torch
 from safetensors.torch import load_file
 
-from hsft.config import LoraStageConfig, MiningConfig, RunConfig, TrainConfig
+from hsft.config import LoraStageConfig, TrainConfig
 from hsft.data import make_fundus
-from hsft.engine.ds_config import load_ds_config
-from hsft.model import Sa2VAModel, build_model
-from hsft.model.config import ModelConfig
+from hsft.model import Sa2VAModel, load_model
 from hsft.stages import lora
 from hsft.stages.batching import make_seg_batch
-from hsft.stages.runner import StageContext
+from hsft.stages.training import Validation
 
-REPO = Path(__file__).resolve().parents[1]
+NO_VALIDATION = Validation([], 1, 1)
 
 
-def test_adapters_only_on_the_language_models_attention_projections():
-    model = build_model(ModelConfig(preset="tiny"), seed=0)
+def test_adapters_only_on_the_language_models_attention_projections(tiny_model, make_tiny_model):
+    model = tiny_model
     # The trap the explicit target avoids: other towers have layers of the same names.
     same_names = [n for n, _ in model.named_modules() if n.rsplit(".", 1)[-1] in lora.ATTENTION_PROJECTIONS]
     assert any(n.startswith("vlm.model.vision_tower.") for n in same_names)
     assert any(n.startswith("sam2.") for n in same_names)
 
-    task = lora.LoraTask(model, [make_fundus(seed=1, size=64)], LoraStageConfig(rank=4, alpha=8.0), [], MiningConfig())
+    task = lora.LoraTask(model, [make_fundus(seed=1, size=64)], LoraStageConfig(rank=4, alpha=8.0), NO_VALIDATION)
     adapted = lora.adapted_modules(model)
     layers = model.vlm.config.text_config.num_hidden_layers
     assert adapted == [f"vlm.model.language_model.layers.{i}.self_attn.{p}"
@@ -43,37 +40,35 @@ def test_adapters_only_on_the_language_models_attention_projections():
     assert task.module.mask_weight == 1.0 and task.module.lm_weight == 1.0
 
     # CE only (the published recipe): no gradient reaches text_hidden_fcs, so it stays frozen.
-    ce_only = build_model(ModelConfig(preset="tiny"), seed=0)
-    lora.LoraTask(ce_only, [make_fundus(seed=1, size=64)], LoraStageConfig(rank=4, mask_loss_weight=0.0), [],
-                  MiningConfig())
+    ce_only = make_tiny_model()
+    lora.LoraTask(ce_only, [make_fundus(seed=1, size=64)], LoraStageConfig(rank=4, mask_loss_weight=0.0), NO_VALIDATION)
     assert not any(p.requires_grad for p in ce_only.text_hidden_fcs.parameters())
 
 
 def _forward(model: Sa2VAModel, samples):
-    batch = make_seg_batch(model, samples, form="response", dtype=torch.float32)
+    batch = make_seg_batch(model, samples, form="response", dtype=torch.float32, device=model.device)
     with torch.no_grad():
         out = model.forward_seg(batch.images, batch.tokens, compute_lm_loss=True)
     return out.mask_logits, out.lm_logits
 
 
-def test_lora_stage_trains_through_the_loop_and_exports_adapter_and_merged_model(tmp_path):
+def test_lora_stage_trains_through_the_loop_and_exports_adapter_and_merged_model(tmp_path, tiny_model_dir,
+                                                                                 make_context):
     from peft import PeftModel
 
-    start = tmp_path / "start"
-    build_model(ModelConfig(preset="tiny"), seed=0).save_pretrained(str(start))
+    start = tiny_model_dir
     samples = [make_fundus(seed=400 + i, size=64) for i in range(4)]
-    cfg = RunConfig(lora=LoraStageConfig(train=TrainConfig(epochs=1, micro_batch=2, grad_accum=1, lr=5e-3,
-                                                           min_lr=5e-3),
-                                         rank=4, alpha=8.0, dropout=0.0),
-                    mining=MiningConfig(batch_size=4, max_new_tokens=8))
-    ctx = StageContext(out_dir=tmp_path / "run", ds_base=load_ds_config(REPO / "ds_configs" / "zero2.json"), seed=0,
-                       precision="fp32", resume=False)
-    out = lora.run_lora(cfg, ctx, start, SimpleNamespace(train=samples, val=samples[:1], test=[]))
+    cfg = LoraStageConfig(train=TrainConfig(epochs=1, micro_batch=2, grad_accum=1, lr=5e-3, min_lr=5e-3),
+                          rank=4, alpha=8.0, dropout=0.0)
+    ctx = make_context(SimpleNamespace(train=samples, val=samples[:1], test=[]), **{"mining.batch_size": 4,
+                                                                                    "mining.max_new_tokens": 8})
+    result = lora.run(ctx, cfg, start)
+    out = result.model_dir
     stage = tmp_path / "run" / "lora"
     assert out == stage / "model"
     metrics = json.loads((stage / "metrics.json").read_text())
     assert metrics["optimizer_steps"] == 2 and "val_dice" in metrics["epochs"][0]
-    assert ctx.results["lora"]["adapted_modules"] == 8
+    assert result.summary["adapted_modules"] == 8 and "8 language-model projections" in result.notes[0]
 
     # The standard peft adapter directory, for the language model's attention only.
     adapter_config = json.loads((stage / "adapter" / "adapter_config.json").read_text())
@@ -85,15 +80,15 @@ def test_lora_stage_trains_through_the_loop_and_exports_adapter_and_merged_model
     assert set(non_lora) == {f"text_hidden_fcs.{k}" for k in ("0.weight", "0.bias", "2.weight", "2.bias")}
 
     # The merged export is a plain model; the adapter loads with peft on the input model's VLM.
-    merged = Sa2VAModel.from_pretrained(str(out))
+    merged = load_model(out)
     assert not lora.adapted_modules(merged)
-    adapted = Sa2VAModel.from_pretrained(str(start))
+    adapted = load_model(start)
     PeftModel.from_pretrained(adapted.vlm, str(stage / "adapter"))  # injects into adapted.vlm in place
     assert len(lora.adapted_modules(adapted)) == 8
     adapted.load_state_dict(non_lora, strict=False)
     adapted.eval()
 
-    base_masks, base_lm = _forward(Sa2VAModel.from_pretrained(str(start)), samples[:2])
+    base_masks, base_lm = _forward(load_model(start), samples[:2])
     merged_masks, merged_lm = _forward(merged, samples[:2])
     adapted_masks, adapted_lm = _forward(adapted, samples[:2])
     # training changed the model (the adapters are not the zero-initialised no-op) ...
@@ -109,8 +104,8 @@ def test_lora_stage_trains_through_the_loop_and_exports_adapter_and_merged_model
     assert not any("lora_" in n for n, _ in plain.named_parameters())
 
 
-def test_lora_refuses_a_language_model_without_attention_projections():
-    model = build_model(ModelConfig(preset="tiny"), seed=0)
+def test_lora_refuses_a_language_model_without_attention_projections(tiny_model):
+    model = tiny_model
     for layer in model.vlm.model.language_model.layers:
         layer.self_attn.q_proj = torch.nn.Identity()
         layer.self_attn.k_proj = torch.nn.Identity()

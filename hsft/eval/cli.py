@@ -18,7 +18,7 @@ from hsft.eval.errors import InputError
 from hsft.eval.evaluator import evaluate_model
 from hsft.eval.predict import Prediction, check_images, format_prediction, predict_images
 from hsft.eval.report import format_summary_table
-from hsft.model import Sa2VAModel
+from hsft.model import Sa2VAModel, load_model
 from hsft.model.checkpoint import META_FILE
 
 __all__ = ["EVAL_SPLITS", "EvaluateOptions", "resolve_device", "resolve_model_dir", "load_checkpoint",
@@ -34,7 +34,7 @@ class EvaluateOptions:
 
     data: DataConfig = field(default_factory=DataConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
-# A pipeline stage directory keeps its model here (see hsft.stages.runner.model_dir).
+# A pipeline stage directory keeps its model here (see hsft.stages.training.model_dir).
 STAGE_MODEL_SUBDIR = "model"
 COMPARE_SUBDIR = "compare"
 
@@ -62,7 +62,7 @@ def resolve_model_dir(directory: str | Path, argument: str = "--checkpoint") -> 
         return path / STAGE_MODEL_SUBDIR
     if not (path / META_FILE).is_file():
         raise InputError(f"{argument} {path}: not an hsft model directory ({META_FILE} is missing; give a "
-                         f"directory written by save_pretrained, or a run's stage directory holding "
+                         f"directory written by hsft.model.save_model, or a run's stage directory holding "
                          f"{STAGE_MODEL_SUBDIR}/)")
     return path
 
@@ -71,10 +71,9 @@ def load_checkpoint(directory: str | Path, *, device: torch.device | str = "cpu"
                     argument: str = "--checkpoint") -> Sa2VAModel:
     path = resolve_model_dir(directory, argument)
     try:
-        model = Sa2VAModel.from_pretrained(str(path), dtype=dtype)
+        return load_model(path, device=device, dtype=dtype)
     except (OSError, ValueError) as error:
         raise InputError(f"{argument} {path}: cannot load the model ({error})") from error
-    return model.to(device).eval()
 
 
 def load_eval_samples(data: DataConfig, split: str = "test", limit: int | None = None) -> list[Sample]:

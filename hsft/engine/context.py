@@ -1,0 +1,81 @@
+"""The run context: everything the stages share, resolved once when the main command starts.
+
+Built by `hsft.pipeline` and handed to every stage, so no stage re-reads the DeepSpeed file, resolves
+the precision again or guesses the device:
+
+    out_dir      the run's output directory (a stage writes `out_dir/<stage>/`, TensorBoard `out_dir/tb/`)
+    ds_config    the --deepspeed file's contents with the run's precision written in
+    precision    "bf16" or "fp32": the one place the --precision override and the config are reconciled
+    device       this rank's accelerator (cuda:LOCAL_RANK), or the CPU where there is none
+    seed, resume from the RunConfig
+    splits       the data: train / val (epoch metrics) / test (held out, evaluation only)
+    global_step  the TensorBoard step, continued across stages
+    models       the models of the run so far (what the evaluation stage evaluates)
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import torch
+
+from hsft.config import RunConfig
+from hsft.engine import distributed
+from hsft.engine.ds_config import DeepSpeedConfigError, apply_precision, precision_of
+from hsft.engine.tensorboard import TBWriter
+
+if TYPE_CHECKING:
+    from hsft.data import DataSplits
+
+DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}
+
+
+@dataclass
+class RunContext:
+    cfg: RunConfig
+    out_dir: Path
+    ds_config: dict
+    precision: str
+    device: torch.device
+    splits: DataSplits | None = None
+    global_step: int = 0
+    # (label, model directory) of every model this run started from or produced, in order: what the
+    # evaluation stage evaluates.
+    models: list[tuple[str, Path]] = field(default_factory=list)
+
+    @classmethod
+    def build(cls, cfg: RunConfig, ds_file_config: dict, splits: DataSplits | None = None) -> RunContext:
+        """The context of one run: `ds_file_config` is the --deepspeed file as loaded; `cfg.precision`,
+        when set, overrides its precision."""
+        precision = cfg.precision or precision_of(ds_file_config)
+        if precision not in DTYPES:
+            raise DeepSpeedConfigError(f"--deepspeed {cfg.deepspeed}: {precision} is not supported (no loss scaling "
+                                       "here); enable bf16 or neither, or pass --precision bf16|fp32")
+        return cls(cfg=cfg, out_dir=Path(cfg.output_dir), ds_config=apply_precision(ds_file_config, precision),
+                   precision=precision, device=distributed.local_device(), splits=splits)
+
+    @property
+    def seed(self) -> int:
+        return self.cfg.seed
+
+    @property
+    def resume(self) -> bool:
+        return self.cfg.resume
+
+    @property
+    def dtype(self) -> torch.dtype:
+        """The dtype DeepSpeed trains in, and the one inference runs in."""
+        return DTYPES[self.precision]
+
+    def with_precision(self, precision: str) -> RunContext:
+        """The same run in another precision (stage 0 pre-trains in fp32 whatever the run uses)."""
+        return dataclasses.replace(self, precision=precision, ds_config=apply_precision(self.ds_config, precision))
+
+    def stage_dir(self, name: str) -> Path:
+        return self.out_dir / name
+
+    def tb(self, name: str) -> TBWriter:
+        return TBWriter(self.out_dir / "tb" / name, enabled=distributed.is_main())

@@ -1,0 +1,55 @@
+"""Config validation: every bad value is refused at start-up with the field's name."""
+
+from __future__ import annotations
+
+import pytest
+
+from hsft.config import (DPOStageConfig, EvalConfig, HSFTStageConfig, LoraStageConfig, MiningConfig, RunConfig,
+                         TrainConfig, replace_nested)
+
+
+def test_defaults_are_valid_and_the_published_settings():
+    cfg = RunConfig()
+    cfg.validate()
+    assert (cfg.hsft.train.lr, cfg.hsft.train.micro_batch, cfg.hsft.train.grad_accum, cfg.hsft.train.epochs) == \
+        (1e-5, 1, 2, 5)
+    assert (cfg.lora.rank, cfg.lora.alpha, cfg.lora.train.lr) == (64, 16.0, 2e-4)
+    assert (cfg.dpo.train.lr, cfg.dpo.beta, cfg.mining.tau, cfg.hsft.bce_weight) == (1e-6, 0.1, 0.75, 0.5)
+
+
+@pytest.mark.parametrize("changes, field", [
+    ({"hsft.train.lr": 0.0}, "hsft.lr"),
+    ({"hsft.train.min_lr": 1.0}, "hsft.min_lr"),
+    ({"lora.train.epochs": 0}, "lora.epochs"),
+    ({"lora.rank": 0}, "lora.rank"),
+    ({"lora.dropout": 1.0}, "lora.dropout"),
+    ({"dpo.beta": -1.0}, "dpo.beta"),
+    ({"dpo.loss": "kto"}, "dpo.loss"),
+    ({"dpo.label_smoothing": 0.1}, "dpo.label_smoothing"),  # only the robust loss smooths
+    ({"mining.tau": 1.5}, "mining.tau"),
+    ({"mining.hard_quantile": 0.0}, "mining.hard_quantile"),
+    ({"hsft.seg_form": "middle"}, "hsft.seg_form"),
+    ({"hsft.control": "shuffle"}, "hsft.control"),
+    ({"eval.bootstrap_resamples": 0}, "eval.bootstrap_resamples"),
+    ({"precision": "fp8"}, "precision"),
+    ({"stages": ("lora", "base")}, "stages"),
+    ({"stages": ("mine",)}, "stages"),
+    ({"stages": ()}, "stages"),
+    ({"start": "some/model", "stages": ("base", "lora")}, "stages"),
+])
+def test_bad_values_are_refused_naming_the_field(changes, field):
+    with pytest.raises(ValueError, match=rf"^{field}:"):
+        replace_nested(RunConfig(), **changes).validate()
+
+
+def test_replace_nested_changes_only_the_named_fields():
+    base = RunConfig()
+    changed = replace_nested(base, **{"hsft.train.lr": 1e-3, "seed": 4})
+    assert changed.hsft.train.lr == 1e-3 and changed.seed == 4
+    assert base.hsft.train.lr == 1e-5 and changed.lora == base.lora
+
+
+def test_stage_configs_validate_on_their_own():
+    for cfg in (TrainConfig(), LoraStageConfig(), DPOStageConfig(), MiningConfig(), HSFTStageConfig(), EvalConfig()):
+        cfg.validate()
+    assert TrainConfig(micro_batch=2, grad_accum=3).global_batch(world_size=4) == 24
