@@ -7,18 +7,16 @@ from collections.abc import Sequence
 import torch
 
 from hsft.ops import library, reference
-from hsft.ops.inputs import check_logits, check_loss_weights, check_planes, check_reduction, check_size
+from hsft.ops.inputs import (
+    check_fov,
+    check_logits,
+    check_loss_weights,
+    check_planes,
+    check_reduction,
+    check_size,
+)
 
 __all__ = ["dice_bce_loss", "mask_loss", "upsample_masks", "mask_stats"]
-
-
-def check_fov(op: str, fov: torch.Tensor | None, target: torch.Tensor, logits: torch.Tensor) -> None:
-    """A field of view is a bool / uint8 (N, H, W) stack of the target's shape on the logits' device."""
-    if fov is None:
-        return
-    check_planes(op, "fov", fov, logits, allow_float=False)
-    if fov.shape != target.shape:
-        raise ValueError(f"{op}: fov has shape {tuple(fov.shape)} but target has {tuple(target.shape)}")
 
 
 def mask_loss(

@@ -15,6 +15,7 @@ import torch
 import torch.nn.functional as F
 
 from hsft.ops.inputs import (
+    check_fov,
     check_logits,
     check_loss_weights,
     check_planes,
@@ -57,14 +58,6 @@ def upsample_masks(
     return out.unsqueeze(1) if logits.dim() == 4 else out
 
 
-def _check_fov(op: str, fov: torch.Tensor | None, target: torch.Tensor, logits: torch.Tensor) -> None:
-    if fov is None:
-        return
-    check_planes(op, "fov", fov, logits, allow_float=False)
-    if fov.shape != target.shape:
-        raise ValueError(f"{op}: fov has shape {tuple(fov.shape)} but target has {tuple(target.shape)}")
-
-
 def mask_loss(
     logits: torch.Tensor,
     target: torch.Tensor,
@@ -82,7 +75,7 @@ def mask_loss(
     op = "hsft.ops.reference.mask_loss"
     check_logits(op, logits)
     check_planes(op, "target", target, logits, allow_float=True)
-    _check_fov(op, fov, target, logits)
+    check_fov(op, fov, target, logits)
     check_loss_weights(op, dice_weight, bce_weight, eps)
     z = _upsample(logits, (target.shape[1], target.shape[2]))
     g = target_values(target, z.dtype)
@@ -124,7 +117,7 @@ def mask_stats(
     op = "hsft.ops.reference.mask_stats"
     check_logits(op, logits)
     check_planes(op, "target", target, logits, allow_float=True)
-    _check_fov(op, fov, target, logits)
+    check_fov(op, fov, target, logits)
     pred = _upsample(logits, (target.shape[1], target.shape[2])) > 0
     gt = _target_positive(target)
     if fov is not None:
