@@ -15,7 +15,8 @@
 # Usage: bash launch/device_check.sh [OUT] [--cpu]
 #   OUT    results folder (default results/device_check); scratch goes to build/device_check
 #   --cpu  dry run without a GPU: skips the install (the wheels are for the GPU machine's Python),
-#          builds the CPU ops, runs the op tests, benchmark and main command on the CPU (fp32)
+#          builds the CPU ops, runs the op tests, the quick benchmark and a tiny configuration of the
+#          main command on the CPU (fp32), with ten times the time caps (it checks the flow, not time)
 # Environment: PYTHON (default python3), HSFT_CHECK_SECONDS (time budget, default 290)
 set -uo pipefail
 
@@ -38,12 +39,15 @@ mkdir -p "$OUT" "$WORK/logs" "$WORK/bench"
 LOGS="$WORK/logs"
 STEPS=()
 FAILED=0
+CAP_SCALE=1
+[ "$CPU" = 0 ] || CAP_SCALE=10
 
 # run_step NAME CAP_SECONDS COMMAND...: runs COMMAND with its output in $LOGS/NAME.log, within
 # CAP_SECONDS and what is left of the budget; records pass / fail / skipped and the time taken.
 run_step() {
   local name="$1" cap="$2" left status began took
   shift 2
+  cap=$((cap * CAP_SCALE))
   left=$((BUDGET - ($(date +%s) - START)))
   [ "$cap" -lt "$left" ] || cap="$left"
   if [ "$cap" -le 5 ]; then
@@ -119,14 +123,17 @@ PRECISION=bf16
 # Forward and forward+backward only: the backward alone adds little and its torch.compile time
 # would not fit the budget.
 BENCH_ARGS=(--modes fwd fwd+bwd)
+MAIN_ARGS=()
 if [ "$CPU" = 1 ]; then
   DEVICE=cpu
   PRECISION=fp32
   BENCH_ARGS+=(--quick --repeats 2)
+  MAIN_ARGS=(--base-epochs 2 --base-pool-size 16 --data-synthetic-train 8 --data-synthetic-test 4
+             --data-synthetic-size 64 --lora-epochs 1 --lora-rank 8 --hsft-epochs 1)
 fi
 run_step bench 70 "$PY" launch/bench_kernels.py --device "$DEVICE" "${BENCH_ARGS[@]}" --out "$WORK/bench"
 run_step main 200 env HSFT_CACHE="$PWD/.hsft_cache" "$(dirname "$(command -v "$PY")")/deepspeed" --num_gpus 1 \
-  launch/hsft.py --deepspeed ds_configs/zero2.json --precision "$PRECISION" --output-dir "$WORK/run"
+  launch/hsft.py --deepspeed ds_configs/zero2.json --precision "$PRECISION" --output-dir "$WORK/run" "${MAIN_ARGS[@]}"
 
 # ---- summary -------------------------------------------------------------------------------
 {
