@@ -1,4 +1,4 @@
-"""Benchmark the fused mask loss against eager PyTorch and torch.compile; see hsft.ops.benchmark.
+"""Benchmark the fused mask loss against eager PyTorch and torch.compile; see hsft.bench.kernels.
 
     python launch/bench_kernels.py [--quick] [--device cpu|cuda] [--out results/bench_kernels]
 """
@@ -12,7 +12,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from hsft.ops import benchmark  # noqa: E402
+from hsft.bench import kernels as benchmark  # noqa: E402
 
 
 def main() -> None:
@@ -33,14 +33,17 @@ def main() -> None:
 
     if args.threads is not None:
         torch.set_num_threads(args.threads)
-    rows = benchmark.run(
-        device=args.device,
-        shapes=benchmark.QUICK_SHAPES if args.quick else benchmark.DEFAULT_SHAPES,
-        providers=args.providers,
-        modes=args.modes,
-        repeats=args.repeats or (3 if args.quick else 7),
-        warmup=args.warmup,
-    )
+    try:
+        rows = benchmark.run(
+            device=args.device,
+            shapes=benchmark.QUICK_SHAPES if args.quick else benchmark.DEFAULT_SHAPES,
+            providers=args.providers,
+            modes=args.modes,
+            repeats=args.repeats or (3 if args.quick else 7),
+            warmup=args.warmup,
+        )
+    except benchmark.BenchmarkError as error:
+        sys.exit(str(error))
     print(benchmark.format_table(rows))
     json_path, csv_path = benchmark.write_results(rows, args.out, command=shlex.join([sys.executable, *sys.argv]))
     print(f"wrote {json_path} and {csv_path}")

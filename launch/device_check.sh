@@ -1,33 +1,170 @@
 #!/usr/bin/env bash
-# GPU check of the compiled mask ops, sized for < 5 minutes on one GPU:
-#   1. builds the ops with CUDA (cmake, against the installed CUDA build of torch),
-#   2. runs tests/test_ops*.py (the CUDA tests run when a GPU is visible),
-#   3. runs the kernel benchmark on CUDA (quick shapes) and prints its table.
-# Usage (repository root, on the GPU machine): bash launch/device_check.sh [results-dir]
-# Needs: a CUDA build of torch, nvcc, cmake, ninja, pytest in the active Python.
-set -euo pipefail
+# One prepared GPU run, sized for at most 5 minutes on one GPU of an offline machine (repository root):
+#   install  the wheels of .whl/ (launch/device_bundle.sh) into a venv over the machine's Python
+#            (--system-site-packages: its CUDA torch stays in use), offline
+#   build    the CUDA ops for this card (cmake, HSFT_CUDA=ON, CMAKE_CUDA_ARCHITECTURES of the GPU)
+#   ops      the op tests with HSFT_REQUIRE_COMPILED_OPS=1 (the CUDA tests need the CUDA kernels)
+#   bench    the kernel benchmark on cuda (eager / torch.compile / ours, 8, 16, 64 masks 256->1024,
+#            forward and forward+backward)
+#   main     the main command on the GPU: embedded default, bf16, stage 0 from .hsft_cache/
+# Each step logs to its own file; a failed step is recorded and the next one still runs; the script
+# exits non-zero at the end when any step failed. OUT gets few files (a GPU machine hands back
+# only a handful): summary.md (card, versions, pass/fail and time per step, the benchmark table,
+# the run's report), all.tar.gz (every log and result), bench_kernels.json / .csv and report.md.
+#
+# Usage: bash launch/device_check.sh [OUT] [--cpu]
+#   OUT    results folder (default results/device_check); scratch goes to build/device_check
+#   --cpu  dry run without a GPU: skips the install (the wheels are for the GPU machine's Python),
+#          builds the CPU ops, runs the op tests, the quick benchmark and a tiny configuration of the
+#          main command on the CPU (fp32), with ten times the time caps (it checks the flow, not time)
+# Environment: PYTHON (default python3), HSFT_CHECK_SECONDS (time budget, default 290)
+set -uo pipefail
 
 cd "$(dirname "$0")/.."
-PYTHON="${PYTHON:-python}"
-OUT="${1:-results/device_check}"
-BUILD="build/device_check"
-mkdir -p "$OUT"
+OUT="results/device_check"
+CPU=0
+for arg in "$@"; do
+  case "$arg" in
+    --cpu) CPU=1 ;;
+    -*) echo "device_check.sh: unknown option '$arg' (expected --cpu)" >&2; exit 2 ;;
+    *) OUT="$arg" ;;
+  esac
+done
+PYTHON="${PYTHON:-python3}"
+BUDGET="${HSFT_CHECK_SECONDS:-290}"
+WORK="build/device_check"
+START=$(date +%s)
+rm -rf "$OUT" "$WORK/run" "$WORK/logs" "$WORK/bench"
+mkdir -p "$OUT" "$WORK/logs" "$WORK/bench"
+LOGS="$WORK/logs"
+STEPS=()
+FAILED=0
+CAP_SCALE=1
+[ "$CPU" = 0 ] || CAP_SCALE=10
 
-"$PYTHON" - <<'PY'
-import torch
-assert torch.version.cuda, "device_check: this torch has no CUDA; install a CUDA build of torch"
-assert torch.cuda.is_available(), "device_check: no CUDA device visible"
-print("torch", torch.__version__, "CUDA", torch.version.cuda, "on", torch.cuda.get_device_name(0))
-PY
+# run_step NAME CAP_SECONDS COMMAND...: runs COMMAND with its output in $LOGS/NAME.log, within
+# CAP_SECONDS and what is left of the budget; records pass / fail / skipped and the time taken.
+run_step() {
+  local name="$1" cap="$2" left status began took
+  shift 2
+  cap=$((cap * CAP_SCALE))
+  left=$((BUDGET - ($(date +%s) - START)))
+  [ "$cap" -lt "$left" ] || cap="$left"
+  if [ "$cap" -le 5 ]; then
+    STEPS+=("| $name | skipped (no time left) | 0 s |")
+    FAILED=1
+    return
+  fi
+  echo "== $name (up to ${cap} s)"
+  began=$(date +%s)
+  # bash -c so that a step may be one of the exported functions below.
+  timeout --kill-after=10 "$cap" bash -c '"$@"' _ "$@" > "$LOGS/$name.log" 2>&1
+  status=$?
+  took=$(($(date +%s) - began))
+  if [ "$status" -eq 0 ]; then
+    STEPS+=("| $name | pass | $took s |")
+  elif [ "$status" -eq 124 ] || [ "$status" -eq 137 ]; then
+    STEPS+=("| $name | FAIL: timed out after ${cap} s | $took s |")
+    FAILED=1
+  else
+    STEPS+=("| $name | FAIL: exit $status | $took s |")
+    FAILED=1
+  fi
+  tail -n 5 "$LOGS/$name.log"
+}
 
-# Build only for the GPU in the machine: quicker than the default sm_80 + sm_90.
-ARCH="$("$PYTHON" -c 'import torch; m, n = torch.cuda.get_device_capability(); print(f"{m}{n}")')"
-cmake -S . -B "$BUILD" -G Ninja -DCMAKE_BUILD_TYPE=Release -DHSFT_CUDA=ON \
-  -DCMAKE_CUDA_ARCHITECTURES="$ARCH" -DPython_EXECUTABLE="$(command -v "$PYTHON")" | tail -n 3
-cmake --build "$BUILD" --parallel
-LIB="$(ls "$BUILD"/_C*.so | head -n 1)"
-export HSFT_OPS_LIBRARY="$PWD/$LIB" HSFT_REQUIRE_COMPILED_OPS=1
+skip_step() {
+  STEPS+=("| $1 | skipped ($2) | 0 s |")
+}
 
-"$PYTHON" -m pytest tests/test_ops.py tests/test_ops_build.py -q -ra 2>&1 | tee "$OUT/pytest.txt" | tail -n 25
+# ---- install -------------------------------------------------------------------------------
+install_bundle() {
+  [ -f .whl/requirements.txt ] || { echo "no .whl/requirements.txt: run launch/device_bundle.sh first"; return 1; }
+  "$PYTHON" -m venv --system-site-packages "$WORK/venv" &&
+    "$WORK/venv/bin/python" -m pip install --no-index --find-links .whl -r .whl/requirements.txt &&
+    "$WORK/venv/bin/python" -c "import torch, transformers, deepspeed, hsft; print('torch', torch.__version__, 'cuda', torch.version.cuda, 'transformers', transformers.__version__, 'deepspeed', deepspeed.__version__)"
+}
+export -f install_bundle
+export PYTHON WORK CPU
+if [ "$CPU" = 1 ]; then
+  skip_step install "--cpu"
+  PY="$PYTHON"
+else
+  run_step install 50 install_bundle
+  PY="$PWD/$WORK/venv/bin/python"
+  [ -x "$PY" ] || PY="$PYTHON"
+fi
+export PATH="$(dirname "$(command -v "$PY")"):$PATH"
+export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
 
-"$PYTHON" launch/bench_kernels.py --device cuda --quick --out "$OUT" 2>&1 | tee "$OUT/bench.txt" | tail -n 22
+# ---- build ---------------------------------------------------------------------------------
+build_ops() {
+  local arch flags=(-DHSFT_CUDA=OFF)
+  if [ "$CPU" = 0 ]; then
+    arch="$("$PY" -c 'import torch; m, n = torch.cuda.get_device_capability(); print(f"{m}{n}")')" || return 1
+    flags=(-DHSFT_CUDA=ON -DCMAKE_CUDA_ARCHITECTURES="$arch")
+  fi
+  cmake -S . -B "$WORK/ops" -G Ninja -DCMAKE_BUILD_TYPE=Release "${flags[@]}" \
+    -DPython_EXECUTABLE="$(command -v "$PY")" && cmake --build "$WORK/ops" --parallel
+}
+export -f build_ops
+export PY
+run_step build 100 build_ops
+LIB="$(ls "$WORK"/ops/_C*.so 2>/dev/null | head -n 1)"
+if [ -n "$LIB" ]; then
+  export HSFT_OPS_LIBRARY="$PWD/$LIB"
+fi
+export HSFT_REQUIRE_COMPILED_OPS=1
+
+# ---- op tests, benchmark, main command -----------------------------------------------------
+run_step ops 60 "$PY" -m pytest tests/test_ops.py -q -ra -p no:cacheprovider
+DEVICE=cuda
+PRECISION=bf16
+# Forward and forward+backward only: the backward alone adds little and its torch.compile time
+# would not fit the budget.
+BENCH_ARGS=(--modes fwd fwd+bwd)
+MAIN_ARGS=()
+if [ "$CPU" = 1 ]; then
+  DEVICE=cpu
+  PRECISION=fp32
+  BENCH_ARGS+=(--quick --repeats 2)
+  MAIN_ARGS=(--base-epochs 2 --base-pool-size 16 --data-synthetic-train 8 --data-synthetic-test 4
+             --data-synthetic-size 64 --lora-epochs 1 --lora-rank 8 --hsft-epochs 1)
+fi
+run_step bench 70 "$PY" launch/bench_kernels.py --device "$DEVICE" "${BENCH_ARGS[@]}" --out "$WORK/bench"
+run_step main 200 env HSFT_CACHE="$PWD/.hsft_cache" "$(dirname "$(command -v "$PY")")/deepspeed" --num_gpus 1 \
+  launch/hsft.py --deepspeed ds_configs/zero2.json --precision "$PRECISION" --output-dir "$WORK/run" "${MAIN_ARGS[@]}"
+
+# ---- summary -------------------------------------------------------------------------------
+{
+  echo "# device check $(date -u +%Y-%m-%dT%H:%MZ)"
+  echo
+  echo "- card: $(nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader 2>/dev/null || echo none)"
+  echo "- $("$PY" -c 'import sys, torch; print("python", sys.version.split()[0], "| torch", torch.__version__, "| CUDA", torch.version.cuda)' 2>&1 | tail -n 1)"
+  echo "- $("$PY" -c 'import importlib.metadata as m; print(" | ".join(f"{p} {m.version(p)}" for p in ("transformers", "deepspeed", "peft")))' 2>&1 | tail -n 1)"
+  echo "- nvcc: $(nvcc --version 2>/dev/null | tail -n 1 || echo none)"
+  echo "- mode: $([ "$CPU" = 1 ] && echo "--cpu (dry run)" || echo gpu), total $(($(date +%s) - START)) s"
+  echo
+  echo "| step | result | time |"
+  echo "|---|---|---|"
+  printf '%s\n' "${STEPS[@]}"
+  echo
+  echo "## op tests"
+  echo '```'
+  tail -n 15 "$LOGS/ops.log" 2>/dev/null
+  echo '```'
+  echo
+  echo "## kernel benchmark"
+  sed -n '/^| device/,/^$/p' "$LOGS/bench.log" 2>/dev/null
+  echo
+  echo "## main command"
+  if [ -f "$WORK/run/report.md" ]; then cat "$WORK/run/report.md"; else tail -n 20 "$LOGS/main.log" 2>/dev/null; fi
+} > "$OUT/summary.md"
+cp "$WORK"/bench/*.json "$OUT/bench_kernels.json" 2>/dev/null
+cp "$WORK"/bench/*.csv "$OUT/bench_kernels.csv" 2>/dev/null
+cp "$WORK/run/report.md" "$OUT/report.md" 2>/dev/null
+# Logs and results; no weights or checkpoints (they would not fit what comes back).
+tar -czf "$OUT/all.tar.gz" --exclude='*.pt' --exclude='*.safetensors' --exclude='global_step*' \
+  -C "$WORK" logs bench $(cd "$WORK" && ls -d run 2>/dev/null)
+cat "$OUT/summary.md"
+exit "$FAILED"

@@ -20,18 +20,32 @@ import torch.nn.functional as F
 
 import hsft.ops as ops
 from hsft import losses
-from hsft.ops import reference
+from hsft.ops import library, reference
 
 REPO = Path(__file__).resolve().parents[1]
 COMPILED = ops.library_status().loaded
 
-if not COMPILED and os.environ.get("HSFT_REQUIRE_COMPILED_OPS") == "1":
+REQUIRED = os.environ.get("HSFT_REQUIRE_COMPILED_OPS") == "1"
+GPU = torch.cuda.is_available()
+if REQUIRED and not COMPILED:
     pytest.fail(f"HSFT_REQUIRE_COMPILED_OPS=1 but {ops.library_status().source}", pytrace=False)
+# On a GPU machine the compiled ops must hold the CUDA kernels themselves: a CPU-only build would
+# silently run the reference on CUDA tensors and the CUDA tests would compare it with itself.
+CUDA_KERNELS = COMPILED and GPU and all(library.has_cuda_kernel(name) for name in library.OP_NAMES)
+if REQUIRED and GPU and not CUDA_KERNELS:
+    pytest.fail(f"HSFT_REQUIRE_COMPILED_OPS=1 on a GPU machine but the hsft ops from {ops.library_status().source} "
+                "have no CUDA kernels (a CPU-only build)", pytrace=False)
 
 needs_compiled = pytest.mark.skipif(not COMPILED, reason=f"compiled ops not built: {ops.library_status().source}")
-needs_cuda = pytest.mark.skipif(
-    not (COMPILED and torch.cuda.is_available()), reason="needs a CUDA GPU and the compiled ops"
-)
+# Skipped only where there is no GPU; with a GPU and no CUDA kernels the tests fail (see require_cuda_kernels).
+needs_cuda = pytest.mark.skipif(not GPU, reason="needs a CUDA GPU")
+
+
+def require_cuda_kernels() -> None:
+    """Fails unless the compiled library has the CUDA kernel of every hsft op."""
+    missing = [name for name in library.OP_NAMES if not (COMPILED and library.has_cuda_kernel(name))]
+    assert not missing, (f"the hsft ops {missing} have no CUDA kernel (library: {ops.library_status().source}); "
+                         "build the ops with CUDA (launch/build_cuda_ops.sh, or cmake -DHSFT_CUDA=ON)")
 
 
 def make_inputs(
@@ -58,7 +72,7 @@ def loss_and_grad(fn, logits: torch.Tensor, target: torch.Tensor, **kwargs) -> t
     x = logits.detach().clone().requires_grad_(True)
     per_mask = fn(x, target, reduction="none", **kwargs)
     # Distinct weights per mask exercise the incoming gradient of each mask.
-    weights = torch.linspace(0.5, 1.5, per_mask.shape[0], dtype=per_mask.dtype)
+    weights = torch.linspace(0.5, 1.5, per_mask.shape[0], dtype=per_mask.dtype, device=per_mask.device)
     (grad,) = torch.autograd.grad((per_mask * weights).sum(), x)
     return per_mask.detach(), grad
 
@@ -166,15 +180,16 @@ def test_gradient_is_deterministic_across_thread_counts() -> None:
 def test_opcheck() -> None:
     logits, target = make_inputs(2, 5, 6, 11, 13, seed=6)
     x = logits.clone().requires_grad_(True)
-    torch.library.opcheck(torch.ops.hsft.dice_bce_loss.default, (x, target, 1.0, 0.5, 1e-8))
-    _, sums = torch.ops.hsft.dice_bce_loss(logits, target, 1.0, 0.5, 1e-8)
+    fov = torch.rand(2, 11, 13) > 0.2
     grad_loss = torch.ones(2, dtype=torch.float64)
-    torch.library.opcheck(
-        torch.ops.hsft.dice_bce_loss_backward.default, (grad_loss, logits, target, sums, 1.0, 0.5, 1e-8)
-    )
+    for field in (None, fov):
+        torch.library.opcheck(torch.ops.hsft.dice_bce_loss.default, (x, target, field, 1.0, 0.5, 1e-8))
+        _, sums = torch.ops.hsft.dice_bce_loss(logits, target, field, 1.0, 0.5, 1e-8)
+        torch.library.opcheck(
+            torch.ops.hsft.dice_bce_loss_backward.default, (grad_loss, logits, target, field, sums, 1.0, 0.5, 1e-8)
+        )
     torch.library.opcheck(torch.ops.hsft.upsample_masks.default, (logits, [11, 13], None))
     torch.library.opcheck(torch.ops.hsft.upsample_masks.default, (logits[:, None], [11, 13], 0.25))
-    fov = torch.rand(2, 11, 13) > 0.2
     torch.library.opcheck(torch.ops.hsft.mask_stats.default, (logits, target, fov))
 
 
@@ -212,7 +227,7 @@ def test_bad_arguments_are_refused_with_their_name() -> None:
 def test_compiled_op_checks_its_arguments() -> None:
     logits, target = make_inputs(2, 4, 4, 8, 8)
     with pytest.raises(RuntimeError, match="logits must have shape"):
-        torch.ops.hsft.dice_bce_loss(logits[:, None, None], target, 1.0, 0.5, 1e-8)
+        torch.ops.hsft.dice_bce_loss(logits[:, None, None], target, None, 1.0, 0.5, 1e-8)
     with pytest.raises(RuntimeError, match="target must be bool, uint8 or floating point"):
         torch.ops.hsft.mask_stats(logits, target.int(), None)
 
@@ -295,7 +310,7 @@ def test_fallback_to_reference_warns_once() -> None:
             warnings.simplefilter("always")
             import torch
             import hsft.ops as ops
-            from hsft.ops import reference
+            from hsft.ops import library, reference
             logits = torch.randn(2, 5, 5, dtype=torch.float64)
             target = torch.rand(2, 9, 9) > 0.5
             a = ops.dice_bce_loss(logits, target)
@@ -317,11 +332,111 @@ def test_library_env_var_with_bad_path_is_an_error() -> None:
     assert "HSFT_OPS_LIBRARY='/nonexistent/_C.so' does not name a file" in result.stderr
 
 
+# ---- field of view -------------------------------------------------------------------------------
+
+def disc_fov(n: int, big_h: int, big_w: int, *, empty_last: bool = False) -> torch.Tensor:
+    """A fundus-like field of view: a centred disc per mask; the last one empty when asked."""
+    yy = (torch.arange(big_h, dtype=torch.float64) + 0.5) / big_h - 0.5
+    xx = (torch.arange(big_w, dtype=torch.float64) + 0.5) / big_w - 0.5
+    disc = (yy[:, None] ** 2 + xx[None, :] ** 2) < 0.16
+    fov = disc.expand(n, big_h, big_w).clone()
+    if empty_last:
+        fov[-1] = False
+    return fov
+
+
+def fov_loss_by_indexing(logits: torch.Tensor, target: torch.Tensor, fov: torch.Tensor, bce_weight: float,
+                         eps: float = 1e-8) -> torch.Tensor:
+    """The definition, one mask at a time: keep the FOV pixels, then Dice + bce_weight * mean BCE."""
+    z_all = F.interpolate(logits.reshape(logits.shape[0], 1, *logits.shape[-2:]).double(), target.shape[1:],
+                          mode="bilinear", align_corners=False)[:, 0]
+    out = []
+    for z, g, inside in zip(z_all, reference.target_values(target, torch.float64), fov):
+        z, g = z[inside], g[inside]
+        p = torch.sigmoid(z)
+        dice = 1 - (2 * (p * g).sum() + eps) / (p.sum() + g.sum() + eps)
+        bce = F.binary_cross_entropy_with_logits(z, g, reduction="mean") if z.numel() else z.new_zeros(())
+        out.append(dice + bce_weight * bce)
+    return torch.stack(out)
+
+
+FOV_CASES = {
+    "4x upsampling": dict(n=3, h=8, w=8, big_h=32, big_w=32),
+    "odd sizes, width not a multiple of 4": dict(n=2, h=5, w=7, big_h=23, big_w=17),
+    "soft target": dict(n=2, h=6, w=6, big_h=13, big_w=21, target="soft"),
+    "(N, 1, h, w) logits": dict(n=2, h=6, w=9, big_h=17, big_w=20, four_d=True),
+}
+
+
+def test_reference_fov_loss_is_the_loss_over_the_fov_pixels() -> None:
+    logits, target = make_inputs(3, 6, 7, 25, 22, seed=21)
+    fov = disc_fov(3, 25, 22, empty_last=True)
+    got = reference.dice_bce_loss(logits, target, fov=fov, bce_weight=0.7, reduction="none")
+    torch.testing.assert_close(got, fov_loss_by_indexing(logits, target, fov, 0.7), rtol=1e-12, atol=1e-12)
+    assert got[-1] == 0  # empty field of view
+
+
+@needs_compiled
+@pytest.mark.parametrize("case", FOV_CASES.values(), ids=FOV_CASES.keys())
+@pytest.mark.parametrize("fov_dtype", [torch.bool, torch.uint8])
+def test_dice_bce_with_fov_matches_reference_in_float64(case: dict, fov_dtype: torch.dtype) -> None:
+    logits, target = make_inputs(**case)
+    fov = disc_fov(case["n"], case["big_h"], case["big_w"], empty_last=True)
+    if fov_dtype == torch.uint8:
+        fov = fov.to(torch.uint8) * 3  # any non-zero byte is inside
+    loss, grad = loss_and_grad(ops.dice_bce_loss, logits, target, fov=fov, bce_weight=0.7)
+    ref_loss, ref_grad = loss_and_grad(reference.dice_bce_loss, logits, target, fov=fov != 0, bce_weight=0.7)
+    torch.testing.assert_close(loss, ref_loss, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(grad, ref_grad, rtol=1e-10, atol=1e-13)
+    assert loss[-1] == 0 and torch.count_nonzero(grad[-1]) == 0  # empty field of view
+    # float32 logits against the float64 reference
+    loss32, grad32 = loss_and_grad(ops.dice_bce_loss, logits.float(), target, fov=fov, bce_weight=0.7)
+    torch.testing.assert_close(loss32.double(), ref_loss, rtol=2e-5, atol=2e-5)
+    torch.testing.assert_close(grad32.double(), ref_grad, rtol=1e-3, atol=2e-5 * ref_grad.abs().max().item())
+
+
+@needs_compiled
+def test_fov_changes_the_loss_and_none_is_the_whole_image() -> None:
+    logits, target = make_inputs(3, 16, 16, 64, 60, dtype=torch.float32, seed=22)
+    everywhere = torch.ones(3, 64, 60, dtype=torch.bool)
+    plain = loss_and_grad(ops.dice_bce_loss, logits, target)
+    ones = loss_and_grad(ops.dice_bce_loss, logits, target, fov=everywhere)
+    # FOV=None is the whole image, bit for bit, and it is what the loss was without a FOV argument.
+    assert torch.equal(plain[0], ones[0]) and torch.equal(plain[1], ones[1])
+    torch.testing.assert_close(plain[0].double(), reference.dice_bce_loss(logits.double(), target, reduction="none"),
+                               rtol=2e-5, atol=2e-5)
+    disc = loss_and_grad(ops.dice_bce_loss, logits, target, fov=disc_fov(3, 64, 60))
+    assert not torch.allclose(disc[0], plain[0])
+
+
+@needs_compiled
+def test_gradcheck_float64_with_fov() -> None:
+    logits, target = make_inputs(2, 3, 4, 9, 11, seed=23, target="soft")
+    fov = disc_fov(2, 9, 11)
+    x = logits.clone().requires_grad_(True)
+    assert torch.autograd.gradcheck(lambda z: ops.dice_bce_loss(z, target, fov=fov, reduction="none"), (x,))
+
+
+def test_fov_argument_is_checked() -> None:
+    logits, target = make_inputs(2, 4, 4, 9, 9)
+    with pytest.raises(ValueError, match="fov has shape"):
+        ops.dice_bce_loss(logits, target, fov=torch.ones(2, 9, 8, dtype=torch.bool))
+    with pytest.raises(TypeError, match="fov must be bool or uint8"):
+        ops.dice_bce_loss(logits, target, fov=torch.ones(2, 9, 9))
+
+
 # ---- CUDA ---------------------------------------------------------------------------------------------
+
+@needs_cuda
+def test_cuda_kernels_are_registered_for_every_op() -> None:
+    require_cuda_kernels()
+    assert library.has_kernel(torch.device("cuda"))
+
 
 @needs_cuda
 @pytest.mark.parametrize("case", LOSS_CASES.values(), ids=LOSS_CASES.keys())
 def test_cuda_dice_bce_matches_reference(case: dict) -> None:
+    require_cuda_kernels()
     logits, target = make_inputs(**case)
     ref_loss, ref_grad = loss_and_grad(reference.dice_bce_loss, logits, target)
     for dtype, rtol in [(torch.float64, 1e-10), (torch.float32, 1e-4)]:
@@ -332,7 +447,22 @@ def test_cuda_dice_bce_matches_reference(case: dict) -> None:
 
 
 @needs_cuda
+@pytest.mark.parametrize("case", FOV_CASES.values(), ids=FOV_CASES.keys())
+def test_cuda_dice_bce_with_fov_matches_reference(case: dict) -> None:
+    require_cuda_kernels()
+    logits, target = make_inputs(**case)
+    fov = disc_fov(case["n"], case["big_h"], case["big_w"], empty_last=True)
+    ref_loss, ref_grad = loss_and_grad(reference.dice_bce_loss, logits, target, fov=fov)
+    for dtype, rtol in [(torch.float64, 1e-10), (torch.float32, 1e-4)]:
+        loss, grad = loss_and_grad(ops.dice_bce_loss, logits.to("cuda", dtype), target.cuda(), fov=fov.cuda())
+        torch.testing.assert_close(loss.cpu().double(), ref_loss, rtol=rtol, atol=rtol)
+        torch.testing.assert_close(grad.cpu().double(), ref_grad, rtol=rtol, atol=rtol * ref_grad.abs().max().item())
+        assert loss[-1].item() == 0 and torch.count_nonzero(grad[-1]).item() == 0
+
+
+@needs_cuda
 def test_cuda_gradient_is_deterministic() -> None:
+    require_cuda_kernels()
     logits, target = make_inputs(4, 64, 64, 250, 256, dtype=torch.float32, seed=11)
     logits, target = logits.cuda(), target.cuda()
     first = loss_and_grad(ops.dice_bce_loss, logits, target)
@@ -343,6 +473,7 @@ def test_cuda_gradient_is_deterministic() -> None:
 @needs_cuda
 @pytest.mark.parametrize("h,w,big_h,big_w", UPSAMPLE_SIZES)
 def test_cuda_upsample_and_stats(h: int, w: int, big_h: int, big_w: int) -> None:
+    require_cuda_kernels()
     logits, target = make_inputs(3, h, w, big_h, big_w, dtype=torch.float32, seed=12)
     fov = torch.rand(3, big_h, big_w) > 0.2
     out = ops.upsample_masks(logits.cuda(), (big_h, big_w))
@@ -352,3 +483,32 @@ def test_cuda_upsample_and_stats(h: int, w: int, big_h: int, big_w: int) -> None
     assert torch.equal(mask, out > 0)
     stats = ops.mask_stats(logits.cuda(), target.cuda(), fov=fov.cuda())
     assert torch.equal(stats.cpu(), ops.mask_stats(logits, target, fov=fov))
+
+
+# A CPU-only build on a GPU machine, simulated by a pytest plugin that makes torch report a GPU: the
+# CUDA tests must fail there (not pass by running the reference), and HSFT_REQUIRE_COMPILED_OPS=1
+# must stop the whole module.
+FAKE_GPU_PLUGIN = "import torch\ntorch.cuda.is_available = lambda: True\n"
+
+
+def run_tests_on_fake_gpu(tmp_path: Path, **env: str) -> subprocess.CompletedProcess:
+    (tmp_path / "hsft_fake_gpu.py").write_text(FAKE_GPU_PLUGIN)
+    cmd = [sys.executable, "-m", "pytest", "-p", "hsft_fake_gpu", "-p", "no:cacheprovider", "-q",
+           str(REPO / "tests" / "test_ops.py"), "-k", "registered_for_every_op"]
+    full_env = {**os.environ, "PYTHONPATH": f"{tmp_path}{os.pathsep}{REPO}", **env}
+    full_env.pop("HSFT_REQUIRE_COMPILED_OPS", None)
+    full_env.update(env)
+    return subprocess.run(cmd, env=full_env, cwd=tmp_path, capture_output=True, text=True, timeout=300)
+
+
+@needs_compiled
+@pytest.mark.skipif(GPU, reason="simulates a GPU machine; this one has a GPU")
+def test_cuda_tests_fail_with_a_cpu_only_build_on_a_gpu_machine(tmp_path: Path) -> None:
+    if all(library.has_cuda_kernel(name) for name in library.OP_NAMES):
+        pytest.skip("the loaded library has CUDA kernels")
+    result = run_tests_on_fake_gpu(tmp_path)
+    assert result.returncode == 1 and "1 failed" in result.stdout, result.stdout + result.stderr
+    assert "have no CUDA kernel" in result.stdout
+    required = run_tests_on_fake_gpu(tmp_path, HSFT_REQUIRE_COMPILED_OPS="1")
+    assert required.returncode != 0, required.stdout
+    assert "have no CUDA kernels (a CPU-only build)" in required.stdout + required.stderr

@@ -1,10 +1,13 @@
-"""Build checks of csrc: the C++ kernel tests through CMake + ctest, and an nvcc compile of the
-CUDA sources for sm_80 and sm_90 (CI has nvcc but no GPU). Each builds in a temporary directory."""
+"""Build checks of csrc: the C++ kernel tests through CMake + ctest, an nvcc compile of the CUDA
+sources for sm_80 and sm_90, and the whole CUDA op library built and linked against the CUDA build
+of torch by launch/build_cuda_ops.sh (CI has nvcc but no GPU). Each builds in a temporary directory."""
 
 from __future__ import annotations
 
+import os
 import shutil
 import subprocess
+import sys
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -46,3 +49,22 @@ def test_cuda_sources_compile_for_sm80_and_sm90(tmp_path: Path) -> None:
     for source, result in zip(CUDA_SOURCES, results):
         assert result.returncode == 0, f"nvcc failed on {source.name}:\n{result.stderr}"
         assert (tmp_path / f"{source.stem}.o").stat().st_size > 0
+
+
+@pytest.mark.skipif(shutil.which("nvcc") is None, reason="nvcc not found")
+def test_build_cuda_ops_script_builds_links_and_holds_the_kernels(tmp_path: Path) -> None:
+    # The first run downloads the CUDA build of torch (~530 MB) into ~/.cache/hsft/wheels (or
+    # $HSFT_WHEEL_CACHE); later runs reuse it. The output is printed (pytest -s shows it live).
+    env = {**os.environ, "PYTHON": sys.executable,
+           "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"}
+    log = tmp_path / "build.log"
+    with log.open("w") as handle:
+        proc = subprocess.run(["bash", "launch/build_cuda_ops.sh", str(tmp_path / "cuda_ops")], cwd=REPO, env=env,
+                              stdout=handle, stderr=subprocess.STDOUT, timeout=3600)
+    output = log.read_text()
+    print(output)
+    assert proc.returncode == 0, output[-4000:]
+    assert "hsft: building the CUDA ops (torch CUDA" in output
+    assert "undefined symbols are provided" in output
+    assert "the library holds all 6 hsft kernels for sm_80, sm_90" in output
+    assert list((tmp_path / "cuda_ops").glob("_C*.so"))

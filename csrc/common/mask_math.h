@@ -15,8 +15,9 @@
 
 namespace hsft {
 
-// Per-mask sums kept by the Dice+BCE forward and reused by its backward.
-enum MaskSum : int { kSumProb = 0, kSumProbTarget = 1, kSumTarget = 2, kSumBce = 3, kNumSums = 4 };
+// Per-mask sums kept by the Dice+BCE forward and reused by its backward, over the pixels inside the
+// field of view (every pixel when there is none); kSumCount is the number of those pixels.
+enum MaskSum : int { kSumProb = 0, kSumProbTarget = 1, kSumTarget = 2, kSumBce = 3, kSumCount = 4, kNumSums = 5 };
 // Columns of mask_stats.
 enum MaskStat : int { kStatIntersection = 0, kStatPred = 1, kStatTarget = 2, kStatUnion = 3, kNumStats = 4 };
 
@@ -192,17 +193,19 @@ HSFT_HD bool target_positive(double v) { return v > 0.5; }
 
 // ---- Dice + BCE -----------------------------------------------------------------------------
 
-// Loss of one mask from its sums over num_pixels full-resolution pixels:
+// Loss of one mask from its sums over the sums[kSumCount] pixels inside its field of view:
 //   dice_weight * (1 - (2 sum(p g) + eps) / (sum p + sum g + eps)) + bce_weight * mean(bce).
-HSFT_HD double dice_bce_value(const double* sums, double dice_weight, double bce_weight, double eps,
-                              double num_pixels) {
+// An empty field of view has no BCE term (a mean over no pixels counts as 0).
+HSFT_HD double dice_bce_value(const double* sums, double dice_weight, double bce_weight, double eps) {
   const double dice = 1.0 - (2.0 * sums[kSumProbTarget] + eps) / (sums[kSumProb] + sums[kSumTarget] + eps);
-  return dice_weight * dice + bce_weight * sums[kSumBce] / num_pixels;
+  const double count = sums[kSumCount];
+  return dice_weight * dice + (count > 0.0 ? bce_weight * sums[kSumBce] / count : 0.0);
 }
 
-// dL/dz at a pixel is (a + b g) * p (1 - p) + c (p - g), with a, b, c per mask:
+// dL/dz at a pixel inside the field of view is (a + b g) * p (1 - p) + c (p - g), with a, b, c per
+// mask (outside it, 0):
 //   d dice / d p = (I - 2 g D) / D^2 with I = 2 sum(p g) + eps, D = sum p + sum g + eps,
-//   d mean(bce) / d z = (p - g) / num_pixels; everything scaled by the incoming gradient.
+//   d mean(bce) / d z = (p - g) / count; everything scaled by the incoming gradient.
 template <typename T>
 struct DiceBceGradCoefficients {
   T a;
@@ -213,13 +216,14 @@ struct DiceBceGradCoefficients {
 template <typename T>
 HSFT_HD DiceBceGradCoefficients<T> dice_bce_grad_coefficients(const double* sums, double grad_loss,
                                                                double dice_weight, double bce_weight,
-                                                               double eps, double num_pixels) {
+                                                               double eps) {
   const double inter = 2.0 * sums[kSumProbTarget] + eps;
   const double denom = sums[kSumProb] + sums[kSumTarget] + eps;
+  const double count = sums[kSumCount];
   DiceBceGradCoefficients<T> k;
   k.a = static_cast<T>(grad_loss * dice_weight * inter / (denom * denom));
   k.b = static_cast<T>(-grad_loss * dice_weight * 2.0 / denom);
-  k.c = static_cast<T>(grad_loss * bce_weight / num_pixels);
+  k.c = static_cast<T>(count > 0.0 ? grad_loss * bce_weight / count : 0.0);
   return k;
 }
 

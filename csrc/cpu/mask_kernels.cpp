@@ -91,13 +91,16 @@ void scatter_row_x(const T* in, const AxisTaps<T>& tx, int64_t out_w, int64_t in
   }
 }
 
-// Adds the sums of one full-resolution row to lane accumulators (sums[k][lane]).
-template <typename T, typename G>
-HSFT_CPU_CLONES void forward_row(const T* top, const T* bottom, T wy0, T wy1, const G* target, int64_t out_w,
-                                 T* g_row, T (&sums)[kNumSums][kLanes]) {
-  // Target values first, in their own loop: mixing byte loads into the main loop makes the
-  // vectoriser pick narrow vectors for all of it.
+// Adds the sums of one full-resolution row to lane accumulators (sums[k][lane]). With kMasked,
+// only the pixels where fov is non-zero count (fov may be null otherwise).
+template <bool kMasked, typename T, typename G>
+HSFT_CPU_CLONES void forward_row(const T* top, const T* bottom, T wy0, T wy1, const G* target, const uint8_t* fov,
+                                 int64_t out_w, T* g_row, T* m_row, T (&sums)[kNumSums][kLanes]) {
+  // Target values (and field-of-view weights) first, in their own loop: mixing byte loads into the
+  // main loop makes the vectoriser pick narrow vectors for all of it.
   for (int64_t x = 0; x < out_w; ++x) g_row[x] = target_value<T>(target[x]);
+  if (kMasked)
+    for (int64_t x = 0; x < out_w; ++x) m_row[x] = fov[x] != 0 ? T(1) : T(0);
   // Local copies: the compiler cannot prove `sums` does not alias the inputs, and would
   // otherwise store the accumulators back to memory on every iteration.
   T sp[kLanes], spg[kLanes], sg[kLanes], sb[kLanes];
@@ -114,21 +117,27 @@ HSFT_CPU_CLONES void forward_row(const T* top, const T* bottom, T wy0, T wy1, co
     for (int k = 0; k < kLanes; ++k) {
       const T z = top[x + k] * wy0 + bottom[x + k] * wy1;
       const LogisticTerms<T> t = logistic_terms(z);
-      const T g = g_row[x + k];
-      sp[k] += t.p;
-      spg[k] += t.p * g;
+      const T m = kMasked ? m_row[x + k] : T(1);
+      const T g = kMasked ? g_row[x + k] * m : g_row[x + k];
+      const T p = kMasked ? t.p * m : t.p;
+      const T bce = bce_with_logits(z, g_row[x + k], t.softplus);
+      sp[k] += p;
+      spg[k] += p * g;
       sg[k] += g;
-      sb[k] += bce_with_logits(z, g, t.softplus);
+      sb[k] += kMasked ? bce * m : bce;
     }
   }
   for (int k = 0; x < out_w; ++x, ++k) {
     const T z = top[x] * wy0 + bottom[x] * wy1;
     const LogisticTerms<T> t = logistic_terms(z);
-    const T g = g_row[x];
-    sp[k] += t.p;
-    spg[k] += t.p * g;
+    const T m = kMasked ? m_row[x] : T(1);
+    const T g = kMasked ? g_row[x] * m : g_row[x];
+    const T p = kMasked ? t.p * m : t.p;
+    const T bce = bce_with_logits(z, g_row[x], t.softplus);
+    sp[k] += p;
+    spg[k] += p * g;
     sg[k] += g;
-    sb[k] += bce_with_logits(z, g, t.softplus);
+    sb[k] += kMasked ? bce * m : bce;
   }
   for (int k = 0; k < kLanes; ++k) {
     sums[kSumProb][k] = sp[k];
@@ -138,34 +147,39 @@ HSFT_CPU_CLONES void forward_row(const T* top, const T* bottom, T wy0, T wy1, co
   }
 }
 
-// Accumulates the row's dL/dz, weighted by the two vertical taps, into acc_top / acc_bottom.
+// Accumulates the row's dL/dz, weighted by the two vertical taps, into acc_top / acc_bottom; pixels
+// outside the field of view (fov non-null and 0) contribute nothing.
 template <typename T, typename G>
-HSFT_CPU_CLONES void backward_row(const T* top, const T* bottom, T wy0, T wy1, const G* target, int64_t out_w,
-                  const DiceBceGradCoefficients<T>& coeff, T* acc_top, T* acc_bottom) {
+HSFT_CPU_CLONES void backward_row(const T* top, const T* bottom, T wy0, T wy1, const G* target, const uint8_t* fov,
+                                  int64_t out_w, const DiceBceGradCoefficients<T>& coeff, T* acc_top,
+                                  T* acc_bottom) {
   for (int64_t x = 0; x < out_w; ++x) {
     const T z = top[x] * wy0 + bottom[x] * wy1;
     const LogisticTerms<T> t = logistic_terms(z);
-    const T dz = dice_bce_pixel_grad(coeff, t, target_value<T>(target[x]));
+    T dz = dice_bce_pixel_grad(coeff, t, target_value<T>(target[x]));
+    if (fov != nullptr && fov[x] == 0) dz = T(0);
     acc_top[x] += wy0 * dz;
     acc_bottom[x] += wy1 * dz;
   }
 }
 
 template <typename T, typename G>
-void dice_bce_forward_typed(const T* logits, const G* target, const MaskGeometry& g, double dice_weight,
-                            double bce_weight, double eps, double* sums, double* losses, const TaskRunner& runner) {
+void dice_bce_forward_typed(const T* logits, const G* target, const uint8_t* fov, const MaskGeometry& g,
+                            double dice_weight, double bce_weight, double eps, double* sums, double* losses,
+                            const TaskRunner& runner) {
   const Taps<T> taps(g);
   const int64_t num_tasks = g.num_masks * g.in_h;
   std::vector<double> partial(static_cast<size_t>(num_tasks) * kNumSums);
   runner(num_tasks, task_grain(g), [&](int64_t begin, int64_t end) {
-    std::vector<T> scratch(3 * g.out_w);
+    std::vector<T> scratch(4 * g.out_w);
     T* top = scratch.data();
     T* bottom = top + g.out_w;
     T* g_row = bottom + g.out_w;
+    T* m_row = g_row + g.out_w;
     for (int64_t task = begin; task < end; ++task) {
       const int64_t n = task / g.in_h;
       const int64_t r = task % g.in_h;
-      double task_sums[kNumSums] = {0.0, 0.0, 0.0, 0.0};
+      double task_sums[kNumSums] = {0.0, 0.0, 0.0, 0.0, 0.0};
       const int32_t y_begin = taps.y.owner_start[r];
       const int32_t y_end = taps.y.owner_start[r + 1];
       if (y_begin < y_end) {
@@ -174,32 +188,41 @@ void dice_bce_forward_typed(const T* logits, const G* target, const MaskGeometry
         interpolate_row_x(plane + taps.y.i1[y_begin] * g.in_w, taps.x, g.out_w, bottom);
         for (int32_t y = y_begin; y < y_end; ++y) {
           T lanes[kNumSums][kLanes] = {};
-          forward_row(top, bottom, taps.y.w0[y], taps.y.w1[y], target + (n * g.out_h + y) * g.out_w, g.out_w,
-                      g_row, lanes);
-          for (int s = 0; s < kNumSums; ++s)
+          const int64_t offset = (n * g.out_h + y) * g.out_w;
+          if (fov == nullptr) {
+            forward_row<false>(top, bottom, taps.y.w0[y], taps.y.w1[y], target + offset, nullptr, g.out_w, g_row,
+                               m_row, lanes);
+            task_sums[kSumCount] += static_cast<double>(g.out_w);
+          } else {
+            forward_row<true>(top, bottom, taps.y.w0[y], taps.y.w1[y], target + offset, fov + offset, g.out_w,
+                              g_row, m_row, lanes);
+            int64_t inside = 0;
+            for (int64_t x = 0; x < g.out_w; ++x) inside += fov[offset + x] != 0;
+            task_sums[kSumCount] += static_cast<double>(inside);
+          }
+          for (int s = 0; s < kSumCount; ++s)
             for (int k = 0; k < kLanes; ++k) task_sums[s] += static_cast<double>(lanes[s][k]);
         }
       }
       std::copy(task_sums, task_sums + kNumSums, partial.data() + task * kNumSums);
     }
   });
-  const double num_pixels = static_cast<double>(g.out_h) * static_cast<double>(g.out_w);
   for (int64_t n = 0; n < g.num_masks; ++n) {
     double* mask_sums = sums + n * kNumSums;
     std::fill(mask_sums, mask_sums + kNumSums, 0.0);
     for (int64_t r = 0; r < g.in_h; ++r)
       for (int s = 0; s < kNumSums; ++s) mask_sums[s] += partial[(n * g.in_h + r) * kNumSums + s];
-    losses[n] = dice_bce_value(mask_sums, dice_weight, bce_weight, eps, num_pixels);
+    losses[n] = dice_bce_value(mask_sums, dice_weight, bce_weight, eps);
   }
 }
 
 template <typename T, typename G>
-void dice_bce_backward_typed(const T* logits, const G* target, const MaskGeometry& g, const double* sums,
+void dice_bce_backward_typed(const T* logits, const G* target, const uint8_t* fov, const MaskGeometry& g,
+                             const double* sums,
                              const double* grad_loss, double dice_weight, double bce_weight, double eps,
                              T* grad_logits, const TaskRunner& runner) {
   const Taps<T> taps(g);
   const int64_t num_tasks = g.num_masks * g.in_h;
-  const double num_pixels = static_cast<double>(g.out_h) * static_cast<double>(g.out_w);
   // A task's full-resolution rows also feed the next low-resolution row; that part goes to
   // `carry` and is added in a second pass, so no two tasks write the same element.
   std::vector<T> carry(static_cast<size_t>(num_tasks) * g.in_w);
@@ -222,15 +245,17 @@ void dice_bce_backward_typed(const T* logits, const G* target, const MaskGeometr
         continue;
       }
       const DiceBceGradCoefficients<T> coeff = dice_bce_grad_coefficients<T>(
-          sums + n * kNumSums, grad_loss[n], dice_weight, bce_weight, eps, num_pixels);
+          sums + n * kNumSums, grad_loss[n], dice_weight, bce_weight, eps);
       const T* plane = logits + n * g.in_h * g.in_w;
       const int32_t r1 = taps.y.i1[y_begin];
       interpolate_row_x(plane + r * g.in_w, taps.x, g.out_w, top);
       interpolate_row_x(plane + r1 * g.in_w, taps.x, g.out_w, bottom);
       std::fill(acc_top, acc_top + 2 * g.out_w, T(0));
-      for (int32_t y = y_begin; y < y_end; ++y)
-        backward_row(top, bottom, taps.y.w0[y], taps.y.w1[y], target + (n * g.out_h + y) * g.out_w, g.out_w, coeff,
-                     acc_top, acc_bottom);
+      for (int32_t y = y_begin; y < y_end; ++y) {
+        const int64_t offset = (n * g.out_h + y) * g.out_w;
+        backward_row(top, bottom, taps.y.w0[y], taps.y.w1[y], target + offset,
+                     fov == nullptr ? nullptr : fov + offset, g.out_w, coeff, acc_top, acc_bottom);
+      }
       if (r1 == r) {
         // Last row: both vertical taps point at this row.
         for (int64_t x = 0; x < g.out_w; ++x) acc_top[x] += acc_bottom[x];
@@ -340,22 +365,23 @@ void check_geometry(const MaskGeometry& g) {
 }
 
 template <typename T>
-void dice_bce_forward(const T* logits, TargetPlanes target, const MaskGeometry& geometry, double dice_weight,
-                      double bce_weight, double eps, double* sums, double* losses, const TaskRunner& runner) {
+void dice_bce_forward(const T* logits, TargetPlanes target, const uint8_t* fov, const MaskGeometry& geometry,
+                      double dice_weight, double bce_weight, double eps, double* sums, double* losses,
+                      const TaskRunner& runner) {
   check_geometry(geometry);
   dispatch_plane(target, [&](const auto* planes) {
-    dice_bce_forward_typed(logits, planes, geometry, dice_weight, bce_weight, eps, sums, losses, runner);
+    dice_bce_forward_typed(logits, planes, fov, geometry, dice_weight, bce_weight, eps, sums, losses, runner);
   });
 }
 
 template <typename T>
-void dice_bce_backward(const T* logits, TargetPlanes target, const MaskGeometry& geometry, const double* sums,
-                       const double* grad_loss, double dice_weight, double bce_weight, double eps, T* grad_logits,
-                       const TaskRunner& runner) {
+void dice_bce_backward(const T* logits, TargetPlanes target, const uint8_t* fov, const MaskGeometry& geometry,
+                       const double* sums, const double* grad_loss, double dice_weight, double bce_weight, double eps,
+                       T* grad_logits, const TaskRunner& runner) {
   check_geometry(geometry);
   dispatch_plane(target, [&](const auto* planes) {
-    dice_bce_backward_typed(logits, planes, geometry, sums, grad_loss, dice_weight, bce_weight, eps, grad_logits,
-                            runner);
+    dice_bce_backward_typed(logits, planes, fov, geometry, sums, grad_loss, dice_weight, bce_weight, eps,
+                            grad_logits, runner);
   });
 }
 
@@ -403,10 +429,10 @@ void mask_stats(const T* logits, TargetPlanes target, const uint8_t* fov, const 
 }
 
 #define HSFT_INSTANTIATE(T)                                                                                         \
-  template void dice_bce_forward<T>(const T*, TargetPlanes, const MaskGeometry&, double, double, double, double*,   \
-                                    double*, const TaskRunner&);                                                    \
-  template void dice_bce_backward<T>(const T*, TargetPlanes, const MaskGeometry&, const double*, const double*,     \
-                                     double, double, double, T*, const TaskRunner&);                                \
+  template void dice_bce_forward<T>(const T*, TargetPlanes, const uint8_t*, const MaskGeometry&, double, double,  \
+                                    double, double*, double*, const TaskRunner&);                                   \
+  template void dice_bce_backward<T>(const T*, TargetPlanes, const uint8_t*, const MaskGeometry&, const double*,    \
+                                     const double*, double, double, double, T*, const TaskRunner&);                 \
   template void upsample_masks<T>(const T*, const MaskGeometry&, T, T*, uint8_t*, const TaskRunner&);               \
   template void mask_stats<T>(const T*, TargetPlanes, const uint8_t*, const MaskGeometry&, int64_t*,                \
                               const TaskRunner&);

@@ -43,17 +43,19 @@ void check_geometry(const MaskGeometry& geometry);
 
 // Per-mask sums (num_masks x kNumSums, see common/mask_math.h) and losses
 //   dice_weight * dice + bce_weight * mean(bce)
-// of sigmoid(upsampled logits) against the target. T is float or double: the compute type.
+// of sigmoid(upsampled logits) against the target, over the pixels where fov (a byte plane like the
+// target) is non-zero, or every pixel when fov is null. T is float or double: the compute type.
 template <typename T>
-void dice_bce_forward(const T* logits, TargetPlanes target, const MaskGeometry& geometry, double dice_weight,
-                      double bce_weight, double eps, double* sums, double* losses, const TaskRunner& runner);
+void dice_bce_forward(const T* logits, TargetPlanes target, const uint8_t* fov, const MaskGeometry& geometry,
+                      double dice_weight, double bce_weight, double eps, double* sums, double* losses,
+                      const TaskRunner& runner);
 
 // Gradient of sum_n grad_loss[n] * loss[n] w.r.t. the low-resolution logits (num_masks x in_h x
-// in_w), from the sums the forward returned.
+// in_w), from the sums the forward returned (same fov).
 template <typename T>
-void dice_bce_backward(const T* logits, TargetPlanes target, const MaskGeometry& geometry, const double* sums,
-                       const double* grad_loss, double dice_weight, double bce_weight, double eps, T* grad_logits,
-                       const TaskRunner& runner);
+void dice_bce_backward(const T* logits, TargetPlanes target, const uint8_t* fov, const MaskGeometry& geometry,
+                       const double* sums, const double* grad_loss, double dice_weight, double bce_weight, double eps,
+                       T* grad_logits, const TaskRunner& runner);
 
 // Bilinear upsampling (align_corners=False). Writes the values to `values` when it is not null
 // and (value > threshold) to `above` when it is not null.

@@ -27,15 +27,18 @@ enum class PlaneType { kByte, kFloat32, kFloat64 };
 size_t dice_bce_forward_workspace_bytes(const Geometry& g);
 size_t dice_bce_backward_workspace_bytes(const Geometry& g, bool is_double);
 
-// sums: num_masks x 4 (sum p, sum p g, sum g, sum bce), losses: num_masks, both float64.
+// sums: num_masks x 5 (sum p, sum p g, sum g, sum bce, pixel count; see common/mask_math.h), losses:
+// num_masks, both float64; over the pixels where fov is non-zero (every pixel when fov is null).
 template <typename T>
-cudaError_t launch_dice_bce_forward(const T* logits, const void* target, PlaneType target_type, const Geometry& g,
+cudaError_t launch_dice_bce_forward(const T* logits, const void* target, PlaneType target_type, const uint8_t* fov,
+                                    const Geometry& g,
                                     double dice_weight, double bce_weight, double eps, double* sums, double* losses,
                                     void* workspace, cudaStream_t stream);
 
-// grad_logits (num_masks x h x w) of sum_n grad_loss[n] * loss[n]; sums from the forward.
+// grad_logits (num_masks x h x w) of sum_n grad_loss[n] * loss[n]; sums from the forward (same fov).
 template <typename T>
-cudaError_t launch_dice_bce_backward(const T* logits, const void* target, PlaneType target_type, const Geometry& g,
+cudaError_t launch_dice_bce_backward(const T* logits, const void* target, PlaneType target_type, const uint8_t* fov,
+                                     const Geometry& g,
                                      const double* sums, const double* grad_loss, double dice_weight,
                                      double bce_weight, double eps, T* grad_logits, void* workspace,
                                      cudaStream_t stream);

@@ -74,14 +74,19 @@ struct RefLoss {
   std::vector<double> grad;  // d(sum_n loss_n) / d logits
 };
 
-RefLoss ref_dice_bce(const std::vector<double>& logits, const std::vector<double>& target, const MaskGeometry& g,
-                     double dice_weight, double bce_weight, double eps) {
+// fov: empty (every pixel counts) or one byte per target pixel (only non-zero ones count).
+RefLoss ref_dice_bce(const std::vector<double>& logits, const std::vector<double>& target,
+                     const std::vector<uint8_t>& fov, const MaskGeometry& g, double dice_weight, double bce_weight,
+                     double eps) {
   const std::vector<double> z = ref_upsample(logits, g);
   const int64_t hw = g.out_h * g.out_w;
   RefLoss out{std::vector<double>(g.num_masks), std::vector<double>(logits.size(), 0.0)};
   for (int64_t n = 0; n < g.num_masks; ++n) {
-    double sp = 0, spg = 0, sg = 0, sb = 0;
+    double sp = 0, spg = 0, sg = 0, sb = 0, count = 0;
+    auto inside = [&](int64_t i) { return fov.empty() || fov[n * hw + i] != 0; };
     for (int64_t i = 0; i < hw; ++i) {
+      if (!inside(i)) continue;
+      count += 1;
       const double zi = z[n * hw + i], gi = target[n * hw + i], p = sigmoid(zi);
       sp += p;
       spg += p * gi;
@@ -89,14 +94,15 @@ RefLoss ref_dice_bce(const std::vector<double>& logits, const std::vector<double
       sb += bce(zi, gi);
     }
     const double num = 2 * spg + eps, den = sp + sg + eps;
-    out.loss[n] = dice_weight * (1 - num / den) + bce_weight * sb / static_cast<double>(hw);
+    out.loss[n] = dice_weight * (1 - num / den) + (count > 0 ? bce_weight * sb / count : 0.0);
     // Chain rule pixel by pixel, then scatter through the four bilinear taps.
     for (int64_t y = 0; y < g.out_h; ++y)
       for (int64_t x = 0; x < g.out_w; ++x) {
         const int64_t i = y * g.out_w + x;
+        if (!inside(i)) continue;
         const double zi = z[n * hw + i], gi = target[n * hw + i], p = sigmoid(zi);
         const double ddice_dp = -(2 * gi * den - num) / (den * den);
-        const double dz = dice_weight * ddice_dp * p * (1 - p) + bce_weight * (p - gi) / static_cast<double>(hw);
+        const double dz = dice_weight * ddice_dp * p * (1 - p) + bce_weight * (p - gi) / count;
         const RefTap ty = ref_tap(y, g.in_h, g.out_h), tx = ref_tap(x, g.in_w, g.out_w);
         auto add = [&](int64_t r, int64_t c, double w) { out.grad[(n * g.in_h + r) * g.in_w + c] += w * dz; };
         add(ty.lo, tx.lo, ty.w_lo * tx.w_lo);
@@ -144,9 +150,11 @@ std::vector<double> make_target(const MaskGeometry& g, TargetKind kind, std::mt1
 
 template <typename T>
 void check_case(const Case& c, const std::vector<double>& logits64, const std::vector<double>& target64,
-                const RefLoss& ref, double rtol, double atol, const char* type_name) {
+                const std::vector<uint8_t>& loss_fov, const RefLoss& ref, double rtol, double atol,
+                const char* type_name) {
   const MaskGeometry& g = c.g;
-  const std::string tag = c.name + " [" + type_name + "]";
+  const std::string tag = c.name + (loss_fov.empty() ? "" : " with a field of view") + " [" + type_name + "]";
+  const uint8_t* fov_ptr = loss_fov.empty() ? nullptr : loss_fov.data();
   const std::vector<T> logits(logits64.begin(), logits64.end());
   std::vector<uint8_t> target_bytes(target64.size());
   std::transform(target64.begin(), target64.end(), target_bytes.begin(), [](double v) { return v > 0.5 ? 1 : 0; });
@@ -158,14 +166,15 @@ void check_case(const Case& c, const std::vector<double>& logits64, const std::v
   const double dw = 1.0, bw = 0.5, eps = 1e-8;
 
   std::vector<double> sums(g.num_masks * hsft::kNumSums), loss(g.num_masks);
-  hsft::cpu::dice_bce_forward(logits.data(), planes, g, dw, bw, eps, sums.data(), loss.data(), hsft::cpu::run_serial);
+  hsft::cpu::dice_bce_forward(logits.data(), planes, fov_ptr, g, dw, bw, eps, sums.data(), loss.data(),
+                              hsft::cpu::run_serial);
   for (int64_t n = 0; n < g.num_masks; ++n)
     expect_close(loss[n], ref.loss[n], rtol, atol, tag + " loss of mask " + std::to_string(n));
 
   const std::vector<double> grad_loss(g.num_masks, 1.0);
   std::vector<T> grad(logits.size());
-  hsft::cpu::dice_bce_backward(logits.data(), planes, g, sums.data(), grad_loss.data(), dw, bw, eps, grad.data(),
-                               hsft::cpu::run_serial);
+  hsft::cpu::dice_bce_backward(logits.data(), planes, fov_ptr, g, sums.data(), grad_loss.data(), dw, bw, eps,
+                               grad.data(), hsft::cpu::run_serial);
   double grad_scale = 0;
   for (double v : ref.grad) grad_scale = std::max(grad_scale, std::fabs(v));
   bool grad_ok = true;
@@ -182,9 +191,9 @@ void check_case(const Case& c, const std::vector<double>& logits64, const std::v
   std::vector<double> sums2(sums.size()), loss2(loss.size());
   std::vector<T> grad2(grad.size());
   const auto runner = reversed_chunks(3);
-  hsft::cpu::dice_bce_forward(logits.data(), planes, g, dw, bw, eps, sums2.data(), loss2.data(), runner);
-  hsft::cpu::dice_bce_backward(logits.data(), planes, g, sums2.data(), grad_loss.data(), dw, bw, eps, grad2.data(),
-                               runner);
+  hsft::cpu::dice_bce_forward(logits.data(), planes, fov_ptr, g, dw, bw, eps, sums2.data(), loss2.data(), runner);
+  hsft::cpu::dice_bce_backward(logits.data(), planes, fov_ptr, g, sums2.data(), grad_loss.data(), dw, bw, eps,
+                               grad2.data(), runner);
   expect(sums == sums2 && loss == loss2 && grad == grad2, tag + " deterministic under another task split");
 
   // Upsampling and stats against the reference's full-resolution logits.
@@ -242,9 +251,27 @@ int main() {
     // Round to float so the float and double kernels see the same inputs.
     for (double& v : logits) v = static_cast<double>(static_cast<float>(v));
     const std::vector<double> target = make_target(c.g, c.target, rng);
-    const RefLoss ref = ref_dice_bce(logits, target, c.g, 1.0, 0.5, 1e-8);
-    check_case<double>(c, logits, target, ref, 1e-12, 1e-12, "float64");
-    check_case<float>(c, logits, target, ref, 2e-5, 2e-5, "float32");
+    // Without a field of view, then with one: a disc per mask (a fundus image's), except that the
+    // last mask's is empty (no pixel counts: loss 0, gradient 0).
+    const int64_t hw = c.g.out_h * c.g.out_w;
+    std::vector<uint8_t> disc(c.g.num_masks * hw, 0);
+    for (int64_t n = 0; n + 1 < c.g.num_masks; ++n)
+      for (int64_t y = 0; y < c.g.out_h; ++y)
+        for (int64_t x = 0; x < c.g.out_w; ++x) {
+          const double dy = (y + 0.5) / c.g.out_h - 0.5, dx = (x + 0.5) / c.g.out_w - 0.5;
+          disc[n * hw + y * c.g.out_w + x] = dy * dy + dx * dx < 0.16 ? 1 : 0;
+        }
+    for (const std::vector<uint8_t>& fov : {std::vector<uint8_t>{}, disc}) {
+      const RefLoss ref = ref_dice_bce(logits, target, fov, c.g, 1.0, 0.5, 1e-8);
+      check_case<double>(c, logits, target, fov, ref, 1e-12, 1e-12, "float64");
+      check_case<float>(c, logits, target, fov, ref, 2e-5, 2e-5, "float32");
+      if (!fov.empty()) {
+        const int64_t last = c.g.num_masks - 1;
+        bool zero = std::fabs(ref.loss[last]) < 1e-7;
+        for (int64_t i = 0; i < c.g.in_h * c.g.in_w; ++i) zero = zero && ref.grad[last * c.g.in_h * c.g.in_w + i] == 0;
+        expect(zero, c.name + ": an empty field of view gives loss 0 and no gradient");
+      }
+    }
   }
   // Bad sizes are refused with a message.
   bool threw = false;

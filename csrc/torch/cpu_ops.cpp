@@ -33,32 +33,38 @@ cpu::MaskGeometry geometry_of(const PreparedPair& pair) {
 }
 
 std::tuple<at::Tensor, at::Tensor> dice_bce_loss_cpu(const at::Tensor& logits, const at::Tensor& target,
-                                                     double dice_weight, double bce_weight, double eps) {
+                                                     const std::optional<at::Tensor>& fov, double dice_weight,
+                                                     double bce_weight, double eps) {
   constexpr const char* op = "hsft::dice_bce_loss";
   check_loss_weights(op, dice_weight, bce_weight, eps);
   const PreparedPair pair = prepare_pair(op, logits, target);
+  const std::optional<at::Tensor> fov_planes = prepare_fov(op, fov, pair, logits);
+  const uint8_t* fov_ptr = fov_planes.has_value() ? fov_planes->data_ptr<uint8_t>() : nullptr;
   const int64_t n = pair.logits.num_masks;
   const auto f64 = logits.options().dtype(at::kDouble);
-  at::Tensor sums = at::empty({n, 4}, f64);
+  at::Tensor sums = at::empty({n, 5}, f64);
   at::Tensor losses = at::empty({n}, f64);
   if (n > 0) {
     const cpu::MaskGeometry g = geometry_of(pair);
     if (pair.logits.planes.scalar_type() == at::kDouble) {
-      cpu::dice_bce_forward(pair.logits.planes.data_ptr<double>(), planes_of(pair.target), g, dice_weight, bce_weight,
-                            eps, sums.data_ptr<double>(), losses.data_ptr<double>(), run_on_torch_threads);
+      cpu::dice_bce_forward(pair.logits.planes.data_ptr<double>(), planes_of(pair.target), fov_ptr, g, dice_weight,
+                            bce_weight, eps, sums.data_ptr<double>(), losses.data_ptr<double>(), run_on_torch_threads);
     } else {
-      cpu::dice_bce_forward(pair.logits.planes.data_ptr<float>(), planes_of(pair.target), g, dice_weight, bce_weight,
-                            eps, sums.data_ptr<double>(), losses.data_ptr<double>(), run_on_torch_threads);
+      cpu::dice_bce_forward(pair.logits.planes.data_ptr<float>(), planes_of(pair.target), fov_ptr, g, dice_weight,
+                            bce_weight, eps, sums.data_ptr<double>(), losses.data_ptr<double>(), run_on_torch_threads);
     }
   }
   return {losses.to(loss_dtype(logits)), sums};
 }
 
 at::Tensor dice_bce_loss_backward_cpu(const at::Tensor& grad_loss, const at::Tensor& logits, const at::Tensor& target,
-                                      const at::Tensor& sums, double dice_weight, double bce_weight, double eps) {
+                                      const std::optional<at::Tensor>& fov, const at::Tensor& sums,
+                                      double dice_weight, double bce_weight, double eps) {
   constexpr const char* op = "hsft::dice_bce_loss_backward";
   check_loss_weights(op, dice_weight, bce_weight, eps);
   const PreparedPair pair = prepare_pair(op, logits, target);
+  const std::optional<at::Tensor> fov_planes = prepare_fov(op, fov, pair, logits);
+  const uint8_t* fov_ptr = fov_planes.has_value() ? fov_planes->data_ptr<uint8_t>() : nullptr;
   const int64_t n = pair.logits.num_masks;
   check_backward_inputs(op, grad_loss, sums, logits, n);
   at::Tensor grad = at::empty_like(pair.logits.planes);
@@ -67,11 +73,11 @@ at::Tensor dice_bce_loss_backward_cpu(const at::Tensor& grad_loss, const at::Ten
     const at::Tensor sums64 = sums.to(at::kDouble).contiguous();
     const cpu::MaskGeometry g = geometry_of(pair);
     if (grad.scalar_type() == at::kDouble) {
-      cpu::dice_bce_backward(pair.logits.planes.data_ptr<double>(), planes_of(pair.target), g,
+      cpu::dice_bce_backward(pair.logits.planes.data_ptr<double>(), planes_of(pair.target), fov_ptr, g,
                              sums64.data_ptr<double>(), grad_loss64.data_ptr<double>(), dice_weight, bce_weight, eps,
                              grad.data_ptr<double>(), run_on_torch_threads);
     } else {
-      cpu::dice_bce_backward(pair.logits.planes.data_ptr<float>(), planes_of(pair.target), g,
+      cpu::dice_bce_backward(pair.logits.planes.data_ptr<float>(), planes_of(pair.target), fov_ptr, g,
                              sums64.data_ptr<double>(), grad_loss64.data_ptr<double>(), dice_weight, bce_weight, eps,
                              grad.data_ptr<float>(), run_on_torch_threads);
     }

@@ -42,15 +42,18 @@ void check_sizes(const char* op, const cuda::Geometry& g) {
 }
 
 std::tuple<at::Tensor, at::Tensor> dice_bce_loss_cuda(const at::Tensor& logits, const at::Tensor& target,
-                                                      double dice_weight, double bce_weight, double eps) {
+                                                      const std::optional<at::Tensor>& fov, double dice_weight,
+                                                      double bce_weight, double eps) {
   constexpr const char* op = "hsft::dice_bce_loss";
   const c10::cuda::CUDAGuard guard(logits.device());
   check_loss_weights(op, dice_weight, bce_weight, eps);
   const PreparedPair pair = prepare_pair(op, logits, target);
+  const std::optional<at::Tensor> fov_planes = prepare_fov(op, fov, pair, logits);
+  const uint8_t* fov_ptr = fov_planes.has_value() ? fov_planes->data_ptr<uint8_t>() : nullptr;
   const cuda::Geometry g = geometry_of(pair);
   check_sizes(op, g);
   const auto f64 = logits.options().dtype(at::kDouble);
-  at::Tensor sums = at::empty({g.num_masks, 4}, f64);
+  at::Tensor sums = at::empty({g.num_masks, 5}, f64);
   at::Tensor losses = at::empty({g.num_masks}, f64);
   if (g.num_masks > 0) {
     at::Tensor workspace = at::empty({static_cast<int64_t>(cuda::dice_bce_forward_workspace_bytes(g))},
@@ -59,11 +62,11 @@ std::tuple<at::Tensor, at::Tensor> dice_bce_loss_cuda(const at::Tensor& logits, 
     const void* target_ptr = pair.target.data_ptr();
     const cuda::PlaneType type = plane_type_of(pair.target);
     if (pair.logits.planes.scalar_type() == at::kDouble) {
-      check_launch(op, cuda::launch_dice_bce_forward(pair.logits.planes.data_ptr<double>(), target_ptr, type, g,
+      check_launch(op, cuda::launch_dice_bce_forward(pair.logits.planes.data_ptr<double>(), target_ptr, type, fov_ptr, g,
                                                      dice_weight, bce_weight, eps, sums.data_ptr<double>(),
                                                      losses.data_ptr<double>(), workspace.data_ptr(), stream));
     } else {
-      check_launch(op, cuda::launch_dice_bce_forward(pair.logits.planes.data_ptr<float>(), target_ptr, type, g,
+      check_launch(op, cuda::launch_dice_bce_forward(pair.logits.planes.data_ptr<float>(), target_ptr, type, fov_ptr, g,
                                                      dice_weight, bce_weight, eps, sums.data_ptr<double>(),
                                                      losses.data_ptr<double>(), workspace.data_ptr(), stream));
     }
@@ -72,11 +75,14 @@ std::tuple<at::Tensor, at::Tensor> dice_bce_loss_cuda(const at::Tensor& logits, 
 }
 
 at::Tensor dice_bce_loss_backward_cuda(const at::Tensor& grad_loss, const at::Tensor& logits, const at::Tensor& target,
-                                       const at::Tensor& sums, double dice_weight, double bce_weight, double eps) {
+                                       const std::optional<at::Tensor>& fov, const at::Tensor& sums,
+                                       double dice_weight, double bce_weight, double eps) {
   constexpr const char* op = "hsft::dice_bce_loss_backward";
   const c10::cuda::CUDAGuard guard(logits.device());
   check_loss_weights(op, dice_weight, bce_weight, eps);
   const PreparedPair pair = prepare_pair(op, logits, target);
+  const std::optional<at::Tensor> fov_planes = prepare_fov(op, fov, pair, logits);
+  const uint8_t* fov_ptr = fov_planes.has_value() ? fov_planes->data_ptr<uint8_t>() : nullptr;
   const cuda::Geometry g = geometry_of(pair);
   check_sizes(op, g);
   check_backward_inputs(op, grad_loss, sums, logits, g.num_masks);
@@ -91,12 +97,12 @@ at::Tensor dice_bce_loss_backward_cuda(const at::Tensor& grad_loss, const at::Te
     const void* target_ptr = pair.target.data_ptr();
     const cuda::PlaneType type = plane_type_of(pair.target);
     if (is_double) {
-      check_launch(op, cuda::launch_dice_bce_backward(pair.logits.planes.data_ptr<double>(), target_ptr, type, g,
+      check_launch(op, cuda::launch_dice_bce_backward(pair.logits.planes.data_ptr<double>(), target_ptr, type, fov_ptr, g,
                                                       sums64.data_ptr<double>(), grad_loss64.data_ptr<double>(),
                                                       dice_weight, bce_weight, eps, grad.data_ptr<double>(),
                                                       workspace.data_ptr(), stream));
     } else {
-      check_launch(op, cuda::launch_dice_bce_backward(pair.logits.planes.data_ptr<float>(), target_ptr, type, g,
+      check_launch(op, cuda::launch_dice_bce_backward(pair.logits.planes.data_ptr<float>(), target_ptr, type, fov_ptr, g,
                                                       sums64.data_ptr<double>(), grad_loss64.data_ptr<double>(),
                                                       dice_weight, bce_weight, eps, grad.data_ptr<float>(),
                                                       workspace.data_ptr(), stream));

@@ -91,8 +91,8 @@ inline void check_backward_inputs(const char* op, const at::Tensor& grad_loss, c
                                   const at::Tensor& logits, int64_t num_masks) {
   TORCH_CHECK(grad_loss.dim() == 1 && grad_loss.size(0) == num_masks, op, ": grad_loss must have shape (",
               num_masks, ",), got ", grad_loss.sizes());
-  TORCH_CHECK(sums.dim() == 2 && sums.size(0) == num_masks && sums.size(1) == 4, op, ": sums must have shape (",
-              num_masks, ", 4), got ", sums.sizes());
+  TORCH_CHECK(sums.dim() == 2 && sums.size(0) == num_masks && sums.size(1) == 5, op, ": sums must have shape (",
+              num_masks, ", 5), got ", sums.sizes());
   TORCH_CHECK(grad_loss.device() == logits.device() && sums.device() == logits.device(), op,
               ": grad_loss and sums must be on the logits' device ", logits.device());
 }

@@ -14,6 +14,7 @@ __all__ = [
     "compute_dtype",
     "check_logits",
     "check_planes",
+    "check_fov",
     "check_size",
     "check_reduction",
     "check_loss_weights",
@@ -56,6 +57,15 @@ def check_planes(op: str, name: str, planes: torch.Tensor, logits: torch.Tensor,
     if not allowed:
         kinds = "bool, uint8 or floating point" if allow_float else "bool or uint8"
         raise TypeError(f"{op}: {name} must be {kinds}, got {planes.dtype}")
+
+
+def check_fov(op: str, fov: torch.Tensor | None, target: torch.Tensor, logits: torch.Tensor) -> None:
+    """An optional field of view: a bool / uint8 (N, H, W) stack of the target's shape on the logits' device."""
+    if fov is None:
+        return
+    check_planes(op, "fov", fov, logits, allow_float=False)
+    if fov.shape != target.shape:
+        raise ValueError(f"{op}: fov has shape {tuple(fov.shape)} but target has {tuple(target.shape)}")
 
 
 def check_size(op: str, size: Sequence[int]) -> tuple[int, int]:

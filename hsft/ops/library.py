@@ -15,7 +15,8 @@ from dataclasses import dataclass
 
 import torch
 
-__all__ = ["ENV_VAR", "BUILD_HINT", "LibraryStatus", "load", "status", "has_kernel", "OpsFallbackWarning"]
+__all__ = ["ENV_VAR", "BUILD_HINT", "LibraryStatus", "load", "status", "has_kernel", "has_cuda_kernel",
+           "OpsFallbackWarning"]
 
 ENV_VAR = "HSFT_OPS_LIBRARY"
 BUILD_HINT = (
@@ -82,6 +83,11 @@ def load() -> LibraryStatus:
 def status() -> LibraryStatus:
     """Whether the compiled ops are in use, and where they came from (or why not)."""
     return load()
+
+
+def has_cuda_kernel(op_name: str) -> bool:
+    """True when the loaded library registered a CUDA kernel for ``hsft::<op_name>`` (needs no GPU)."""
+    return load().loaded and torch._C._dispatch_has_kernel_for_dispatch_key(f"hsft::{op_name}", "CUDA")
 
 
 def has_kernel(device: torch.device) -> bool:

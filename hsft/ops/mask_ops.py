@@ -7,7 +7,14 @@ from collections.abc import Sequence
 import torch
 
 from hsft.ops import library, reference
-from hsft.ops.inputs import check_logits, check_loss_weights, check_planes, check_reduction, check_size
+from hsft.ops.inputs import (
+    check_fov,
+    check_logits,
+    check_loss_weights,
+    check_planes,
+    check_reduction,
+    check_size,
+)
 
 __all__ = ["dice_bce_loss", "mask_loss", "upsample_masks", "mask_stats"]
 
@@ -16,6 +23,7 @@ def mask_loss(
     logits: torch.Tensor,
     target: torch.Tensor,
     *,
+    fov: torch.Tensor | None = None,
     dice_weight: float = 1.0,
     bce_weight: float = 0.5,
     eps: float = 1e-8,
@@ -30,12 +38,15 @@ def mask_loss(
     op = "hsft.ops.mask_loss"
     check_logits(op, logits)
     check_planes(op, "target", target, logits, allow_float=True)
+    check_fov(op, fov, target, logits)
     check_loss_weights(op, dice_weight, bce_weight, eps)
     check_reduction(op, reduction)
     if library.has_kernel(logits.device):
-        per_mask, _ = torch.ops.hsft.dice_bce_loss(logits, target, float(dice_weight), float(bce_weight), float(eps))
+        per_mask, _ = torch.ops.hsft.dice_bce_loss(logits, target, fov, float(dice_weight), float(bce_weight),
+                                                   float(eps))
     else:
-        per_mask = reference.mask_loss(logits, target, dice_weight=dice_weight, bce_weight=bce_weight, eps=eps)
+        per_mask = reference.mask_loss(logits, target, fov=fov, dice_weight=dice_weight, bce_weight=bce_weight,
+                                       eps=eps)
     return per_mask.mean() if reduction == "mean" else per_mask
 
 
@@ -43,6 +54,7 @@ def dice_bce_loss(
     logits: torch.Tensor,
     target: torch.Tensor,
     *,
+    fov: torch.Tensor | None = None,
     bce_weight: float = 0.5,
     eps: float = 1e-8,
     reduction: str = "mean",
@@ -54,10 +66,15 @@ def dice_bce_loss(
 
         1 - (2 sum(p g) + eps) / (sum p + sum g + eps) + bce_weight * mean(BCE-with-logits)
 
+    With ``fov`` the sums and the mean run over the pixels inside the field of view only (the
+    black border of a fundus image is then neither a true negative nor a BCE term); an empty field
+    of view gives 0 (with eps > 0) and a zero gradient.
+
     Args:
         logits: (N, h, w) or (N, 1, h, w), float64 / float32 / bfloat16 / float16.
         target: (N, H, W), any H, W. bool / uint8 (any non-zero value is foreground) or floating
             point in [0, 1] (soft labels used as they are).
+        fov: optional (N, H, W) bool / uint8 field of view (non-zero = inside), on the logits' device.
         bce_weight: weight of the BCE term (>= 0).
         eps: smoothing of the Dice ratio (>= 0).
         reduction: "mean" (scalar, mean over masks) or "none" (per-mask vector of shape (N,)).
@@ -67,7 +84,7 @@ def dice_bce_loss(
         float32). Differentiable w.r.t. ``logits``; the gradient comes back in the logits' dtype
         and is deterministic (no floating-point atomics).
     """
-    return mask_loss(logits, target, dice_weight=1.0, bce_weight=bce_weight, eps=eps, reduction=reduction)
+    return mask_loss(logits, target, fov=fov, dice_weight=1.0, bce_weight=bce_weight, eps=eps, reduction=reduction)
 
 
 def upsample_masks(logits: torch.Tensor, size: Sequence[int], *, threshold: float | None = None) -> torch.Tensor:
@@ -111,10 +128,7 @@ def mask_stats(logits: torch.Tensor, target: torch.Tensor, *, fov: torch.Tensor 
     op = "hsft.ops.mask_stats"
     check_logits(op, logits)
     check_planes(op, "target", target, logits, allow_float=True)
-    if fov is not None:
-        check_planes(op, "fov", fov, logits, allow_float=False)
-        if fov.shape != target.shape:
-            raise ValueError(f"{op}: fov has shape {tuple(fov.shape)} but target has {tuple(target.shape)}")
+    check_fov(op, fov, target, logits)
     if library.has_kernel(logits.device):
         return torch.ops.hsft.mask_stats(logits, target, fov)
     return reference.mask_stats(logits, target, fov=fov)

@@ -15,6 +15,7 @@ import torch
 import torch.nn.functional as F
 
 from hsft.ops.inputs import (
+    check_fov,
     check_logits,
     check_loss_weights,
     check_planes,
@@ -61,21 +62,36 @@ def mask_loss(
     logits: torch.Tensor,
     target: torch.Tensor,
     *,
+    fov: torch.Tensor | None = None,
     dice_weight: float = 1.0,
     bce_weight: float = 0.5,
     eps: float = 1e-8,
 ) -> torch.Tensor:
-    """Per-mask dice_weight * Dice loss + bce_weight * mean BCE-with-logits, shape (N,)."""
+    """Per-mask dice_weight * Dice loss + bce_weight * mean BCE-with-logits, shape (N,).
+
+    With `fov`, only pixels where it is non-zero count: the Dice sums run over them and the BCE is
+    their mean (0 for an empty field of view).
+    """
     op = "hsft.ops.reference.mask_loss"
     check_logits(op, logits)
     check_planes(op, "target", target, logits, allow_float=True)
+    check_fov(op, fov, target, logits)
     check_loss_weights(op, dice_weight, bce_weight, eps)
     z = _upsample(logits, (target.shape[1], target.shape[2]))
     g = target_values(target, z.dtype)
     p = torch.sigmoid(z)
+    bce_map = F.binary_cross_entropy_with_logits(z, g, reduction="none")
+    if fov is None:
+        intersection = (p * g).sum(dim=(1, 2))
+        dice = 1.0 - (2.0 * intersection + eps) / (p.sum(dim=(1, 2)) + g.sum(dim=(1, 2)) + eps)
+        bce = bce_map.mean(dim=(1, 2))
+        return dice_weight * dice + bce_weight * bce
+    inside = (fov != 0).to(z.dtype)
+    p, g = p * inside, g * inside
     intersection = (p * g).sum(dim=(1, 2))
     dice = 1.0 - (2.0 * intersection + eps) / (p.sum(dim=(1, 2)) + g.sum(dim=(1, 2)) + eps)
-    bce = F.binary_cross_entropy_with_logits(z, g, reduction="none").mean(dim=(1, 2))
+    count = inside.sum(dim=(1, 2))
+    bce = (bce_map * inside).sum(dim=(1, 2)) / count.clamp(min=1.0)
     return dice_weight * dice + bce_weight * bce
 
 
@@ -83,13 +99,14 @@ def dice_bce_loss(
     logits: torch.Tensor,
     target: torch.Tensor,
     *,
+    fov: torch.Tensor | None = None,
     bce_weight: float = 0.5,
     eps: float = 1e-8,
     reduction: str = "mean",
 ) -> torch.Tensor:
     """Dice + bce_weight * BCE of sigmoid(upsampled logits); see hsft.ops.dice_bce_loss."""
     check_reduction("hsft.ops.reference.dice_bce_loss", reduction)
-    per_mask = mask_loss(logits, target, dice_weight=1.0, bce_weight=bce_weight, eps=eps)
+    per_mask = mask_loss(logits, target, fov=fov, dice_weight=1.0, bce_weight=bce_weight, eps=eps)
     return per_mask.mean() if reduction == "mean" else per_mask
 
 
@@ -100,12 +117,10 @@ def mask_stats(
     op = "hsft.ops.reference.mask_stats"
     check_logits(op, logits)
     check_planes(op, "target", target, logits, allow_float=True)
+    check_fov(op, fov, target, logits)
     pred = _upsample(logits, (target.shape[1], target.shape[2])) > 0
     gt = _target_positive(target)
     if fov is not None:
-        check_planes(op, "fov", fov, logits, allow_float=False)
-        if fov.shape != target.shape:
-            raise ValueError(f"{op}: fov has shape {tuple(fov.shape)} but target has {tuple(target.shape)}")
         inside = fov != 0
         pred = pred & inside
         gt = gt & inside

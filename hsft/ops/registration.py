@@ -22,18 +22,21 @@ def _loss_dtype(logits: torch.Tensor) -> torch.dtype:
 
 
 def _dice_bce_loss_fake(
-    logits: torch.Tensor, target: torch.Tensor, dice_weight: float, bce_weight: float, eps: float
+    logits: torch.Tensor, target: torch.Tensor, fov: torch.Tensor | None, dice_weight: float, bce_weight: float,
+    eps: float,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     torch._check(logits.dim() in (3, 4), lambda: "hsft::dice_bce_loss: logits must be 3-D or 4-D")
     torch._check(target.dim() == 3, lambda: "hsft::dice_bce_loss: target must be (N, H, W)")
+    torch._check(fov is None or fov.shape == target.shape, lambda: "hsft::dice_bce_loss: fov must match target")
     n = logits.shape[0]
-    return logits.new_empty((n,), dtype=_loss_dtype(logits)), logits.new_empty((n, 4), dtype=torch.float64)
+    return logits.new_empty((n,), dtype=_loss_dtype(logits)), logits.new_empty((n, 5), dtype=torch.float64)
 
 
 def _dice_bce_loss_backward_fake(
     grad_loss: torch.Tensor,
     logits: torch.Tensor,
     target: torch.Tensor,
+    fov: torch.Tensor | None,
     sums: torch.Tensor,
     dice_weight: float,
     bce_weight: float,
@@ -53,24 +56,24 @@ def _mask_stats_fake(logits: torch.Tensor, target: torch.Tensor, fov: torch.Tens
 
 
 def _dice_bce_loss_setup_context(ctx: Any, inputs: tuple[Any, ...], output: tuple[torch.Tensor, ...]) -> None:
-    logits, target, dice_weight, bce_weight, eps = inputs
+    logits, target, fov, dice_weight, bce_weight, eps = inputs
     _, sums = output
-    ctx.save_for_backward(logits, target, sums)
+    ctx.save_for_backward(logits, target, fov, sums)
     ctx.mark_non_differentiable(sums)
     ctx.weights = (dice_weight, bce_weight, eps)
 
 
 def _dice_bce_loss_backward(
     ctx: Any, grad_loss: torch.Tensor, grad_sums: torch.Tensor | None
-) -> tuple[torch.Tensor | None, None, None, None, None]:
-    logits, target, sums = ctx.saved_tensors
+) -> tuple[torch.Tensor | None, None, None, None, None, None]:
+    logits, target, fov, sums = ctx.saved_tensors
     grad_logits = None
     if ctx.needs_input_grad[0]:
         dice_weight, bce_weight, eps = ctx.weights
         grad_logits = torch.ops.hsft.dice_bce_loss_backward(
-            grad_loss, logits, target, sums, dice_weight, bce_weight, eps
+            grad_loss, logits, target, fov, sums, dice_weight, bce_weight, eps
         )
-    return grad_logits, None, None, None, None
+    return grad_logits, None, None, None, None, None
 
 
 def register() -> None:

@@ -14,9 +14,14 @@ from mmap and leaves the resident set when freed. It counts everything the call 
 kernels' own scratch included. Timings run before that, with the allocator's default behaviour.
 CUDA: torch.cuda.max_memory_allocated minus memory_allocated before the call.
 
-CUDA rows also report the achieved bandwidth (the bytes the fused op must move: targets,
-logits, gradient) and the fraction of a roofline made of the measured device-to-device copy
-bandwidth and an estimate of the op's floating-point work against the FP32 peak.
+CUDA rows also report the achieved bandwidth, the bytes the op must move at the least (uint8
+targets and float32 logits read, the float32 gradient written) over the median time, and its
+fraction of the memory roofline: the card's peak memory bandwidth from a table by device name
+(:data:`PEAK_BANDWIDTH_TBS`), or the measured device-to-device copy bandwidth for cards not in it.
+
+"ours" is the compiled kernel or nothing: when the compiled library has no kernel for the device
+(not built, or built without CUDA) the benchmark refuses to run rather than time the reference
+under that name.
 """
 
 from __future__ import annotations
@@ -37,17 +42,32 @@ import torch
 from hsft.ops import library, reference
 from hsft.ops.mask_ops import dice_bce_loss
 
-__all__ = ["Shape", "Row", "DEFAULT_SHAPES", "QUICK_SHAPES", "PROVIDERS", "MODES", "run", "format_table",
-           "write_results"]
+__all__ = ["Shape", "Row", "DEFAULT_SHAPES", "QUICK_SHAPES", "PROVIDERS", "MODES", "PEAK_BANDWIDTH_TBS", "run",
+           "peak_bandwidth", "format_table", "write_results", "BenchmarkError", "OursUnavailable"]
 
 PROVIDERS = ("eager", "compile", "ours")
 MODES = ("fwd", "bwd", "fwd+bwd")
 MMAP_THRESHOLD = 65536
-# Floating-point operations per full-resolution pixel of the fused op (interpolation, logistic
-# terms with the polynomial exp / log1p, sums or gradient): an estimate for the roofline.
-FLOPS_PER_PIXEL = {"fwd": 60, "bwd": 45, "fwd+bwd": 105}
-# Non-tensor FP32 peak (TFLOP/s) of a few GPUs, by name fragment; others report no compute bound.
-FP32_PEAK_TFLOPS = {"H200": 67.0, "H100": 67.0, "A100": 19.5, "L40S": 91.6, "A10": 31.2}
+# Peak memory bandwidth (TB/s, vendor figures) by a fragment of torch.cuda.get_device_name, first
+# match wins (so "H100 PCIe" comes before "H100", whose SXM part reports as "H100 80GB HBM3").
+PEAK_BANDWIDTH_TBS = (
+    ("H200", 4.8),
+    ("H100 PCIe", 2.0),
+    ("H100 NVL", 3.9),
+    ("H100", 3.35),
+    ("A100-SXM4-80GB", 2.039),
+    ("A100-SXM4-40GB", 1.555),
+    ("A100 80GB PCIe", 1.935),
+    ("A100-PCIE-40GB", 1.555),
+)
+
+
+class BenchmarkError(RuntimeError):
+    """The benchmark cannot run as asked (one line saying why)."""
+
+
+class OursUnavailable(BenchmarkError):
+    """The compiled kernel for the benchmark's device is missing, so "ours" cannot be measured."""
 
 
 @dataclass(frozen=True)
@@ -61,7 +81,7 @@ class Shape:
         return f"{self.masks}x{self.low}->{self.high}"
 
 
-DEFAULT_SHAPES = (Shape(8, 64, 256), Shape(16, 64, 256), Shape(8, 256, 1024), Shape(16, 256, 1024))
+DEFAULT_SHAPES = (Shape(8, 256, 1024), Shape(16, 256, 1024), Shape(64, 256, 1024))
 QUICK_SHAPES = (Shape(8, 64, 256), Shape(8, 256, 1024))
 
 
@@ -77,7 +97,7 @@ class Row:
     repeats: int
     peak_extra_mib: float
     bandwidth_gbs: float | None = None
-    roofline_fraction: float | None = None
+    roofline_fraction: float | None = None  # of the peak (or measured copy) memory bandwidth
 
 
 def _pin_malloc_mmap_threshold() -> None:
@@ -182,6 +202,16 @@ def _moved_bytes(shape: Shape, mode: str) -> int:
     return {"fwd": per_pass, "bwd": per_pass + low, "fwd+bwd": 2 * per_pass + low}[mode]
 
 
+def peak_bandwidth(device: torch.device) -> tuple[float, str]:
+    """(bytes/s, where the figure comes from) of the CUDA device's memory: the table, else a copy."""
+    name = torch.cuda.get_device_name(device)
+    for fragment, tbs in PEAK_BANDWIDTH_TBS:
+        if fragment in name:
+            return tbs * 1e12, f"{name}: vendor peak {tbs} TB/s"
+    measured = _copy_bandwidth(device)
+    return measured, f"{name}: measured device-to-device copy {measured / 1e12:.2f} TB/s (not in the table)"
+
+
 def _copy_bandwidth(device: torch.device) -> float:
     """Measured device-to-device copy bandwidth in bytes/s (read + write)."""
     buffer = torch.empty(256 * 2**20, dtype=torch.uint8, device=device)
@@ -203,19 +233,20 @@ def run(
     """Times every provider, mode and shape; returns one Row each."""
     dev = torch.device(device)
     if dev.type == "cuda" and not torch.cuda.is_available():
-        raise RuntimeError("benchmark: --device cuda asked for but no CUDA device is available")
+        raise BenchmarkError("benchmark: --device cuda asked for but no CUDA device is available")
     if "ours" in providers and not library.has_kernel(dev):
-        log(f"note: the compiled ops are not available on {dev.type}; 'ours' runs the reference "
-            f"({library.status().source})")
+        raise OursUnavailable(
+            f"benchmark: no compiled hsft kernel for {dev.type} ({library.status().source}), so 'ours' would "
+            f"time the pure-torch reference; build the ops for {dev.type} or leave 'ours' out (--providers)")
     for mode in modes:
         if mode not in MODES:
             raise ValueError(f"unknown mode {mode!r}; choose from {MODES}")
     table = _providers(providers)
-    copy_bw = _copy_bandwidth(dev) if dev.type == "cuda" else None
-    peak_flops = None
+    peak_bw = None
     if dev.type == "cuda":
-        name = torch.cuda.get_device_name(dev)
-        peak_flops = next((tf * 1e12 for key, tf in FP32_PEAK_TFLOPS.items() if key in name), None)
+        peak_bw, source = peak_bandwidth(dev)
+        log(f"memory roofline: {source}")
+
     def inputs(shape: Shape) -> tuple[torch.Tensor, torch.Tensor]:
         gen = torch.Generator().manual_seed(seed)
         logits = torch.randn(shape.masks, shape.low, shape.low, generator=gen).to(dev).requires_grad_(True)
@@ -231,14 +262,10 @@ def run(
                 median = statistics.median(times)
                 row = Row(dev.type, shape.label, provider, mode, median * 1e3, min(times) * 1e3, max(times) * 1e3,
                           repeats, float("nan"))
-                if copy_bw is not None:
+                if peak_bw is not None:
                     moved = _moved_bytes(shape, mode)
                     row.bandwidth_gbs = moved / median / 1e9
-                    bound = moved / copy_bw
-                    if peak_flops is not None:
-                        pixels = shape.masks * shape.high * shape.high
-                        bound = max(bound, FLOPS_PER_PIXEL[mode] * pixels / peak_flops)
-                    row.roofline_fraction = bound / median
+                    row.roofline_fraction = moved / peak_bw / median
                 rows.append(row)
                 log(f"  {shape.label:>14} {provider:>8} {mode:>8}: {row.median_ms:9.3f} ms "
                     f"[{row.min_ms:.3f}, {row.max_ms:.3f}]")
@@ -289,6 +316,7 @@ def machine_description() -> dict[str, str | int]:
     }
     if torch.cuda.is_available():
         info["gpu"] = torch.cuda.get_device_name(0)
+        info["memory_roofline"] = peak_bandwidth(torch.device("cuda"))[1]
     return info
 
 
