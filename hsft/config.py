@@ -276,7 +276,7 @@ class RunConfig:
     precision: str | None = field(default=None, metadata={"help": "override the DeepSpeed config: bf16 or fp32"})
     resume: bool = field(default=False, metadata={"help": "continue from the latest complete checkpoint"})
     overwrite: bool = field(default=False, metadata={"help": "replace the selected stages' earlier output"})
-    start: str | None = field(
+    start_model: str | None = field(
         default=None, metadata={"flag": "--model", "help": "a saved model directory (e.g. a stage's model/) that "
                                                            "the first selected stage starts from"}
     )
@@ -292,7 +292,7 @@ class RunConfig:
     @property
     def embedded_default(self) -> bool:
         """True when no real checkpoint was given: the pipeline builds and pre-trains the tiny preset."""
-        return self.model.vlm is None and self.start is None
+        return self.model.vlm is None and self.start_model is None
 
     def validate(self) -> None:
         unknown = [s for s in self.stages if s not in STAGE_ORDER]

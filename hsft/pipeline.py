@@ -77,8 +77,8 @@ def _check_output_dir(cfg: RunConfig, out: Path) -> None:
 def _starting_model(ctx: RunContext) -> tuple[Path | None, str]:
     """The model directory the first selected stage reads, and a label for the report."""
     cfg = ctx.cfg
-    if cfg.start:
-        start = Path(cfg.start)
+    if cfg.start_model:
+        start = Path(cfg.start_model)
         if not is_model_directory(start):
             raise PipelineError(f"--model {start}: not a saved hsft model directory (no {META_FILE}); pass a "
                                 "stage's model/ directory")

@@ -10,9 +10,9 @@ import shlex
 import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import _import_hsft  # noqa: F401  (first: makes `import hsft` find the package)
 
-from hsft.bench import kernels as benchmark  # noqa: E402
+from hsft.bench import kernels as benchmark
 
 
 def main() -> None:

@@ -29,7 +29,7 @@ def test_nested_fields_become_stage_named_options():
 def test_bools_optionals_and_flag_override():
     cfg = parse(["--resume", "--hsft-cache-features", "false", "--mining-hard-quantile", "0.2", "--model", "m"])
     assert cfg.resume is True and cfg.hsft.cache_features is False
-    assert cfg.mining.hard_quantile == 0.2 and cfg.start == "m"
+    assert cfg.mining.hard_quantile == 0.2 and cfg.start_model == "m"
     assert parse(["--mining-hard-quantile", "none"]).mining.hard_quantile is None
     with pytest.raises(SystemExit):
         parse(["--resume", "maybe"])

@@ -35,7 +35,7 @@ def test_defaults_are_valid_and_the_published_settings():
     ({"stages": ("lora", "base")}, "stages"),
     ({"stages": ("mine",)}, "stages"),
     ({"stages": ()}, "stages"),
-    ({"start": "some/model", "stages": ("base", "lora")}, "stages"),
+    ({"start_model": "some/model", "stages": ("base", "lora")}, "stages"),
 ])
 def test_bad_values_are_refused_naming_the_field(changes, field):
     with pytest.raises(ValueError, match=rf"^{field}:"):

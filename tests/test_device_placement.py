@@ -41,13 +41,13 @@ def _devices(*tensors) -> set[torch.device]:
 def test_a_training_batch_lives_on_the_models_device(meta_model, samples):
     batch = make_seg_batch(meta_model, samples, form="response", dtype=torch.float32, device=META)
     assert _devices(batch.images.vlm_pixels, batch.images.sam_pixels, batch.tokens.input_ids,
-                    batch.tokens.attention_mask, batch.tokens.labels, *batch.masks) == {META}
+                    batch.tokens.attention_mask, batch.tokens.labels, *batch.masks, *batch.fovs) == {META}
 
 
 def test_the_cached_objective_runs_on_the_models_device(meta_model, samples):
     cache = FeatureCache(meta_model, "response", on_device=True)
     batch = cache.batch(samples, torch.float32, META)
-    assert _devices(batch.seg_hidden, *batch.masks, batch.sam_features.image_embedding) == {META}
+    assert _devices(batch.seg_hidden, *batch.masks, *batch.fovs, batch.sam_features.image_embedding) == {META}
     loss, terms = SegObjective(meta_model, lm_weight=0.0, mask_weight=1.0)(batch)
     assert loss.device == META and loss.shape == () and {"mask_loss", "dice_loss", "bce"} <= set(terms)
 
@@ -66,7 +66,7 @@ def test_a_dpo_batch_and_its_loss_live_on_the_models_device(meta_model, samples)
     task.cache = FeatureCache(meta_model, dpo.SEG_FORM, on_device=True)
     task.reference = {s.id: (-0.5, -0.7) for s in samples}
     batch = task.make_batch([0, 1], torch.float32, META)
-    assert _devices(*batch.chosen, *batch.rejected, batch.reference_chosen, batch.reference_rejected,
+    assert _devices(*batch.chosen, *batch.rejected, *batch.fovs, batch.reference_chosen, batch.reference_rejected,
                     batch.margin, batch.seg_hidden) == {META}
     loss, _ = dpo.MaskDPOObjective(meta_model, dpo.DPOStageConfig())(batch)
     assert loss.device == META

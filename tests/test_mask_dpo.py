@@ -151,3 +151,22 @@ def test_a_few_steps_on_a_toy_problem_raise_reward_accuracy():
     last_accuracy, last_loss = accuracy_and_loss()
     assert first_accuracy == 0.0 and first_loss.item() == pytest.approx(math.log(2.0))
     assert last_accuracy >= 0.9 and last_loss.item() < 0.9 * math.log(2.0)
+
+
+def test_pixels_outside_the_field_of_view_do_not_count():
+    g = torch.Generator().manual_seed(3)
+    logits = torch.randn(1, 4, 4, generator=g)
+    chosen, rejected = torch.rand(8, 8, generator=g) > 0.5, torch.rand(8, 8, generator=g) > 0.5
+    fov = torch.zeros(8, 8, dtype=torch.bool)
+    fov[2:6, 1:7] = True
+    for normalisation in ("mean", "sum", "disagree"):
+        base = mask_pair_logps(logits, [chosen], [rejected], normalisation=normalisation, fovs=[fov])
+        outside_changed = mask_pair_logps(logits, [torch.where(fov, chosen, ~chosen)], [rejected],
+                                          normalisation=normalisation, fovs=[fov])
+        torch.testing.assert_close(base, outside_changed)
+        inside_changed = mask_pair_logps(logits, [torch.where(fov, ~chosen, chosen)], [rejected],
+                                         normalisation=normalisation, fovs=[fov])
+        assert not torch.allclose(base[0], inside_changed[0])
+    # no field of view: the same as a field of view covering the image
+    torch.testing.assert_close(mask_pair_logps(logits, [chosen], [rejected], fovs=[None]),
+                               mask_pair_logps(logits, [chosen], [rejected], fovs=[torch.ones(8, 8, dtype=torch.bool)]))

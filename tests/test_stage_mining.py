@@ -51,3 +51,22 @@ def test_mining_stage_writes_the_hard_set_and_its_report_section(tiny_model_dir,
     assert mining.read_hard_ids(ctx.stage_dir("mining")) and result.section[0].startswith("## Hard-sample mining")
     with pytest.raises(FileNotFoundError, match="run the 'mining' stage first"):
         mining.read_hard_ids(tmp_path / "nowhere")
+
+
+def test_mining_runs_the_model_in_the_training_precision_on_the_runs_device(tiny_model_dir, samples, make_context,
+                                                                           monkeypatch):
+    from types import SimpleNamespace
+
+    import torch
+
+    seen = {}
+
+    def record(model, train_samples, cfg):
+        seen.update(dtype=model.dtype, device=model.device)
+        one = mining.MinedSample(id=train_samples[0].id, dice=0.5, bucket="moderate", seg_emitted=True)
+        return mining.MiningResult(samples=[one], hard_ids=[one.id], rule="recorded")
+
+    monkeypatch.setattr(mining, "mine_hard_samples", record)
+    ctx = make_context(SimpleNamespace(train=samples, val=[], test=[]), precision="bf16")
+    mining.run(ctx, ctx.cfg.mining, tiny_model_dir)
+    assert seen == {"dtype": torch.bfloat16, "device": ctx.device}

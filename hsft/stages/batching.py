@@ -18,6 +18,7 @@ class SegBatch:
     images: object  # hsft.model.ImageBatch
     tokens: object  # hsft.model.TokenBatch
     masks: list[torch.Tensor]  # each (H, W) bool at the sample's original size
+    fovs: list[torch.Tensor | None]  # each (H, W) bool field of view, None where the data have none
 
 
 def make_seg_batch(model, samples: list[Sample], *, form: str, dtype: torch.dtype, device: torch.device) -> SegBatch:
@@ -25,7 +26,8 @@ def make_seg_batch(model, samples: list[Sample], *, form: str, dtype: torch.dtyp
     pixels in `dtype`."""
     images = model.preprocess([s.image for s in samples]).to(device=device, dtype=dtype)
     tokens = model.tokenize(len(samples), form=form).to(device)
-    return SegBatch(ids=[s.id for s in samples], images=images, tokens=tokens, masks=masks_on(samples, device))
+    return SegBatch(ids=[s.id for s in samples], images=images, tokens=tokens, masks=masks_on(samples, device),
+                    fovs=fovs_on(samples, device))
 
 
 def masks_on(samples: list[Sample], device: torch.device) -> list[torch.Tensor]:
@@ -33,9 +35,16 @@ def masks_on(samples: list[Sample], device: torch.device) -> list[torch.Tensor]:
     return [torch.from_numpy(s.mask).to(device) for s in samples]
 
 
-def mask_loss_per_sample(logits: torch.Tensor, masks: list[torch.Tensor], *, bce_weight: float,
-                         eps: float) -> torch.Tensor:
-    """Dice + bce_weight * BCE of each low-res logit map against its full-resolution mask, shape (B,).
+def fovs_on(samples: list[Sample], device: torch.device) -> list[torch.Tensor | None]:
+    """The samples' fields of view on `device` (None for a sample without one): the loss counts the
+    pixels inside, as mining and evaluation do."""
+    return [torch.from_numpy(s.fov).to(device) if s.fov is not None else None for s in samples]
+
+
+def mask_loss_per_sample(logits: torch.Tensor, masks: list[torch.Tensor], fovs: list[torch.Tensor | None], *,
+                         bce_weight: float, eps: float) -> torch.Tensor:
+    """Dice + bce_weight * BCE of each low-res logit map against its full-resolution mask, inside the
+    sample's field of view where it has one, shape (B,).
 
     Samples of one size go through the fused op together; a batch of mixed sizes (the generic folder
     format allows it) is split into same-size groups, since the op takes one target size per call.
@@ -46,7 +55,13 @@ def mask_loss_per_sample(logits: torch.Tensor, masks: list[torch.Tensor], *, bce
     parts = []
     for idx in by_size.values():
         target = torch.stack([masks[i] for i in idx])
-        parts.append((idx, dice_bce_loss(logits[idx], target, bce_weight=bce_weight, eps=eps, reduction="none")))
+        fov = None
+        if any(fovs[i] is not None for i in idx):
+            # A sample without a field of view counts every pixel, as an all-true one does.
+            fov = torch.stack([fovs[i] if fovs[i] is not None else torch.ones_like(masks[i], dtype=torch.bool)
+                               for i in idx])
+        parts.append((idx, dice_bce_loss(logits[idx], target, fov=fov, bce_weight=bce_weight, eps=eps,
+                                         reduction="none")))
     if len(parts) == 1:
         return parts[0][1]
     order = torch.tensor([i for idx, _ in parts for i in idx], device=logits.device)

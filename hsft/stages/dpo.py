@@ -70,6 +70,7 @@ class PairBatch:
     seg_hidden: torch.Tensor  # (B, H)
     chosen: list[torch.Tensor]  # (H_i, W_i) bool
     rejected: list[torch.Tensor]
+    fovs: list[torch.Tensor | None]  # where the data have a field of view, only its pixels count
     reference_chosen: torch.Tensor  # (B,) float32
     reference_rejected: torch.Tensor
     margin: torch.Tensor  # (B,) 1 - Dice
@@ -84,7 +85,8 @@ class MaskDPOObjective(nn.Module):
 
     def logps(self, batch: PairBatch) -> tuple[torch.Tensor, torch.Tensor]:
         logits = self.model.decode_masks(batch.sam_features, batch.seg_hidden)
-        return mask_pair_logps(logits, batch.chosen, batch.rejected, normalisation=self.cfg.normalisation)
+        return mask_pair_logps(logits, batch.chosen, batch.rejected, normalisation=self.cfg.normalisation,
+                               fovs=batch.fovs)
 
     def forward(self, batch: PairBatch) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         policy_chosen, policy_rejected = self.logps(batch)
@@ -146,7 +148,7 @@ class DPOTask:
             logits = self.model.decode_masks(cached.sam_features, cached.seg_hidden)
             chosen, rejected = mask_pair_logps(logits, cached.masks, [torch.from_numpy(p.rejected).to(logits.device)
                                                                       for p in chunk],
-                                               normalisation=self.cfg.normalisation)
+                                               normalisation=self.cfg.normalisation, fovs=cached.fovs)
             for pair, c, r in zip(chunk, chosen.tolist(), rejected.tolist()):
                 reference[pair.sample.id] = (c, r)
         self.module.train(was_training)
@@ -161,7 +163,7 @@ class DPOTask:
         reference = [self.reference[p.sample.id] for p in chunk]
         return PairBatch(
             ids=cached.ids, sam_features=cached.sam_features, seg_hidden=cached.seg_hidden, chosen=cached.masks,
-            rejected=[torch.from_numpy(p.rejected).to(device) for p in chunk],
+            rejected=[torch.from_numpy(p.rejected).to(device) for p in chunk], fovs=cached.fovs,
             reference_chosen=torch.tensor([c for c, _ in reference], dtype=torch.float32, device=device),
             reference_rejected=torch.tensor([r for _, r in reference], dtype=torch.float32, device=device),
             margin=torch.tensor([p.margin for p in chunk], dtype=torch.float32, device=device),
@@ -188,7 +190,11 @@ def run(ctx: RunContext, cfg: DPOStageConfig, start: Path | None) -> StageResult
     start = Path(start)
     stage_dir = ctx.stage_dir("dpo")
     mining = ctx.cfg.mining
-    model = load_model(start, device=ctx.device, dtype="float32")
+    # Pairs come from the inference path in the training dtype on this rank's device, and the reference
+    # log-likelihoods are computed in that dtype too, so that at step 0 the policy is the reference
+    # exactly (loading in the dtype also gives the buffers the parameters' dtype, which DeepSpeed's own
+    # bf16 cast, parameters only, does not).
+    model = load_model(start, device=ctx.device, dtype=ctx.dtype)
     kept, every = inference_pairs(model, ctx.splits.train, pair_threshold=cfg.pair_threshold,
                                   batch_size=mining.batch_size, max_new_tokens=mining.max_new_tokens)
     _write_pairs(stage_dir / "pairs.json", kept, every, cfg.pair_threshold)
@@ -206,10 +212,6 @@ def run(ctx: RunContext, cfg: DPOStageConfig, start: Path | None) -> StageResult
         result.notes = [note + " -- skipped: no pair"]
         return result
 
-    # The reference log-likelihoods are computed in the dtype the policy trains in, so that at step 0 the
-    # policy is the reference exactly; casting here also gives the buffers the parameters' dtype, which
-    # DeepSpeed's own bf16 cast (parameters only) does not.
-    model = model.to(ctx.dtype)
     task = DPOTask(model, kept, cfg, Validation.of(ctx), reference_batch=mining.batch_size)
     trained = train_stage(ctx, task, cfg.train, load_input_model=lambda: load_model(start, dtype="float32"))
     summary.update(skipped=False, optimizer_steps=trained.optimizer_steps, epochs=trained.epoch_metrics)

@@ -16,7 +16,7 @@ def run(ctx: RunContext, cfg: EvalConfig, start: Path | None) -> StageResult:
     rows = []
     for name, path in ctx.models:
         tb = ctx.tb(f"eval_{name}")
-        summary = evaluate_model(load_model(path, device=ctx.device, dtype="float32"), ctx.splits.test, cfg,
+        summary = evaluate_model(load_model(path, device=ctx.device, dtype=ctx.dtype), ctx.splits.test, cfg,
                                  out_dir=ctx.stage_dir("eval") / name, tb=tb, step=ctx.global_step, tag=f"eval/{name}")
         tb.close()
         gen, fwd = summary["paths"]["generate"], summary["paths"]["forward"]

@@ -13,7 +13,8 @@ __all__ = ["mask_pair_logps", "dpo_loss"]
 
 
 def mask_pair_logps(logits: torch.Tensor, chosen: list[torch.Tensor], rejected: list[torch.Tensor], *,
-                    normalisation: str = "mean") -> tuple[torch.Tensor, torch.Tensor]:
+                    normalisation: str = "mean", fovs: list[torch.Tensor | None] | None = None
+                    ) -> tuple[torch.Tensor, torch.Tensor]:
     """Log-likelihoods log pi(y|x) of the chosen and the rejected mask of each sample, shape (B,) each.
 
     The decoder defines a per-pixel Bernoulli: pixel j is foreground with probability sigmoid(l_j),
@@ -37,6 +38,8 @@ def mask_pair_logps(logits: torch.Tensor, chosen: list[torch.Tensor], rejected: 
         logits: (B, h, w) low-resolution mask logits, any floating dtype (computed in float32).
         chosen, rejected: B masks each, (H_i, W_i) bool (or {0, 1}), at each sample's original size.
         normalisation: one of DPO_NORMALISATIONS.
+        fovs: per sample, an (H_i, W_i) bool field of view or None; only the pixels inside count (in
+            every normalisation, "mean" then divides by the field of view's size), as in mining.
 
     Differentiable w.r.t. `logits`.
     """
@@ -56,15 +59,17 @@ def mask_pair_logps(logits: torch.Tensor, chosen: list[torch.Tensor], rejected: 
                            align_corners=False)[0, 0]
         good = good.to(device=up.device, dtype=torch.float32)
         bad = bad.to(device=up.device, dtype=torch.float32)
-        nll_good = F.binary_cross_entropy_with_logits(up, good, reduction="none")
-        nll_bad = F.binary_cross_entropy_with_logits(up, bad, reduction="none")
+        fov = fovs[i] if fovs is not None else None
+        inside = torch.ones_like(up) if fov is None else fov.to(device=up.device, dtype=torch.float32)
+        nll_good = F.binary_cross_entropy_with_logits(up, good, reduction="none") * inside
+        nll_bad = F.binary_cross_entropy_with_logits(up, bad, reduction="none") * inside
         if normalisation == "disagree":
-            region = (good != bad).float()
+            region = (good != bad).float() * inside
             count = region.sum().clamp(min=1.0)  # identical masks: both 0, no preference signal
             logp_chosen.append(-(nll_good * region).sum() / count)
             logp_rejected.append(-(nll_bad * region).sum() / count)
         else:
-            scale = 1.0 if normalisation == "sum" else 1.0 / up.numel()
+            scale = 1.0 if normalisation == "sum" else 1.0 / inside.sum().clamp(min=1.0)
             logp_chosen.append(-nll_good.sum() * scale)
             logp_rejected.append(-nll_bad.sum() * scale)
     return torch.stack(logp_chosen), torch.stack(logp_rejected)

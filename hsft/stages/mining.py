@@ -130,7 +130,8 @@ def run(ctx: RunContext, cfg: MiningConfig, start: Path | None) -> StageResult:
     """Mine the training split with the model `start`; writes `<out>/mining/` and trains nothing."""
     if start is None:
         raise ValueError("mining: needs a model to mine with (--model, or an earlier stage)")
-    model = load_model(start, device=ctx.device, dtype="float32")
+    # The inference path as the run's models train and will be used: this rank's device, training dtype.
+    model = load_model(start, device=ctx.device, dtype=ctx.dtype)
     result = mine_hard_samples(model, ctx.splits.train, cfg)
     stage_dir = ctx.stage_dir("mining")
     tb = ctx.tb("mining")

@@ -13,7 +13,7 @@ import torch
 from torch import nn
 
 from hsft.data import Sample
-from hsft.stages.batching import SegBatch, make_seg_batch, mask_loss_per_sample, masks_on
+from hsft.stages.batching import SegBatch, fovs_on, make_seg_batch, mask_loss_per_sample, masks_on
 from hsft.stages.training import Validation
 
 
@@ -53,6 +53,7 @@ class CachedSegBatch:
     sam_features: object  # hsft.model.SamFeatures
     seg_hidden: torch.Tensor  # (B, H)
     masks: list[torch.Tensor]
+    fovs: list[torch.Tensor | None]
 
 
 class SegObjective(nn.Module):
@@ -73,9 +74,10 @@ class SegObjective(nn.Module):
         terms: dict[str, torch.Tensor] = {}
         loss = logits.new_zeros((), dtype=torch.float32)
         if self.mask_weight > 0:
-            mask_loss = mask_loss_per_sample(logits, batch.masks, bce_weight=self.bce_weight, eps=self.eps).mean()
+            mask_loss = mask_loss_per_sample(logits, batch.masks, batch.fovs, bce_weight=self.bce_weight,
+                                             eps=self.eps).mean()
             with torch.no_grad():
-                dice_only = mask_loss_per_sample(logits, batch.masks, bce_weight=0.0, eps=self.eps).mean()
+                dice_only = mask_loss_per_sample(logits, batch.masks, batch.fovs, bce_weight=0.0, eps=self.eps).mean()
             terms["mask_loss"] = mask_loss.detach()
             terms["dice_loss"] = dice_only
             if self.bce_weight > 0:
@@ -124,4 +126,5 @@ class FeatureCache:
         hidden = torch.cat([self._store[s.id][1] for s in samples])
         return CachedSegBatch(ids=[s.id for s in samples],
                               sam_features=type(feats[0]).cat(feats).to(device, non_blocking=True),
-                              seg_hidden=hidden.to(device, non_blocking=True), masks=masks_on(samples, device))
+                              seg_hidden=hidden.to(device, non_blocking=True), masks=masks_on(samples, device),
+                              fovs=fovs_on(samples, device))
