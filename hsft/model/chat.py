@@ -74,9 +74,12 @@ class ChatTemplate:
     num_image_tokens: int
     seg_token_id: int
     pad_token_id: int
+    # Prepended to every conversation when set (the release's InternLM2 models start with BOS).
+    bos_token: str | None = None
 
     def _system_turn(self, system: str | None) -> str:
-        return "" if system is None else f"{IM_START}system\n{system}{IM_END}\n"
+        bos = self.bos_token or ""
+        return bos if system is None else f"{bos}{IM_START}system\n{system}{IM_END}\n"
 
     def _user_open(self) -> str:
         image = IMG_START + self.image_context_token * self.num_image_tokens + IMG_END
