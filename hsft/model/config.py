@@ -13,9 +13,12 @@ from dataclasses import dataclass, field, fields
 
 from hsft.model.presets import PRESETS
 
-__all__ = ["ModelConfig", "PromptConfig", "Conventions", "SEG_TOKEN", "CHAT_TOKENS", "DTYPES"]
+__all__ = ["ModelConfig", "PromptConfig", "Conventions", "SEG_TOKEN", "IMAGE_PLACEHOLDER", "CHAT_TOKENS", "DTYPES"]
 
 SEG_TOKEN = "[SEG]"
+# Where the image goes in a user's text, as Sa2VA's own examples write it ("<image>Please segment
+# ..."); accepted only at the start. Without it the image comes first, followed by a newline.
+IMAGE_PLACEHOLDER = "<image>"
 # Tokens of the InternVL / Qwen chat template. User text must not contain them: they would break
 # the turn structure (and the image-token count the VLM checks).
 CHAT_TOKENS = ("<|im_start|>", "<|im_end|>", "<img>", "</img>", "<IMG_CONTEXT>")
@@ -60,6 +63,10 @@ def _check_no_chat_tokens(text: str, name: str) -> None:
 
 def validate_instruction(instruction: str, name: str = "instruction") -> None:
     _check(isinstance(instruction, str) and bool(instruction.strip()), name, "must be a non-empty string")
+    _check(instruction.count(IMAGE_PLACEHOLDER) == 0 or (instruction.count(IMAGE_PLACEHOLDER) == 1 and
+                                                         instruction.startswith(IMAGE_PLACEHOLDER)),
+           name, f"{IMAGE_PLACEHOLDER} may only lead the text (the image is placed there): {instruction!r}")
+    _check(bool(instruction.removeprefix(IMAGE_PLACEHOLDER).strip()), name, "has no text besides the image")
     # The "prompt" form appends [SEG] to the instruction; a [SEG] inside it would make two.
     _check(SEG_TOKEN not in instruction, name, f"must not contain {SEG_TOKEN} (it belongs in the response)")
     _check_no_chat_tokens(instruction, name)

@@ -35,8 +35,8 @@ def _read_layout(model_dir: Path) -> dict:
         raise ReleaseError(f"{model_dir}: not a complete hsft model directory (hsft_model.json is missing)")
     release = model_dir / "release"
     if not (release / LAYOUT_FILE).is_file():
-        raise ReleaseError(f"{model_dir}: was not imported from a released Sa2VA checkpoint (no release/{LAYOUT_FILE}); "
-                           "export writes the source's configuration back and needs it")
+        raise ReleaseError(f"{model_dir}: was not imported from a released Sa2VA checkpoint (no "
+                           f"release/{LAYOUT_FILE}); export writes the source's configuration back and needs it")
     for name in (KEPT_FILE, FILES_DIR):
         if not (release / name).exists():
             raise ReleaseError(f"{model_dir}: release/{name} is missing (incomplete copy of the model directory)")
