@@ -60,6 +60,7 @@ _PART_PREFIXES: tuple[tuple[str, str], ...] = (
     ("vlm.model.multi_modal_projector.", "projector"),
     ("vlm.model.language_model.", "llm"),
     ("vlm.lm_head.", "llm"),
+    ("seg_rows.", "llm"),  # trainable [SEG] rows of the embedding / LM head (hsft.model.token_rows)
     ("text_hidden_fcs.", "text_hidden_fcs"),
     ("sam2.vision_encoder.", "sam2_encoder"),
     ("sam2.mask_decoder.conv_s0.", "sam2_encoder"),
