@@ -42,6 +42,7 @@ class TinySizes:
 
 
 SIZES = TinySizes()
+ROPE_THETA = 1_000_000.0  # Qwen2.5's; a converter that dropped it would fall back to 10000
 RELEASE_TOKENS = ("<p>", "</p>", "<vp>", "</vp>")
 
 
@@ -231,7 +232,7 @@ def release_config(family: str, vocab: int, *, tie: bool, template: str | None =
               "drop_path_rate": 0.0, "use_flash_attn": True, "num_channels": 3}
     common = {"vocab_size": vocab, "hidden_size": s.llm, "intermediate_size": s.llm_mlp,
               "num_hidden_layers": s.llm_layers, "num_attention_heads": s.heads, "num_key_value_heads": s.kv_heads,
-              "max_position_embeddings": 512, "rms_norm_eps": 1e-6, "rope_theta": 10000.0, "hidden_act": "silu"}
+              "max_position_embeddings": 512, "rms_norm_eps": 1e-6, "rope_theta": ROPE_THETA, "hidden_act": "silu"}
     if family == "qwen2":
         llm = {"architectures": ["Qwen2ForCausalLM"], "model_type": "qwen2", "tie_word_embeddings": tie,
                "use_sliding_window": False, "torch_dtype": "bfloat16", **common}

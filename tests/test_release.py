@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import release_reference as ref
 import torch
-from release_checkpoints import SIZES, write_release, write_sam2_config
+from release_checkpoints import ROPE_THETA, SIZES, write_release, write_sam2_config
 from safetensors import safe_open
 
 from hsft.model.checkpoint import load_model
@@ -155,7 +155,8 @@ def test_llm_matches_the_release(imported):
     with torch.no_grad():
         hidden = model.vlm.model.language_model(input_ids=ids).last_hidden_state
         logits = model.vlm.lm_head(hidden)
-    want = ref.llm_hidden(ids, t, family, layers=SIZES.llm_layers, heads=SIZES.heads, kv_heads=SIZES.kv_heads)
+    want = ref.llm_hidden(ids, t, family, layers=SIZES.llm_layers, heads=SIZES.heads, kv_heads=SIZES.kv_heads,
+                          theta=ROPE_THETA)
     torch.testing.assert_close(hidden, want, rtol=1e-4, atol=1e-5)
     head = t["language_model.lm_head.weight" if family == "qwen2" else "language_model.output.weight"]
     torch.testing.assert_close(logits, want @ head.T, rtol=1e-4, atol=1e-4)
