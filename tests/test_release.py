@@ -61,7 +61,7 @@ def test_import_export_round_trip_is_bit_exact(tmp_path, sam2_config_file, famil
     # coverage: every tensor is either mapped into the model or kept beside it, and the kept ones are
     # exactly SAM2's video-memory tensors
     kept = {key for key in tensors if key.removeprefix(ref.S).startswith(VIDEO_ONLY)}
-    assert set(report.kept) == kept
+    assert set(report.kept) == kept and report.unrecognised == []
     assert report.mapped + len(report.kept) == len(tensors) == report.tensors
     assert report.llm_family == family and report.tied_lm_head == (family == "qwen2" and tie)
     assert report.dtype == str(dtype).removeprefix("torch.")

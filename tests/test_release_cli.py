@@ -58,6 +58,19 @@ def test_import_then_export_from_the_command_line(tmp_path, convert, capsys, sam
     assert "output directory exists and is not empty" in error
 
 
+def test_unrecognised_tensors_are_kept_and_reported(tmp_path, convert, capsys, sam2_file):
+    src, _ = write_release(tmp_path / "src")
+    extra = torch.arange(6, dtype=torch.bfloat16).reshape(2, 3)
+    _rewrite_tensors(src, lambda t: t.update({"language_model.model.rotary_emb.inv_freq": extra}))
+    assert convert(["import-sa2va", str(src), str(tmp_path / "model"), "--sam2-config", sam2_file]) == 0
+    report = json.loads((tmp_path / "model" / "conversion_report.json").read_text())
+    assert report["unrecognised"] == ["language_model.model.rotary_emb.inv_freq"]
+    assert "Not recognised (1)" in (tmp_path / "model" / "conversion_report.md").read_text()
+    assert convert(["export-sa2va", str(tmp_path / "model"), str(tmp_path / "out")]) == 0
+    assert torch.equal(load_file(tmp_path / "out" / "model.safetensors")["language_model.model.rotary_emb.inv_freq"],
+                       extra)
+
+
 def _edit_config(directory: Path, edit) -> None:
     path = directory / "config.json"
     config = json.loads(path.read_text())

@@ -32,6 +32,7 @@ from hsft.model.config import SEG_TOKEN, Conventions, PromptConfig
 from hsft.model.release.configs import internvl_config, llm_heads, sam2_config
 from hsft.model.release.keys import (
     internlm2_renamer,
+    is_sam2_unused,
     projector_renamer,
     qwen2_renamer,
     sam2_renamer,
@@ -65,6 +66,7 @@ class ImportReport:
     mapped: int
     mapped_prompt_only: list[str]
     kept: list[str]
+    unrecognised: list[str]  # kept too, but not a tensor this converter knows of: check them
     tied_lm_head: bool
     conventions: dict
 
@@ -240,7 +242,9 @@ def import_sa2va(source_dir: str | os.PathLike, output_dir: str | os.PathLike, *
         tensors=len(entries), mapped=sum(e.kind != "kept" for e in entries),
         mapped_prompt_only=sorted(e.release_key for e in entries
                                   if e.kind != "kept" and e.hsft_keys[0].startswith(PROMPT_ONLY)),
-        kept=[e.release_key for e in entries if e.kind == "kept"], tied_lm_head=tied,
+        kept=[e.release_key for e in entries if e.kind == "kept"],
+        unrecognised=[e.release_key for e in entries if e.kind == "kept" and not is_sam2_unused(e.release_key)],
+        tied_lm_head=tied,
         conventions=asdict(conventions),
     )
     _write_report(report, output)
@@ -319,6 +323,10 @@ def _write_report(report: ImportReport, output: Path) -> None:
         *[f"- `{key}`" for key in report.mapped_prompt_only],
         "", "Kept beside the model (SAM2's video memory and object pointers, unused for images); export",
         "writes them back unchanged:", "",
-        *[f"- `{key}`" for key in report.kept],
+        *[f"- `{key}`" for key in report.kept if key not in report.unrecognised],
     ]
+    if report.unrecognised:
+        lines += ["", f"Not recognised ({len(report.unrecognised)}): kept and exported unchanged, but not part of the "
+                  "hsft model; a tensor the release's inference uses must not be here:", "",
+                  *[f"- `{key}`" for key in report.unrecognised]]
     (output / f"{REPORT_FILE}.md").write_text("\n".join(lines) + "\n", encoding="utf-8")
