@@ -2,20 +2,9 @@
 
 from __future__ import annotations
 
-import importlib.util
-from pathlib import Path
-
 import pytest
 import torch
-
-ROOT = Path(__file__).resolve().parents[1]
-
-
-def _main():
-    spec = importlib.util.spec_from_file_location("bench_step_cli", ROOT / "launch" / "bench_step.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module.main
+from launch_scripts import launch_main
 
 
 @pytest.mark.parametrize("argv,message", [
@@ -31,6 +20,6 @@ def test_bad_arguments_stop_before_the_model_is_built(argv, message, capsys, mon
         raise AssertionError("the model must not be built for bad arguments")
 
     monkeypatch.setattr(step, "build_real_model", refuse)
-    assert _main()(argv) == 2
+    assert launch_main("bench_step")(argv) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and message in err[0]

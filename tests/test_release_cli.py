@@ -2,29 +2,20 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import re
 from pathlib import Path
 
 import pytest
 import torch
+from launch_scripts import launch_main
 from release_checkpoints import write_release, write_sam2_config
 from safetensors.torch import load_file, save_file
-
-ROOT = Path(__file__).resolve().parents[1]
-
-
-def _convert_main():
-    spec = importlib.util.spec_from_file_location("convert_cli", ROOT / "launch" / "convert.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module.main
 
 
 @pytest.fixture(scope="module")
 def convert():
-    return _convert_main()
+    return launch_main("convert")
 
 
 @pytest.fixture(scope="module")

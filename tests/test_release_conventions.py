@@ -3,12 +3,12 @@ resize, training path), and --prompt in launch/predict.py and launch/evaluate.py
 
 from __future__ import annotations
 
-import importlib.util
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
+from launch_scripts import launch_main
 from PIL import Image
 from release_checkpoints import write_release, write_sam2_config
 
@@ -19,8 +19,6 @@ from hsft.model.checkpoint import load_model
 from hsft.model.images import IMAGENET_NORM, ImagePreprocessor
 from hsft.model.release import import_sa2va
 from hsft.model.tokenizer import IM_START, IMG_END
-
-ROOT = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture(scope="module")
@@ -109,24 +107,17 @@ def test_prompt_option_is_validated_before_loading_and_used(imported_dirs, tmp_p
     assert f"{IMG_END}Please segment the optic disc." in text
 
 
-def _launch(name: str):
-    spec = importlib.util.spec_from_file_location(f"{name}_cli", ROOT / "launch" / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module.main
-
-
 def test_predict_and_evaluate_take_prompt(tmp_path, capsys):
     model = build_model(ModelConfig(preset="tiny"), seed=0)
     model.save_pretrained(str(tmp_path / "model"))
     image = tmp_path / "a.png"
     Image.fromarray(np.random.default_rng(2).integers(0, 256, (40, 44, 3), dtype=np.uint8)).save(image)
-    predict = _launch("predict")
+    predict = launch_main("predict")
     assert predict(["--checkpoint", str(tmp_path / "model"), str(image), "--out", str(tmp_path / "p"),
                     "--device", "cpu", "--prompt", "<image>Please segment the blood vessels."]) == 0
     assert (tmp_path / "p" / "a_mask.png").is_file()
     capsys.readouterr()
-    evaluate = _launch("evaluate")
+    evaluate = launch_main("evaluate")
     assert evaluate(["--checkpoint", str(tmp_path / "model"), "--output", str(tmp_path / "e"), "--limit", "1",
                      "--device", "cpu", "--no-tensorboard", "--prompt", "Segment <image> now"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
