@@ -10,11 +10,9 @@ import argparse
 import sys
 from pathlib import Path
 
-# launch/hsft.py would shadow the hsft package while this directory is sys.path[0].
-_LAUNCH_DIR = Path(__file__).resolve().parent
-sys.path[:] = [entry for entry in sys.path if Path(entry or ".").resolve() != _LAUNCH_DIR]
+import _import_hsft  # noqa: F401  (first: makes `import hsft` find the package)
 
-from hsft.bench.step import SHAPES, STAGES, format_summary, run  # noqa: E402
+from hsft.bench.step import SHAPES, STAGES, format_summary, run
 
 
 def main(argv=None) -> int:

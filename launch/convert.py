@@ -11,14 +11,10 @@ format back (tensor names, shards, config, tokenizer, remote code) for a model t
 
 import argparse
 import sys
-from pathlib import Path
 
-# Run as a script, this file's directory is sys.path[0], and launch/hsft.py there would shadow the
-# hsft package: drop the directory so `import hsft` finds the package.
-_LAUNCH_DIR = Path(__file__).resolve().parent
-sys.path[:] = [entry for entry in sys.path if Path(entry or ".").resolve() != _LAUNCH_DIR]
+import _import_hsft  # noqa: F401  (first: makes `import hsft` find the package)
 
-from hsft.model.release import ReleaseError, export_sa2va, import_sa2va  # noqa: E402
+from hsft.model.release import ReleaseError, export_sa2va, import_sa2va
 
 
 def parse(argv):

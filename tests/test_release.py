@@ -12,7 +12,7 @@ import torch
 from release_checkpoints import ROPE_THETA, SIZES, write_release, write_sam2_config
 from safetensors import safe_open
 
-from hsft.model.checkpoint import load_model
+from hsft.model.checkpoint import load_model, save_model
 from hsft.model.config import Conventions
 from hsft.model.features import SamFeatures
 from hsft.model.release import ReleaseError, export_sa2va, import_sa2va
@@ -93,7 +93,7 @@ def test_fine_tuned_weights_reach_the_export(tmp_path, sam2_config_file):
         model.vlm.model.language_model.layers[1].self_attn.k_proj.weight.add_(1.0)
         model.sam2.mask_decoder.iou_token.weight.mul_(2.0)
         model.text_hidden_fcs[2].bias.sub_(0.5)
-    model.save_pretrained(str(tmp_path / "stage"))
+    save_model(model, tmp_path / "stage")
     exported = _read_all(export_sa2va(tmp_path / "stage", tmp_path / "export"))
     changed = {key for key in tensors if not torch.equal(exported[key], tensors[key])}
     assert changed == {"language_model.model.layers.1.attention.wqkv.weight",
@@ -194,7 +194,7 @@ def test_hsft_defaults_are_unchanged_for_models_without_conventions(tmp_path):
     model = build_model(ModelConfig())
     assert model.conventions == Conventions()
     assert isinstance(model.text_hidden_fcs[1], torch.nn.GELU)
-    model.save_pretrained(str(tmp_path / "m"))
+    save_model(model, tmp_path / "m")
     meta_path = tmp_path / "m" / "hsft_model.json"
     meta = json.loads(meta_path.read_text())
     del meta["conventions"]  # a directory written before the record existed

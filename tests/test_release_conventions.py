@@ -13,9 +13,9 @@ from PIL import Image
 from release_checkpoints import write_release, write_sam2_config
 
 from hsft.eval import InputError
-from hsft.eval.commands import load_checkpoint, run_predict
+from hsft.eval.cli import load_checkpoint, run_predict
 from hsft.model import ModelConfig, build_model
-from hsft.model.checkpoint import load_model
+from hsft.model.checkpoint import load_model, save_model
 from hsft.model.images import IMAGENET_NORM, ImagePreprocessor
 from hsft.model.release import import_sa2va
 from hsft.model.tokenizer import IM_START, IMG_END
@@ -109,7 +109,7 @@ def test_prompt_option_is_validated_before_loading_and_used(imported_dirs, tmp_p
 
 def test_predict_and_evaluate_take_prompt(tmp_path, capsys):
     model = build_model(ModelConfig(preset="tiny"), seed=0)
-    model.save_pretrained(str(tmp_path / "model"))
+    save_model(model, tmp_path / "model")
     image = tmp_path / "a.png"
     Image.fromarray(np.random.default_rng(2).integers(0, 256, (40, 44, 3), dtype=np.uint8)).save(image)
     predict = launch_main("predict")

@@ -28,6 +28,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from transformers import AutoTokenizer, InternVLForConditionalGeneration, Sam2Model
 
+from hsft.model.checkpoint import save_model
 from hsft.model.config import SEG_TOKEN, Conventions, PromptConfig
 from hsft.model.release.configs import internvl_config, llm_heads, sam2_config
 from hsft.model.release.keys import (
@@ -234,7 +235,7 @@ def import_sa2va(source_dir: str | os.PathLike, output_dir: str | os.PathLike, *
     release_dir = output / "release"
     _write_release_files(source, entries, tensors, release_dir, tied)
     model.release_dir = str(release_dir)
-    model.save_pretrained(str(output))
+    save_model(model, output)
     report = ImportReport(
         source=str(source.directory.resolve()), output=str(output.resolve()), llm_family=source.llm_family,
         template=source.template, dtype=str(target).removeprefix("torch."),
