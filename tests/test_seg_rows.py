@@ -87,6 +87,12 @@ def test_seg_rows_train_alone_and_merge_exactly(kind, untied_dir):
     torch.testing.assert_close(reloaded.lm_logits, trained.lm_logits)
     with pytest.raises(ValueError, match="already has seg_rows"):
         attach_seg_rows(fresh)
+    # from trained parameters keyed by name (what a stage writes), without the ids buffer
+    params_only = _model(kind, untied_dir)
+    load_seg_rows_state(params_only, {k: v for k, v in state.items() if k != "seg_rows.token_ids"})
+    with torch.no_grad():
+        torch.testing.assert_close(params_only.eval().forward_seg(images, tokens, compute_lm_loss=True).lm_logits,
+                                   trained.lm_logits)
 
 
 def test_generation_reads_the_attached_rows(untied_dir):

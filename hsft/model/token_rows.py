@@ -102,11 +102,15 @@ def seg_rows_state(model) -> dict[str, Tensor]:
 
 
 def load_seg_rows_state(model, state: dict[str, Tensor]) -> None:
-    """Attach rows to `model` from seg_rows_state's tensors (ids must be the model's [SEG] id)."""
+    """Attach rows to `model` from seg_rows_state's tensors, or from a file of trained parameters
+    keyed by parameter name ("seg_rows.input_rows" ...); other keys are ignored."""
     prefix = f"{ATTRIBUTE}."
     own = {key[len(prefix):]: value for key, value in state.items() if key.startswith(prefix)}
     if not own:
         return
+    # A file of trained parameters only (the LoRA stage's non_lora_trainable.safetensors) has no ids:
+    # the rows are then the model's [SEG] row(s).
+    own.setdefault("token_ids", torch.tensor([model.seg_token_id], dtype=torch.long))
     if own["token_ids"].tolist() != [model.seg_token_id]:
         raise ValueError(f"seg_rows: saved for token ids {own['token_ids'].tolist()}, the model's [SEG] is "
                          f"{model.seg_token_id}")
