@@ -50,6 +50,9 @@ def parse(argv):
     parser.add_argument("--device", default="auto", help="cpu, cuda, cuda:1 ... (default: cuda when available)")
     parser.add_argument("--dtype", default=None, choices=("float32", "bfloat16", "float16"),
                         help="load the weights in this dtype (default: as saved)")
+    parser.add_argument("--prompt", default=None, metavar="TEXT",
+                        help="the instruction (default: the model's configured one); the model's chat template "
+                             "wraps it, and a leading <image> marks where the image goes, as Sa2VA's examples write it")
     parser.add_argument("--no-tensorboard", action="store_true", help="do not write OUT/tb")
     dests = add_config_arguments(parser, EvaluateOptions, aliases=ALIASES)
     args = parser.parse_args(argv)
@@ -61,7 +64,7 @@ def main(argv=None) -> int:
     try:
         run_evaluate(args.checkpoint, args.output, data=options.data, split=args.split, compare=args.compare,
                      cfg=options.eval, device=args.device, dtype=args.dtype, limit=args.limit,
-                     tensorboard=not args.no_tensorboard)
+                     tensorboard=not args.no_tensorboard, prompt=args.prompt)
     except (InputError, DatasetError) as error:
         print(f"launch/evaluate.py: error: {error}", file=sys.stderr)
         return 2

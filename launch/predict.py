@@ -32,6 +32,9 @@ def parse(argv):
     parser.add_argument("--device", default="auto", help="cpu, cuda, cuda:1 ... (default: cuda when available)")
     parser.add_argument("--dtype", default=None, choices=("float32", "bfloat16", "float16"),
                         help="load the weights in this dtype (default: as saved)")
+    parser.add_argument("--prompt", default=None, metavar="TEXT",
+                        help="the instruction (default: the model's configured one); the model's chat template "
+                             "wraps it, and a leading <image> marks where the image goes, as Sa2VA's examples write it")
     return parser.parse_args(argv)
 
 
@@ -39,7 +42,7 @@ def main(argv=None) -> int:
     args = parse(sys.argv[1:] if argv is None else argv)
     try:
         run_predict(args.checkpoint, args.images, args.out, batch_size=args.batch_size,
-                    max_new_tokens=args.max_new_tokens, device=args.device, dtype=args.dtype)
+                    max_new_tokens=args.max_new_tokens, device=args.device, dtype=args.dtype, prompt=args.prompt)
     except InputError as error:
         print(f"launch/predict.py: error: {error}", file=sys.stderr)
         return 2

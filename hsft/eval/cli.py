@@ -20,6 +20,7 @@ from hsft.eval.predict import Prediction, check_images, format_prediction, predi
 from hsft.eval.report import format_summary_table
 from hsft.model import Sa2VAModel, load_model
 from hsft.model.checkpoint import META_FILE
+from hsft.model.config import validate_instruction
 
 __all__ = ["EVAL_SPLITS", "EvaluateOptions", "resolve_device", "resolve_model_dir", "load_checkpoint",
            "load_eval_samples", "run_evaluate", "run_predict"]
@@ -67,13 +68,30 @@ def resolve_model_dir(directory: str | Path, argument: str = "--checkpoint") -> 
     return path
 
 
-def load_checkpoint(directory: str | Path, *, device: torch.device | str = "cpu", dtype: str | None = None,
-                    argument: str = "--checkpoint") -> Sa2VAModel:
-    path = resolve_model_dir(directory, argument)
+def check_prompt(prompt: str | None) -> None:
+    """--prompt: the instruction that replaces the model's configured one (a leading <image> is
+    accepted, as Sa2VA's own examples write it)."""
+    if prompt is None:
+        return
     try:
-        return load_model(path, device=device, dtype=dtype)
+        validate_instruction(prompt, "--prompt")
+    except ValueError as error:
+        raise InputError(str(error)) from None
+
+
+def load_checkpoint(directory: str | Path, *, device: torch.device | str = "cpu", dtype: str | None = None,
+                    argument: str = "--checkpoint", prompt: str | None = None) -> Sa2VAModel:
+    """The model in `directory` on `device`, asked `prompt` instead of its configured instruction
+    when given."""
+    path = resolve_model_dir(directory, argument)
+    check_prompt(prompt)
+    try:
+        model = load_model(path, device=device, dtype=dtype)
     except (OSError, ValueError) as error:
         raise InputError(f"{argument} {path}: cannot load the model ({error})") from error
+    if prompt is not None:
+        model.prompt = dataclasses.replace(model.prompt, instruction=prompt)
+    return model
 
 
 def load_eval_samples(data: DataConfig, split: str = "test", limit: int | None = None) -> list[Sample]:
@@ -110,7 +128,7 @@ def _check_output(output: str | Path) -> Path:
 def run_evaluate(checkpoint: str | Path, output: str | Path, *, data: DataConfig, split: str = "test",
                  compare: str | Path | None = None, cfg: EvalConfig | None = None, device: str = "auto",
                  dtype: str | None = None, limit: int | None = None, tensorboard: bool = True,
-                 echo: Callable[[str], None] = print) -> dict:
+                 prompt: str | None = None, echo: Callable[[str], None] = print) -> dict:
     """Evaluate `checkpoint` (and `compare`, on the same samples) into `output`; returns
     {"summary": ..., "compare_summary": ..., "comparison": ...} (the last two None without compare).
 
@@ -129,12 +147,13 @@ def run_evaluate(checkpoint: str | Path, output: str | Path, *, data: DataConfig
     resolve_model_dir(checkpoint)
     if compare is not None:
         resolve_model_dir(compare, "--compare")
+    check_prompt(prompt)
     samples = load_eval_samples(data, split, limit)
     echo(f"evaluating {len(samples)} samples of the {data.format} {split} split")
 
     tb = TBWriter(out / "tb", enabled=tensorboard)
     try:
-        model = load_checkpoint(checkpoint, device=target, dtype=dtype)
+        model = load_checkpoint(checkpoint, device=target, dtype=dtype, prompt=prompt)
         summary = evaluate_model(model, samples, cfg, out_dir=out, tb=tb, tag="eval", title=str(checkpoint))
         echo(f"\n{checkpoint}\n{format_summary_table(summary)}\n"
              f"[SEG] rate {summary['generate']['seg_rate']:.3f}, misses {summary['generate']['misses']}; "
@@ -143,7 +162,7 @@ def run_evaluate(checkpoint: str | Path, output: str | Path, *, data: DataConfig
         if compare is not None:
             del model  # one model in memory at a time
             gc.collect()
-            other = load_checkpoint(compare, device=target, dtype=dtype, argument="--compare")
+            other = load_checkpoint(compare, device=target, dtype=dtype, argument="--compare", prompt=prompt)
             other_summary = evaluate_model(other, samples, cfg, out_dir=out / COMPARE_SUBDIR, tb=tb, tag="compare",
                                            title=str(compare))
             comparison = compare_summaries(summary, other_summary, tau=cfg.tau, tolerance=cfg.stable_tolerance,
@@ -159,12 +178,13 @@ def run_evaluate(checkpoint: str | Path, output: str | Path, *, data: DataConfig
 
 def run_predict(checkpoint: str | Path, images: Sequence[str | Path], out: str | Path, *, batch_size: int = 8,
                 max_new_tokens: int = 16, device: str = "auto", dtype: str | None = None,
-                echo: Callable[[str], None] = print) -> list[Prediction]:
+                prompt: str | None = None, echo: Callable[[str], None] = print) -> list[Prediction]:
     files = [Path(p) for p in images]
     target = resolve_device(device)
     resolve_model_dir(checkpoint)
+    check_prompt(prompt)
     check_images(files)  # before the model is loaded: a typo should not cost a model load
-    model = load_checkpoint(checkpoint, device=target, dtype=dtype)
+    model = load_checkpoint(checkpoint, device=target, dtype=dtype, prompt=prompt)
     predictions = predict_images(model, files, out, batch_size=batch_size, max_new_tokens=max_new_tokens,
                                  validate=False)
     for prediction in predictions:

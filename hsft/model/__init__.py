@@ -15,6 +15,7 @@ _EXPORTS = {
     "EMPTY_MASK_LOGIT": "hsft.model.sa2va",
     "ModelConfig": "hsft.model.config",
     "PromptConfig": "hsft.model.config",
+    "Conventions": "hsft.model.config",
     "build_model": "hsft.model.build",
     "load_model": "hsft.model.checkpoint",
     "save_model": "hsft.model.checkpoint",
@@ -33,7 +34,7 @@ if TYPE_CHECKING:
     from hsft.model.build import build_model
     from hsft.model.checkpoint import is_model_directory, load_model, save_model
     from hsft.model.chat import TokenBatch
-    from hsft.model.config import ModelConfig, PromptConfig
+    from hsft.model.config import Conventions, ModelConfig, PromptConfig
     from hsft.model.features import SamFeatures
     from hsft.model.images import ImageBatch
     from hsft.model.outputs import SegForwardOutput, SegGenerateOutput

@@ -20,7 +20,7 @@ import torch
 from torch import Tensor
 from transformers import PreTrainedTokenizerBase
 
-from hsft.model.config import SEG_TOKEN, validate_instruction, validate_response
+from hsft.model.config import IMAGE_PLACEHOLDER, SEG_TOKEN, validate_instruction, validate_response
 from hsft.model.tokenizer import IM_END, IM_START, IMG_END, IMG_START
 
 __all__ = ["FORMS", "IGNORE_INDEX", "TokenBatch", "ChatTemplate", "position_ids_from_mask"]
@@ -74,23 +74,31 @@ class ChatTemplate:
     num_image_tokens: int
     seg_token_id: int
     pad_token_id: int
+    # Prepended to every conversation when set (the release's InternLM2 models start with BOS).
+    bos_token: str | None = None
 
     def _system_turn(self, system: str | None) -> str:
-        return "" if system is None else f"{IM_START}system\n{system}{IM_END}\n"
+        bos = self.bos_token or ""
+        return bos if system is None else f"{bos}{IM_START}system\n{system}{IM_END}\n"
 
-    def _user_open(self) -> str:
+    def _user_open(self, instruction: str) -> str:
+        """The user turn up to the end of the instruction: the image, then the text. A leading
+        <image> in the instruction marks where the image goes (the text follows it directly, as in
+        the release's own code); otherwise a newline separates them."""
         image = IMG_START + self.image_context_token * self.num_image_tokens + IMG_END
-        return f"{IM_START}user\n{image}\n"
+        if instruction.startswith(IMAGE_PLACEHOLDER):
+            return f"{IM_START}user\n{image}{instruction[len(IMAGE_PLACEHOLDER):]}"
+        return f"{IM_START}user\n{image}\n{instruction}"
 
     def render(self, form: str, instruction: str, response: str, system: str | None) -> tuple[str, str]:
         """(prompt text, target text) of one sample; the target is empty except for "response"."""
-        head = self._system_turn(system) + self._user_open()
+        head = self._system_turn(system) + self._user_open(instruction)
         if form == "response":
-            return f"{head}{instruction}{IM_END}\n{IM_START}assistant\n", f"{response}{IM_END}"
+            return f"{head}{IM_END}\n{IM_START}assistant\n", f"{response}{IM_END}"
         if form == "prompt":
-            return f"{head}{instruction}{SEG_TOKEN}{IM_END}\n", ""
+            return f"{head}{SEG_TOKEN}{IM_END}\n", ""
         if form == "generate":
-            return f"{head}{instruction}{IM_END}\n{IM_START}assistant\n", ""
+            return f"{head}{IM_END}\n{IM_START}assistant\n", ""
         raise ValueError(f"form: must be one of {', '.join(FORMS)}, got {form!r}")
 
     def _encode(self, text: str) -> list[int]:

@@ -9,6 +9,8 @@ Layout of a model directory:
                                   generation config) with the tokenizer, [SEG] included
     sam2/                         a transformers SAM2 checkpoint (config.json, safetensors)
     text_hidden_fcs.safetensors   the [SEG] projection
+    release/                      only for a model imported from a released Sa2VA checkpoint: what
+                                  export needs to give the release back (hsft.model.release)
 
 vlm/ and sam2/ are ordinary checkpoints, so `ModelConfig(vlm=DIR/vlm, sam2=DIR/sam2)` also builds
 from them (with a fresh text_hidden_fcs). Weights are stored in the model's dtype, so a round trip
@@ -19,13 +21,14 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 from dataclasses import asdict
 
 import torch
 from safetensors.torch import load_file, save_file
 
 from hsft.model.build import load_sam2, load_vlm, torch_dtype
-from hsft.model.config import PromptConfig
+from hsft.model.config import Conventions, PromptConfig
 from hsft.model.images import ImageNorm
 from hsft.model.sa2va import Sa2VAModel
 
@@ -37,6 +40,7 @@ META_FILE = "hsft_model.json"
 VLM_DIR = "vlm"
 SAM2_DIR = "sam2"
 FCS_FILE = "text_hidden_fcs.safetensors"
+RELEASE_DIR = "release"
 
 
 def is_model_directory(directory: str | os.PathLike) -> bool:
@@ -56,6 +60,7 @@ def save_model(model: Sa2VAModel, directory: str | os.PathLike) -> None:
     model.sam2.save_pretrained(os.path.join(directory, SAM2_DIR))
     fcs_state = {name: tensor.detach().contiguous().cpu() for name, tensor in model.text_hidden_fcs.state_dict().items()}
     save_file(fcs_state, os.path.join(directory, FCS_FILE))
+    _carry_release_files(model, directory)
     meta = {
         "format": FORMAT,
         "format_version": FORMAT_VERSION,
@@ -66,9 +71,21 @@ def save_model(model: Sa2VAModel, directory: str | os.PathLike) -> None:
         "vlm_norm": model.vlm_norm.to_dict(),
         "sam_norm": model.sam_norm.to_dict(),
         "dtype": str(model.dtype).removeprefix("torch."),
+        "conventions": asdict(model.conventions),
     }
     with open(meta_path, "w", encoding="utf-8") as handle:
         json.dump(meta, handle, indent=2)
+
+
+def _carry_release_files(model: Sa2VAModel, directory: str) -> None:
+    """Copy an imported model's release/ directory along, so that every saved stage can be exported."""
+    target = os.path.join(directory, RELEASE_DIR)
+    source = model.release_dir
+    if source is None or os.path.abspath(source) == os.path.abspath(target):
+        return
+    if os.path.exists(target):
+        shutil.rmtree(target)
+    shutil.copytree(source, target)
 
 
 def _read_meta(directory: str) -> dict:
@@ -108,7 +125,11 @@ def load_model(directory: str | os.PathLike, *, device: torch.device | str = "cp
     model = Sa2VAModel(
         vlm, sam2, tokenizer, PromptConfig(**meta["prompt"]), fcs_hidden=int(meta["fcs_hidden"]),
         vlm_norm=ImageNorm.from_dict(meta["vlm_norm"]), sam_norm=ImageNorm.from_dict(meta["sam_norm"]),
+        conventions=Conventions.from_dict(meta.get("conventions")),
     )
+    release = os.path.join(directory, RELEASE_DIR)
+    if os.path.isdir(release):
+        model.release_dir = release
     fcs_path = os.path.join(directory, FCS_FILE)
     try:
         model.text_hidden_fcs.load_state_dict(load_file(fcs_path), strict=True)

@@ -9,13 +9,16 @@ the instruction and the answer the model is trained to give; the answer carries 
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 
 from hsft.model.presets import PRESETS
 
-__all__ = ["ModelConfig", "PromptConfig", "SEG_TOKEN", "CHAT_TOKENS", "DTYPES"]
+__all__ = ["ModelConfig", "PromptConfig", "Conventions", "SEG_TOKEN", "IMAGE_PLACEHOLDER", "CHAT_TOKENS", "DTYPES"]
 
 SEG_TOKEN = "[SEG]"
+# Where the image goes in a user's text, as Sa2VA's own examples write it ("<image>Please segment
+# ..."); accepted only at the start. Without it the image comes first, followed by a newline.
+IMAGE_PLACEHOLDER = "<image>"
 # Tokens of the InternVL / Qwen chat template. User text must not contain them: they would break
 # the turn structure (and the image-token count the VLM checks).
 CHAT_TOKENS = ("<|im_start|>", "<|im_end|>", "<img>", "</img>", "<IMG_CONTEXT>")
@@ -60,6 +63,10 @@ def _check_no_chat_tokens(text: str, name: str) -> None:
 
 def validate_instruction(instruction: str, name: str = "instruction") -> None:
     _check(isinstance(instruction, str) and bool(instruction.strip()), name, "must be a non-empty string")
+    _check(instruction.count(IMAGE_PLACEHOLDER) == 0 or (instruction.count(IMAGE_PLACEHOLDER) == 1 and
+                                                         instruction.startswith(IMAGE_PLACEHOLDER)),
+           name, f"{IMAGE_PLACEHOLDER} may only lead the text (the image is placed there): {instruction!r}")
+    _check(bool(instruction.removeprefix(IMAGE_PLACEHOLDER).strip()), name, "has no text besides the image")
     # The "prompt" form appends [SEG] to the instruction; a [SEG] inside it would make two.
     _check(SEG_TOKEN not in instruction, name, f"must not contain {SEG_TOKEN} (it belongs in the response)")
     _check_no_chat_tokens(instruction, name)
@@ -70,6 +77,60 @@ def validate_response(response: str, name: str = "response") -> None:
     count = response.count(SEG_TOKEN)
     _check(count == 1, name, f"must contain exactly one {SEG_TOKEN}, found {count} in {response!r}")
     _check_no_chat_tokens(response, name)
+
+
+@dataclass(frozen=True)
+class Conventions:
+    """How a model forms the mask decoder's prompt, picks its mask and reads its images.
+
+    The defaults are hsft's own conventions (every preset and every model directory written
+    before this record existed); `Conventions.release()` are those of a released Sa2VA
+    checkpoint's own inference code, which an imported checkpoint uses in training and inference
+    alike. Saved in the model directory's hsft_model.json.
+
+    fcs_activation: text_hidden_fcs's activation, "gelu" (hsft: Linear(h, h/4) -> GELU -> Linear)
+        or "relu" (release: Linear(h, h) -> ReLU -> Linear); the widths come from the weights.
+    decoder_prompt: the SAM2 sparse prompt, "seg" (the projected [SEG] state alone) or "padded"
+        (release: SAM2's "no point" prompt, two not-a-point tokens, followed by the state).
+    mask_output: "single" (the decoder's single-mask token) or "best_iou" (release: the three
+        multimask outputs, the one with the highest predicted IoU).
+    object_gate: release: a mask whose SAM2 object score is <= 0 is emptied (logits -1024).
+    image_resize: "bilinear" (antialiased bilinear on float pixels) or "pil_bicubic" (release:
+        PIL's bicubic resize of the uint8 image, both for the VLM tile and SAM2's input).
+    bos_token: prepend the tokenizer's BOS token to the conversation (release InternLM2 models,
+        whose tokenizer adds it).
+    """
+
+    fcs_activation: str = "gelu"
+    decoder_prompt: str = "seg"
+    mask_output: str = "single"
+    object_gate: bool = False
+    image_resize: str = "bilinear"
+    bos_token: bool = False
+
+    @classmethod
+    def release(cls, *, bos_token: bool = False) -> Conventions:
+        return cls(fcs_activation="relu", decoder_prompt="padded", mask_output="best_iou", object_gate=True,
+                   image_resize="pil_bicubic", bos_token=bos_token)
+
+    @classmethod
+    def from_dict(cls, data: dict | None) -> Conventions:
+        """From hsft_model.json's "conventions" (absent: hsft's defaults); unknown names are refused."""
+        data = dict(data or {})
+        unknown = sorted(set(data) - {f.name for f in fields(cls)})
+        _check(not unknown, "conventions", f"unknown field(s) {unknown}")
+        conventions = cls(**data)
+        conventions.validate()
+        return conventions
+
+    def validate(self, prefix: str = "conventions") -> None:
+        choices = {"fcs_activation": ("gelu", "relu"), "decoder_prompt": ("seg", "padded"),
+                   "mask_output": ("single", "best_iou"), "image_resize": ("bilinear", "pil_bicubic")}
+        for name, allowed in choices.items():
+            value = getattr(self, name)
+            _check(value in allowed, f"{prefix}.{name}", f"must be one of {', '.join(allowed)}, got {value!r}")
+        for name in ("object_gate", "bos_token"):
+            _check(isinstance(getattr(self, name), bool), f"{prefix}.{name}", "must be true or false")
 
 
 @dataclass

@@ -58,12 +58,24 @@ class ImageNorm:
 IMAGENET_NORM = ImageNorm((0.485, 0.456, 0.406), (0.229, 0.224, 0.225))
 
 
+RESIZES = ("bilinear", "pil_bicubic")
+
+
 @dataclass(frozen=True)
 class ImagePreprocessor:
+    """resize "bilinear": antialiased bilinear on float pixels (hsft); "pil_bicubic": PIL's bicubic
+    resize of the uint8 image, rounded back to uint8, then scaled to [0, 1] (what a released Sa2VA's
+    own code does for both of its inputs)."""
+
     vlm_size: int
     sam_size: int
     vlm_norm: ImageNorm = IMAGENET_NORM
     sam_norm: ImageNorm = IMAGENET_NORM
+    resize: str = "bilinear"
+
+    def __post_init__(self) -> None:
+        if self.resize not in RESIZES:
+            raise ValueError(f"resize: must be one of {', '.join(RESIZES)}, got {self.resize!r}")
 
     def __call__(self, images: Sequence[np.ndarray]) -> ImageBatch:
         if isinstance(images, np.ndarray) or len(images) == 0:
@@ -77,16 +89,32 @@ class ImagePreprocessor:
                 raise ValueError(f"images[{i}]: expected dtype uint8, got {image.dtype}")
             if image.shape[0] < 1 or image.shape[1] < 1:
                 raise ValueError(f"images[{i}]: empty image of shape {image.shape}")
-            pixels = torch.from_numpy(np.ascontiguousarray(image)).permute(2, 0, 1)[None].float() / 255.0
-            vlm.append(_resize_normalise(pixels, self.vlm_size, self.vlm_norm))
-            sam.append(_resize_normalise(pixels, self.sam_size, self.sam_norm))
+            if self.resize == "pil_bicubic":
+                vlm.append(_normalise(_pil_resize(image, self.vlm_size), self.vlm_norm))
+                sam.append(_normalise(_pil_resize(image, self.sam_size), self.sam_norm))
+            else:
+                pixels = torch.from_numpy(np.ascontiguousarray(image)).permute(2, 0, 1)[None].float() / 255.0
+                vlm.append(_resize_normalise(pixels, self.vlm_size, self.vlm_norm))
+                sam.append(_resize_normalise(pixels, self.sam_size, self.sam_norm))
             sizes.append((int(image.shape[0]), int(image.shape[1])))
         return ImageBatch(torch.cat(vlm), torch.cat(sam), sizes)
+
+
+def _pil_resize(image: np.ndarray, size: int) -> Tensor:
+    """(1, 3, size, size) float pixels in [0, 1] from PIL's (default, bicubic) resize of the uint8 image."""
+    from PIL import Image
+
+    resized = Image.fromarray(np.ascontiguousarray(image)).resize((size, size), Image.BICUBIC)
+    return torch.from_numpy(np.asarray(resized).copy()).permute(2, 0, 1)[None].float() / 255.0
 
 
 def _resize_normalise(pixels: Tensor, size: int, norm: ImageNorm) -> Tensor:
     if pixels.shape[-2:] != (size, size):
         pixels = F.interpolate(pixels, size=(size, size), mode="bilinear", align_corners=False, antialias=True)
+    return _normalise(pixels, norm)
+
+
+def _normalise(pixels: Tensor, norm: ImageNorm) -> Tensor:
     mean = torch.tensor(norm.mean).view(1, 3, 1, 1)
     std = torch.tensor(norm.std).view(1, 3, 1, 1)
     return (pixels - mean) / std

@@ -34,7 +34,7 @@ from transformers import (
 )
 
 from hsft.model.chat import IGNORE_INDEX, ChatTemplate, TokenBatch, position_ids_from_mask
-from hsft.model.config import SEG_TOKEN, PromptConfig
+from hsft.model.config import SEG_TOKEN, Conventions, PromptConfig
 from hsft.model.features import SamFeatures
 from hsft.model.images import IMAGENET_NORM, ImageBatch, ImageNorm, ImagePreprocessor
 from hsft.model.outputs import SegForwardOutput, SegGenerateOutput
@@ -46,6 +46,10 @@ __all__ = ["Sa2VAModel", "PARTS", "EMPTY_MASK_LOGIT", "causal_lm_loss"]
 # threshold, so the mask is empty; finite so that losses on it stay finite.
 EMPTY_MASK_LOGIT = -1.0e4
 
+# What SAM2 writes into the masks of an image it finds no object in (its NO_OBJ_SCORE); used by the
+# release's object-score gate.
+NO_OBJECT_LOGIT = -1024.0
+
 # Trainable groups (see Sa2VAModel.trainable_groups).
 PARTS = ("vision", "projector", "llm", "text_hidden_fcs", "sam2_encoder", "mask_decoder")
 
@@ -56,6 +60,7 @@ _PART_PREFIXES: tuple[tuple[str, str], ...] = (
     ("vlm.model.multi_modal_projector.", "projector"),
     ("vlm.model.language_model.", "llm"),
     ("vlm.lm_head.", "llm"),
+    ("seg_rows.", "llm"),  # trainable [SEG] rows of the embedding / LM head (hsft.model.token_rows)
     ("text_hidden_fcs.", "text_hidden_fcs"),
     ("sam2.vision_encoder.", "sam2_encoder"),
     ("sam2.mask_decoder.conv_s0.", "sam2_encoder"),
@@ -95,9 +100,16 @@ class Sa2VAModel(nn.Module):
         fcs_hidden: int | None = None,
         vlm_norm: ImageNorm = IMAGENET_NORM,
         sam_norm: ImageNorm = IMAGENET_NORM,
+        conventions: Conventions = Conventions(),
     ) -> None:
         super().__init__()
         prompt.validate()
+        conventions.validate()
+        self.conventions = conventions
+        # Directory of the released checkpoint's files kept beside an imported model (tensors
+        # image inference does not use, the source's config and code) so that export can give
+        # them back; carried along by save_model. None for models not imported from a release.
+        self.release_dir: str | None = None
         self.vlm = vlm
         self.sam2 = sam2
         self.tokenizer = tokenizer
@@ -119,7 +131,7 @@ class Sa2VAModel(nn.Module):
         self.fcs_hidden = int(fcs_hidden) if fcs_hidden is not None else max(1, self.hidden_size // 4)
         self.text_hidden_fcs = nn.Sequential(
             nn.Linear(self.hidden_size, self.fcs_hidden),
-            nn.GELU(),
+            nn.ReLU() if conventions.fcs_activation == "relu" else nn.GELU(),
             nn.Linear(self.fcs_hidden, self.prompt_width),
         )
 
@@ -143,9 +155,15 @@ class Sa2VAModel(nn.Module):
         if single_token_id(tokenizer, image_context) != vlm.config.image_token_id:
             raise ValueError(f"tokenizer: image token {image_context!r} does not encode to the VLM's "
                              f"image_token_id {vlm.config.image_token_id}")
+        bos = None
+        if conventions.bos_token:
+            if tokenizer.bos_token is None:
+                raise ValueError("tokenizer: conventions.bos_token is set but the tokenizer has no BOS token")
+            bos = str(tokenizer.bos_token)
         self.chat = ChatTemplate(tokenizer, image_context, self.num_image_tokens, self.seg_token_id,
-                                 self.pad_token_id)
-        self.preprocessor = ImagePreprocessor(self.vlm_image_size, self.sam_image_size, vlm_norm, sam_norm)
+                                 self.pad_token_id, bos_token=bos)
+        self.preprocessor = ImagePreprocessor(self.vlm_image_size, self.sam_image_size, vlm_norm, sam_norm,
+                                              resize=conventions.image_resize)
         self.trainable_groups()  # fails now, not mid-training, if a parameter has no part
 
     # ------------------------------------------------------------------ basics
@@ -250,16 +268,41 @@ class Sa2VAModel(nn.Module):
         # No points, boxes or masks: the prompt encoder returns its "no mask" dense embedding.
         _, dense = self.sam2.prompt_encoder(input_points=None, input_labels=None, input_boxes=None,
                                             input_masks=None)
-        masks, _, _, _ = self.sam2.mask_decoder(
+        multimask = self.conventions.mask_output == "best_iou"
+        masks, iou, _, object_score = self.sam2.mask_decoder(
             image_embeddings=feats.image_embedding,
             image_positional_embeddings=positional,
-            # one prompt (point batch 1) of one token: the projected [SEG] state
-            sparse_prompt_embeddings=seg_embedding[:, None, None, :],
+            # one prompt (point batch 1): the projected [SEG] state, after SAM2's "no point"
+            # tokens when the model follows the release's convention
+            sparse_prompt_embeddings=self._sparse_prompt(seg_embedding.to(decoder_dtype)),
             dense_prompt_embeddings=dense,
-            multimask_output=False,
+            multimask_output=multimask,
             high_resolution_features=[feats.feat_s0, feats.feat_s1],
         )
-        return masks[:, 0, 0], seg_embedding
+        masks = masks[:, 0]  # (B, M, h, w): M = 3 with multimask output, else 1
+        if multimask:
+            best = iou[:, 0].argmax(dim=-1)
+            masks = masks[torch.arange(batch, device=masks.device), best]
+        else:
+            masks = masks[:, 0]
+        if self.conventions.object_gate:
+            present = object_score[:, 0, 0] > 0
+            masks = torch.where(present[:, None, None], masks, torch.full_like(masks, NO_OBJECT_LOGIT))
+        return masks, seg_embedding
+
+    def _sparse_prompt(self, seg_embedding: Tensor) -> Tensor:
+        """(B, 1, T, C) sparse prompt tokens of the [SEG] embedding, per self.conventions.decoder_prompt.
+
+        "padded" is what SAM2 builds for an image with no point prompt (one (0, 0) point labelled
+        -1, plus the padding point added when there is no box; both become the not-a-point
+        embedding) with the [SEG] embedding appended, as the release's decoder receives it.
+        """
+        tokens = seg_embedding[:, None, None, :]
+        if self.conventions.decoder_prompt == "padded":
+            no_point = self.sam2.prompt_encoder.not_a_point_embed.weight.to(tokens.dtype)  # (1, C)
+            pad = no_point.expand(2, -1)[None, None].expand(tokens.shape[0], 1, 2, -1)
+            tokens = torch.cat([pad, tokens], dim=2)
+        return tokens
 
     def decode_masks(self, sam_feats: SamFeatures, seg_hidden: Tensor) -> Tensor:
         """(B, h, w) low-res mask logits: text_hidden_fcs -> sparse prompt -> SAM2 mask decoder."""

@@ -1,0 +1,240 @@
+"""Training-step cost at the published model sizes, with random weights (nothing is downloaded).
+
+Builds the Sa2VA architecture at its real sizes (InternViT-300M at 448 px, Qwen2.5-0.5B or -3B,
+SAM2 Hiera-L at 1024 px, the release's text_hidden_fcs and conventions) and times micro-batch
+steps (forward, loss, backward, AdamW step) the way the stages compute them:
+
+- lora: peft LoRA (r 64, alpha 16) on the LLM's q/k/v/o + text_hidden_fcs, CE + Dice/BCE, the full
+  forward every step (the LLM trains, so nothing upstream of [SEG] is cacheable);
+- hsft: text_hidden_fcs + mask decoder on Dice + 0.5 BCE, "uncached" (the full forward, vision and
+  LLM frozen) and "cached" (SAM2 features and the [SEG] state computed once, only the decoder runs).
+
+The optimizer is plain torch AdamW over the trainable parameters: this measures the model's step,
+not DeepSpeed's communication.
+"""
+
+from __future__ import annotations
+
+import json
+import platform
+import resource
+import statistics
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+
+__all__ = ["SHAPES", "RealShape", "build_real_model", "run", "format_summary"]
+
+
+@dataclass(frozen=True)
+class RealShape:
+    """LLM sizes of a published Sa2VA (its vision tower and SAM2 are the same across 1B / 4B)."""
+
+    llm_hidden: int
+    llm_layers: int
+    llm_heads: int
+    llm_kv_heads: int
+    llm_intermediate: int
+    vocab: int = 151936
+    rope_theta: float = 1_000_000.0
+
+
+SHAPES = {
+    "sa2va-1b": RealShape(llm_hidden=896, llm_layers=24, llm_heads=14, llm_kv_heads=2, llm_intermediate=4864),
+    "sa2va-4b": RealShape(llm_hidden=2048, llm_layers=36, llm_heads=16, llm_kv_heads=2, llm_intermediate=11008),
+}
+STAGES = ("lora", "hsft")
+
+
+def build_real_model(shape: str, *, device: torch.device, dtype: torch.dtype, seed: int = 0):
+    """A Sa2VA model at the published sizes with random weights, in eval mode on `device`."""
+    from transformers import InternVLConfig, InternVLForConditionalGeneration, Sam2Model
+
+    from hsft.model.config import Conventions, PromptConfig
+    from hsft.model.release.configs import hiera_large_config
+    from hsft.model.sa2va import Sa2VAModel
+    from hsft.model.tokenizer import IM_END, IMG_CONTEXT, build_preset_tokenizer, single_token_id
+
+    if shape not in SHAPES:
+        raise ValueError(f"--shape: must be one of {', '.join(SHAPES)}, got {shape!r}")
+    s = SHAPES[shape]
+    tokenizer = build_preset_tokenizer(400)
+    vision = dict(hidden_size=1024, num_hidden_layers=24, num_attention_heads=16, intermediate_size=4096,
+                  image_size=448, patch_size=14, attention_bias=True, norm_type="layer_norm", layer_norm_eps=1e-6)
+    text = dict(model_type="qwen2", vocab_size=s.vocab, hidden_size=s.llm_hidden, num_hidden_layers=s.llm_layers,
+                num_attention_heads=s.llm_heads, num_key_value_heads=s.llm_kv_heads,
+                intermediate_size=s.llm_intermediate, rope_theta=s.rope_theta, rms_norm_eps=1e-6,
+                max_position_embeddings=32768, tie_word_embeddings=True,
+                pad_token_id=int(tokenizer.pad_token_id), eos_token_id=single_token_id(tokenizer, IM_END))
+    config = InternVLConfig(vision_config=vision, text_config=text,
+                            image_token_id=single_token_id(tokenizer, IMG_CONTEXT), image_seq_length=256,
+                            downsample_ratio=0.5, tie_word_embeddings=True)
+    with torch.random.fork_rng(devices=[]), torch.device(device):
+        torch.manual_seed(seed)
+        vlm = InternVLForConditionalGeneration(config)
+        sam2 = Sam2Model(hiera_large_config())
+        model = Sa2VAModel(vlm, sam2, tokenizer, PromptConfig(), fcs_hidden=s.llm_hidden,
+                           conventions=Conventions.release())
+    return model.to(device=device, dtype=dtype).eval()
+
+
+def _peak_memory(device: torch.device) -> dict:
+    if device.type == "cuda":
+        return {"peak_gpu_gib": torch.cuda.max_memory_allocated(device) / 2**30}
+    # ru_maxrss is in KiB on Linux: the whole process's peak, model build included
+    return {"peak_rss_gib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20}
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _batch(model, micro_batch: int, image_size: int, device: torch.device, dtype: torch.dtype):
+    from hsft.data.synthetic import make_fundus
+
+    samples = [make_fundus(seed=20_000 + i, size=image_size) for i in range(micro_batch)]
+    images = model.preprocess([s.image for s in samples]).to(device=device, dtype=dtype)
+    targets = torch.stack([torch.from_numpy(s.mask).float() for s in samples]).to(device)
+    return images, targets
+
+
+def _time_steps(step, steps: int, warmup: int, device: torch.device) -> list[float]:
+    seconds = []
+    for i in range(warmup + steps):
+        _sync(device)
+        start = time.perf_counter()
+        step()
+        _sync(device)
+        if i >= warmup:
+            seconds.append(time.perf_counter() - start)
+    return seconds
+
+
+def _row(name: str, seconds: list[float], micro_batch: int, device: torch.device, **extra) -> dict:
+    median = statistics.median(seconds)
+    return {"config": name, "step_seconds": seconds, "median_s": median,
+            "spread_s": (max(seconds) - min(seconds)) if len(seconds) > 1 else 0.0,
+            "samples_per_s": micro_batch / median, **_peak_memory(device), **extra}
+
+
+def _lora_rows(model, images, targets, steps, warmup, micro_batch, device) -> list[dict]:
+    from peft import LoraConfig, inject_adapter_in_model
+
+    from hsft.losses import dice_bce_loss
+
+    inject_adapter_in_model(LoraConfig(r=64, lora_alpha=16, lora_dropout=0.05,
+                                       target_modules=["q_proj", "k_proj", "v_proj", "o_proj"]),
+                            model.vlm.model.language_model)
+    for name, param in model.named_parameters():
+        param.requires_grad_("lora_" in name or name.startswith("text_hidden_fcs."))
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(trainable, lr=2e-4)
+    tokens = model.tokenize(micro_batch, form="response")
+    model.train()
+
+    def step():
+        out = model.forward_seg(images, tokens, compute_lm_loss=True)
+        loss = out.lm_loss + dice_bce_loss(out.mask_logits.float(), targets)
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+
+    seconds = _time_steps(step, steps, warmup, device)
+    return [_row("lora", seconds, micro_batch, device, trainable_params=sum(p.numel() for p in trainable))]
+
+
+def _hsft_rows(model, images, targets, steps, warmup, micro_batch, device) -> list[dict]:
+    from hsft.losses import dice_bce_loss
+
+    model.set_trainable({"text_hidden_fcs", "mask_decoder"})
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(trainable, lr=1e-5, weight_decay=0.01)
+    tokens = model.tokenize(micro_batch, form="response")
+    model.train()
+
+    def uncached():
+        loss = dice_bce_loss(model.forward_seg(images, tokens).mask_logits.float(), targets)
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+
+    rows = [_row("hsft uncached", _time_steps(uncached, steps, warmup, device), micro_batch, device,
+                 trainable_params=sum(p.numel() for p in trainable))]
+    with torch.no_grad():
+        _sync(device)
+        start = time.perf_counter()
+        feats = model.sam_features(images.sam_pixels).detach()
+        hidden = model.seg_hidden_states(images, tokens).detach()
+        _sync(device)
+        fill = time.perf_counter() - start
+
+    def cached():
+        loss = dice_bce_loss(model.decode_masks(feats, hidden).float(), targets)
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+
+    rows.append(_row("hsft cached", _time_steps(cached, steps, warmup, device), micro_batch, device,
+                     cache_fill_s=fill, trainable_params=sum(p.numel() for p in trainable)))
+    return rows
+
+
+def run(*, shape: str, stages: list[str], device: str, dtype: str, steps: int, warmup: int, micro_batch: int,
+        image_size: int, out: Path | None, echo=None) -> dict:
+    target = torch.device(device)
+    if target.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError("--device cuda: no CUDA device is available")
+    unknown = [s for s in stages if s not in STAGES]
+    if unknown:
+        raise ValueError(f"--stage: unknown {unknown}; choose from {', '.join(STAGES)}")
+    if steps < 1 or warmup < 0 or micro_batch < 1:
+        raise ValueError("--steps and --micro-batch must be >= 1, --warmup >= 0")
+    torch_dtype = getattr(torch, dtype)
+    rows = []
+    build_seconds = counts = None
+    for stage in stages:
+        start = time.perf_counter()
+        model = build_real_model(shape, device=target, dtype=torch_dtype)  # fresh per stage: LoRA adds modules
+        build_seconds = time.perf_counter() - start
+        counts = counts or model.parameter_counts()
+        images, targets = _batch(model, micro_batch, image_size, target, torch_dtype)
+        if target.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(target)
+        fn = _lora_rows if stage == "lora" else _hsft_rows
+        for row in fn(model, images, targets, steps, warmup, micro_batch, target):
+            rows.append(row)
+            if echo is not None:
+                echo(f"{row['config']}: step seconds {', '.join(f'{x:.2f}' for x in row['step_seconds'])}")
+        del model
+    summary = {
+        "benchmark": "real_shape_step", "shape": shape, "shape_sizes": asdict(SHAPES[shape]),
+        "device": torch.cuda.get_device_name(target) if target.type == "cuda" else (platform.processor()
+                                                                                   or platform.machine()),
+        "threads": torch.get_num_threads(), "dtype": dtype, "micro_batch": micro_batch, "image_size": image_size,
+        "steps": steps, "warmup": warmup, "model_build_seconds": build_seconds, "rows": rows,
+        "date": time.strftime("%Y-%m-%d"), "parameter_counts": counts,
+    }
+    by_name = {row["config"]: row for row in rows}
+    if "hsft uncached" in by_name and "hsft cached" in by_name:
+        summary["hsft_cache_speedup"] = by_name["hsft uncached"]["median_s"] / by_name["hsft cached"]["median_s"]
+    if out is not None:
+        out.mkdir(parents=True, exist_ok=True)
+        (out / f"step_{shape}_{target.type}.json").write_text(json.dumps(summary, indent=2) + "\n")
+    return summary
+
+
+def format_summary(summary: dict) -> str:
+    memory = "peak GPU GiB" if any("peak_gpu_gib" in r for r in summary["rows"]) else "peak RSS GiB (process)"
+    lines = [f"{summary['shape']} on {summary['device']} ({summary['threads']} threads), {summary['dtype']}, "
+             f"micro-batch {summary['micro_batch']}, {summary['steps']} timed step(s) after {summary['warmup']} "
+             f"warm-up", f"| config | median s/step | spread s | samples/s | {memory} |", "|---|---:|---:|---:|---:|"]
+    for row in summary["rows"]:
+        peak = row.get("peak_gpu_gib", row.get("peak_rss_gib"))
+        lines.append(f"| {row['config']} | {row['median_s']:.3f} | {row['spread_s']:.3f} | "
+                     f"{row['samples_per_s']:.3f} | {peak:.2f} |")
+    if "hsft_cache_speedup" in summary:
+        lines.append(f"HSFT cached step {summary['hsft_cache_speedup']:.1f}x faster than uncached")
+    return "\n".join(lines)

@@ -1,0 +1,43 @@
+#!/usr/bin/env python
+"""Step time, samples/s and peak memory of LoRA and HSFT micro-batches at the published Sa2VA sizes
+(random weights, nothing downloaded); HSFT with and without the frozen-feature cache.
+
+    python launch/bench_step.py --shape sa2va-1b --stage hsft --steps 1 --warmup 1
+    python launch/bench_step.py --shape sa2va-4b --stage lora,hsft --device cuda --dtype bfloat16
+"""
+
+import argparse
+import sys
+from pathlib import Path
+
+import _import_hsft  # noqa: F401  (first: makes `import hsft` find the package)
+
+from hsft.bench.step import SHAPES, STAGES, format_summary, run
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(prog="launch/bench_step.py", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--shape", choices=tuple(SHAPES), default="sa2va-1b")
+    parser.add_argument("--stage", default="lora,hsft", help=f"comma-separated: {', '.join(STAGES)}")
+    parser.add_argument("--device", default="cpu", help="cpu or cuda[:N]")
+    parser.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"))
+    parser.add_argument("--steps", type=int, default=2, help="timed steps per configuration")
+    parser.add_argument("--warmup", type=int, default=1, help="untimed steps first")
+    parser.add_argument("--micro-batch", type=int, default=1)
+    parser.add_argument("--image-size", type=int, default=584, help="synthetic fundus image side (DRIVE-like)")
+    parser.add_argument("--out", default="results/bench_step", help="where the JSON goes")
+    args = parser.parse_args(argv)
+    try:
+        summary = run(shape=args.shape, stages=[s for s in args.stage.split(",") if s], device=args.device,
+                      dtype=args.dtype, steps=args.steps, warmup=args.warmup, micro_batch=args.micro_batch,
+                      image_size=args.image_size, out=Path(args.out), echo=lambda line: print(line, flush=True))
+    except ValueError as error:
+        print(f"launch/bench_step.py: error: {error}", file=sys.stderr)
+        return 2
+    print(format_summary(summary))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,188 @@
+"""Forward computations of a released Sa2VA's parts written directly from its raw tensors (release
+names, fused projections as stored), following the release's own module code: InternViT's block,
+InternVL's projector, the Qwen2 / InternLM2 decoder, text_hidden_fcs and SAM2's mask decoder. The
+import tests compare the imported hsft model against these."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+
+def _lin(x: Tensor, t: dict, name: str, bias: bool = True) -> Tensor:
+    return F.linear(x, t[name + ".weight"], t.get(name + ".bias") if bias else None)
+
+
+def _ln(x: Tensor, t: dict, name: str, eps: float) -> Tensor:
+    return F.layer_norm(x, x.shape[-1:], t[name + ".weight"], t[name + ".bias"], eps)
+
+
+def vision_block(x: Tensor, t: dict, layer: int, heads: int) -> Tensor:
+    """InternViT encoder layer: x + ls1 * attn(norm1(x)); x + ls2 * mlp(norm2(x)); fused qkv."""
+    p = f"vision_model.encoder.layers.{layer}."
+    b, n, c = x.shape
+    h = _ln(x, t, p + "norm1", 1e-6)
+    qkv = _lin(h, t, p + "attn.qkv").reshape(b, n, 3, heads, c // heads).permute(2, 0, 3, 1, 4)
+    q, k, v = qkv[0], qkv[1], qkv[2]
+    attn = ((q * (c // heads) ** -0.5) @ k.transpose(-2, -1)).softmax(dim=-1)
+    out = _lin((attn @ v).transpose(1, 2).reshape(b, n, c), t, p + "attn.proj")
+    x = x + t[p + "ls1"] * out
+    h = _ln(x, t, p + "norm2", 1e-6)
+    return x + t[p + "ls2"] * _lin(F.gelu(_lin(h, t, p + "mlp.fc1")), t, p + "mlp.fc2")
+
+
+def projector(x: Tensor, t: dict) -> Tensor:
+    """mlp1: LayerNorm -> Linear -> GELU -> Linear."""
+    return _lin(F.gelu(_lin(_ln(x, t, "mlp1.0", 1e-5), t, "mlp1.1")), t, "mlp1.3")
+
+
+def _rms(x: Tensor, weight: Tensor, eps: float = 1e-6) -> Tensor:
+    return weight * (x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps))
+
+
+def _rope(x: Tensor, theta: float) -> Tensor:
+    """Rotary embedding (rotate-half form) on (B, heads, L, d), positions 0..L-1."""
+    d, length = x.shape[-1], x.shape[-2]
+    inv_freq = 1.0 / (theta ** (torch.arange(0, d, 2, dtype=torch.float32) / d))
+    freqs = torch.outer(torch.arange(length, dtype=torch.float32), inv_freq)
+    emb = torch.cat([freqs, freqs], dim=-1)
+    half = torch.cat([-x[..., d // 2:], x[..., : d // 2]], dim=-1)
+    return x * emb.cos() + half * emb.sin()
+
+
+def llm_hidden(ids: Tensor, t: dict, family: str, *, layers: int, heads: int, kv_heads: int,
+               theta: float = 10000.0) -> Tensor:
+    """Last-layer hidden states after the final norm, causal, positions 0..L-1."""
+    m = "language_model.model."
+    embed = t[m + ("embed_tokens.weight" if family == "qwen2" else "tok_embeddings.weight")]
+    x = embed[ids]
+    b, length, hidden = x.shape
+    d = hidden // heads
+    groups = heads // kv_heads
+    causal = torch.full((length, length), float("-inf")).triu(1)
+    for i in range(layers):
+        p = f"{m}layers.{i}."
+        if family == "qwen2":
+            h = _rms(x, t[p + "input_layernorm.weight"])
+            q = _lin(h, t, p + "self_attn.q_proj").view(b, length, heads, d)
+            k = _lin(h, t, p + "self_attn.k_proj").view(b, length, kv_heads, d)
+            v = _lin(h, t, p + "self_attn.v_proj").view(b, length, kv_heads, d)
+        else:
+            # InternLM2: wqkv rows grouped per key/value head: [groups query heads, key, value]
+            h = _rms(x, t[p + "attention_norm.weight"])
+            qkv = F.linear(h, t[p + "attention.wqkv.weight"]).view(b, length, kv_heads, groups + 2, d)
+            q = qkv[..., :groups, :].reshape(b, length, heads, d)
+            k, v = qkv[..., -2, :], qkv[..., -1, :]
+        q, k, v = (z.transpose(1, 2) for z in (q, k, v))
+        q, k = _rope(q, theta), _rope(k, theta)
+        k, v = k.repeat_interleave(groups, dim=1), v.repeat_interleave(groups, dim=1)
+        attn = (q @ k.transpose(-2, -1) / math.sqrt(d) + causal).softmax(dim=-1)
+        out = (attn @ v).transpose(1, 2).reshape(b, length, hidden)
+        wo = t[p + ("self_attn.o_proj.weight" if family == "qwen2" else "attention.wo.weight")]
+        x = x + F.linear(out, wo)
+        if family == "qwen2":
+            h = _rms(x, t[p + "post_attention_layernorm.weight"])
+            gate, up, down = (t[p + f"mlp.{n}_proj.weight"] for n in ("gate", "up", "down"))
+        else:
+            h = _rms(x, t[p + "ffn_norm.weight"])
+            gate, up, down = (t[p + f"feed_forward.{n}.weight"] for n in ("w1", "w3", "w2"))
+        x = x + F.linear(F.silu(F.linear(h, gate)) * F.linear(h, up), down)
+    return _rms(x, t[m + "norm.weight"])
+
+
+def text_hidden_fcs(x: Tensor, t: dict) -> Tensor:
+    """The release's projection: Linear(h, h) -> ReLU -> Linear(h, 256) (-> Dropout(0))."""
+    return _lin(F.relu(_lin(x, t, "text_hidden_fcs.0")), t, "text_hidden_fcs.2")
+
+
+S = "grounding_encoder.sam2_model."
+
+
+def _sam_attention(q: Tensor, k: Tensor, v: Tensor, t: dict, name: str, heads: int) -> Tensor:
+    q, k, v = _lin(q, t, name + ".q_proj"), _lin(k, t, name + ".k_proj"), _lin(v, t, name + ".v_proj")
+    b, nq, inner = q.shape
+
+    def split(z):
+        return z.reshape(b, z.shape[1], heads, inner // heads).transpose(1, 2)
+
+    q, k, v = split(q), split(k), split(v)
+    attn = (q @ k.transpose(-2, -1) / math.sqrt(inner // heads)).softmax(dim=-1)
+    return _lin((attn @ v).transpose(1, 2).reshape(b, nq, inner), t, name + ".out_proj")
+
+
+def _mlp(x: Tensor, t: dict, name: str, layers: int) -> Tensor:
+    for i in range(layers):
+        x = _lin(x, t, f"{name}.layers.{i}")
+        if i < layers - 1:
+            x = F.relu(x)
+    return x
+
+
+def _ln2d(x: Tensor, t: dict, name: str) -> Tensor:
+    u = x.mean(1, keepdim=True)
+    s = (x - u).pow(2).mean(1, keepdim=True)
+    x = (x - u) / torch.sqrt(s + 1e-6)
+    return t[name + ".weight"][:, None, None] * x + t[name + ".bias"][:, None, None]
+
+
+def dense_positional(t: dict, h: int, w: int) -> Tensor:
+    """SAM's random-Fourier positional encoding of the (h, w) grid: (C, h, w)."""
+    gaussian = t[S + "sam_prompt_encoder.pe_layer.positional_encoding_gaussian_matrix"]
+    ys = (torch.arange(h, dtype=torch.float32) + 0.5) / h
+    xs = (torch.arange(w, dtype=torch.float32) + 0.5) / w
+    coords = torch.stack([xs[None, :].expand(h, w), ys[:, None].expand(h, w)], dim=-1)
+    coords = (2 * coords - 1) @ gaussian * (2 * math.pi)
+    return torch.cat([coords.sin(), coords.cos()], dim=-1).permute(2, 0, 1)
+
+
+def sam2_masks(image_embedding: Tensor, feat_s0: Tensor, feat_s1: Tensor, prompt: Tensor, t: dict, heads: int
+               ) -> tuple[Tensor, Tensor]:
+    """(B, h, w) low-res mask of the release's language-prompted SAM2 call: no points (two
+    not-a-point tokens) + the prompt appended, multimask output, best predicted IoU, object-score
+    gate. image_embedding already holds the no-memory embedding; feat_s0/s1 are conv_s0/s1 outputs.
+    Returns the masks and the (B,) object scores."""
+    dec = S + "sam_mask_decoder."
+    b, c, h, w = image_embedding.shape
+    no_point = t[S + "sam_prompt_encoder.not_a_point_embed.weight"]
+    sparse = torch.cat([no_point.expand(b, 2, c), prompt[:, None, :]], dim=1)
+    output_tokens = torch.cat([t[dec + "obj_score_token.weight"], t[dec + "iou_token.weight"],
+                               t[dec + "mask_tokens.weight"]], dim=0)
+    tokens = torch.cat([output_tokens[None].expand(b, -1, -1), sparse], dim=1)
+    src = image_embedding + t[S + "sam_prompt_encoder.no_mask_embed.weight"].reshape(1, c, 1, 1)
+    pos = dense_positional(t, h, w)[None].expand(b, -1, -1, -1)
+    keys = src.flatten(2).transpose(1, 2)
+    key_pe = pos.flatten(2).transpose(1, 2)
+    queries = tokens
+    for i in range(2):
+        p = f"{dec}transformer.layers.{i}."
+        if i == 0:  # the first layer skips the query positional encoding in self-attention
+            queries = _sam_attention(queries, queries, queries, t, p + "self_attn", heads)
+        else:
+            q = queries + tokens
+            queries = queries + _sam_attention(q, q, queries, t, p + "self_attn", heads)
+        queries = _ln(queries, t, p + "norm1", 1e-5)
+        queries = queries + _sam_attention(queries + tokens, keys + key_pe, keys, t, p + "cross_attn_token_to_image",
+                                           heads)
+        queries = _ln(queries, t, p + "norm2", 1e-5)
+        queries = _ln(queries + _mlp(queries, t, p + "mlp", 2), t, p + "norm3", 1e-5)
+        keys = keys + _sam_attention(keys + key_pe, queries + tokens, queries, t, p + "cross_attn_image_to_token",
+                                     heads)
+        keys = _ln(keys, t, p + "norm4", 1e-5)
+    queries = queries + _sam_attention(queries + tokens, keys + key_pe, keys, t,
+                                       dec + "transformer.final_attn_token_to_image", heads)
+    queries = _ln(queries, t, dec + "transformer.norm_final_attn", 1e-5)
+    src = keys.transpose(1, 2).reshape(b, c, h, w)
+    up = F.conv_transpose2d(src, t[dec + "output_upscaling.0.weight"], t[dec + "output_upscaling.0.bias"], stride=2)
+    up = F.gelu(_ln2d(up + feat_s1, t, dec + "output_upscaling.1"))
+    up = F.conv_transpose2d(up, t[dec + "output_upscaling.3.weight"], t[dec + "output_upscaling.3.bias"], stride=2)
+    up = F.gelu(up + feat_s0)
+    hyper = torch.stack([_mlp(queries[:, 2 + i], t, f"{dec}output_hypernetworks_mlps.{i}", 3) for i in range(4)], 1)
+    masks = (hyper @ up.flatten(2)).reshape(b, 4, up.shape[-2], up.shape[-1])
+    iou = _mlp(queries[:, 1], t, dec + "iou_prediction_head", 3)
+    object_score = _mlp(queries[:, 0], t, dec + "pred_obj_score_head", 3)
+    best = iou[:, 1:].argmax(dim=-1)
+    chosen = masks[:, 1:][torch.arange(b), best]
+    return torch.where(object_score[:, 0, None, None] > 0, chosen, torch.full_like(chosen, -1024.0)), object_score[:, 0]
