@@ -122,6 +122,12 @@ class LoraStageConfig:
                           "0 reproduces it"},
     )
 
+    seg_rows: bool | None = field(
+        default=None,
+        metadata={"help": "also train the [SEG] rows of the input embedding and the LM head, as Sa2VA does "
+                          "(default: on when starting from a real checkpoint, off for the embedded default)"},
+    )
+
     def validate(self) -> None:
         self.train.validate("lora")
         _check(self.rank >= 1, "lora.rank", f"must be >= 1, got {self.rank}")

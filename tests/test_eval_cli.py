@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import os
 import subprocess
@@ -11,6 +10,7 @@ from pathlib import Path
 
 import pytest
 
+from launch_scripts import launch_main
 from hsft.config import DataConfig
 from hsft.eval import InputError
 from hsft.eval.cli import load_eval_samples, resolve_model_dir
@@ -28,12 +28,6 @@ def run_dir(tmp_path_factory) -> Path:
     save_model(build_model(ModelConfig(preset="tiny"), seed=0), run / "hsft" / "model")
     return run
 
-
-def _load_launch(name: str):
-    spec = importlib.util.spec_from_file_location(f"launch_{name}", REPO / "launch" / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 def test_evaluate_command_end_to_end_with_compare(run_dir, tmp_path):
@@ -65,18 +59,18 @@ def test_evaluate_command_end_to_end_with_compare(run_dir, tmp_path):
 
 
 def test_evaluate_command_refuses_bad_input_naming_it(run_dir, tmp_path, capsys):
-    evaluate = _load_launch("evaluate")
+    evaluate_main = launch_main("evaluate")
     missing = tmp_path / "nowhere"
-    assert evaluate.main(["--checkpoint", str(missing), "--output", str(tmp_path / "o")]) == 2
+    assert evaluate_main(["--checkpoint", str(missing), "--output", str(tmp_path / "o")]) == 2
     assert str(missing) in capsys.readouterr().err
-    assert evaluate.main(["--checkpoint", str(tmp_path), "--output", str(tmp_path / "o")]) == 2
+    assert evaluate_main(["--checkpoint", str(tmp_path), "--output", str(tmp_path / "o")]) == 2
     assert "not an hsft model directory" in capsys.readouterr().err
     model_dir = str(run_dir / "hsft" / "model")
-    assert evaluate.main(["--checkpoint", model_dir, "--compare", str(missing), "--output", str(tmp_path / "o")]) == 2
+    assert evaluate_main(["--checkpoint", model_dir, "--compare", str(missing), "--output", str(tmp_path / "o")]) == 2
     assert f"--compare {missing}" in capsys.readouterr().err
-    assert evaluate.main(["--checkpoint", model_dir, "--data-format", "drive", "--output", str(tmp_path / "o")]) == 2
+    assert evaluate_main(["--checkpoint", model_dir, "--data-format", "drive", "--output", str(tmp_path / "o")]) == 2
     assert "data.root" in capsys.readouterr().err
-    assert evaluate.main(["--checkpoint", model_dir, "--data-format", "drive", "--data-root", str(missing),
+    assert evaluate_main(["--checkpoint", model_dir, "--data-format", "drive", "--data-root", str(missing),
                           "--output", str(tmp_path / "o")]) == 2
     assert str(missing) in capsys.readouterr().err
     assert not (tmp_path / "o").exists()

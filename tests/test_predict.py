@@ -3,7 +3,6 @@ and `launch/predict.py` end to end."""
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import os
 import subprocess
@@ -14,6 +13,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from launch_scripts import launch_main
 from hsft.data import make_fundus
 from hsft.eval import InputError, predict_images
 from hsft.eval.predict import output_stems
@@ -120,21 +120,15 @@ def test_output_names_do_not_collide(tmp_path):
     assert stems == ["img", "img_2", "im"]
 
 
-def _load_launch(name: str):
-    spec = importlib.util.spec_from_file_location(f"launch_{name}", REPO / "launch" / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
 
 def test_launch_refuses_a_bad_checkpoint_naming_it(tmp_path, capsys):
     image = tmp_path / "x.png"
     Image.fromarray(make_fundus(0, 64).image).save(image)
-    predict = _load_launch("predict")
+    predict_main = launch_main("predict")
     missing = tmp_path / "no_such_model"
-    assert predict.main(["--checkpoint", str(missing), str(image), "--out", str(tmp_path / "o")]) == 2
+    assert predict_main(["--checkpoint", str(missing), str(image), "--out", str(tmp_path / "o")]) == 2
     assert str(missing) in capsys.readouterr().err
-    assert predict.main(["--checkpoint", str(tmp_path), str(image), "--out", str(tmp_path / "o")]) == 2
+    assert predict_main(["--checkpoint", str(tmp_path), str(image), "--out", str(tmp_path / "o")]) == 2
     err = capsys.readouterr().err
     assert str(tmp_path) in err and "hsft_model.json" in err
 

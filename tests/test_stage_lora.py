@@ -113,3 +113,23 @@ def test_lora_refuses_a_language_model_without_attention_projections(tiny_model)
         layer.self_attn.o_proj = torch.nn.Identity()
     with pytest.raises(ValueError, match="attention projections"):
         lora.attach_lora(model, LoraStageConfig(rank=4))
+
+
+def test_the_seg_rows_train_and_go_into_the_merged_model(tmp_path, tiny_model_dir, make_context):
+    samples = [make_fundus(seed=420 + i, size=64) for i in range(2)]
+    cfg = LoraStageConfig(train=TrainConfig(epochs=1, micro_batch=2, grad_accum=1, lr=5e-2, min_lr=5e-2,
+                                            weight_decay=0.0),
+                          rank=4, alpha=8.0, dropout=0.0, seg_rows=True)
+    ctx = make_context(SimpleNamespace(train=samples, val=[], test=[]))
+    result = lora.run(ctx, cfg, tiny_model_dir)
+    assert result.summary["seg_rows"]
+    before, after = load_model(tiny_model_dir), load_model(result.model_dir)
+    seg = before.seg_token_id
+    table_before = before.vlm.get_input_embeddings().weight
+    table_after = after.vlm.get_input_embeddings().weight
+    assert not torch.equal(table_before[seg], table_after[seg])  # the [SEG] row trained
+    others = torch.ones(table_before.shape[0], dtype=torch.bool)
+    others[seg] = False
+    assert torch.equal(table_before[others], table_after[others])  # no other row moved
+    saved = load_file(str(tmp_path / "run" / "lora" / lora.NON_LORA_FILE))
+    assert torch.equal(saved["seg_rows.input_rows"][0], table_after[seg].float())

@@ -10,8 +10,9 @@ and the modules that received an adapter are checked against that list.
 The stage directory `<out>/lora/` holds, next to what every training stage writes:
     adapter/                            the standard peft adapter directory (adapter_config.json,
                                         adapter_model.safetensors), for the input model's VLM
-    non_lora_trainable.safetensors      the other weights this stage trained (text_hidden_fcs), keyed
-                                        as in the Sa2VA model
+    non_lora_trainable.safetensors      the other weights this stage trained (text_hidden_fcs and, with
+                                        --lora-seg-rows, the [SEG] rows of the input embedding and the
+                                        LM head as seg_rows.*), keyed as in the Sa2VA model
     model/                              the merged export: LoRA folded into the weights, a plain
                                         Sa2VA model directory (what the DPO stage reads)
 """
@@ -28,6 +29,7 @@ from hsft.config import LoraStageConfig
 from hsft.data import Sample
 from hsft.engine.context import RunContext
 from hsft.model import Sa2VAModel, load_model, save_model
+from hsft.model.token_rows import attach_seg_rows, merge_seg_rows
 from hsft.stages.objective import SegObjective, SegTask
 from hsft.stages.training import StageResult, Validation, model_dir, train_stage
 
@@ -96,18 +98,28 @@ def adapted_modules(module: torch.nn.Module) -> list[str]:
     return [name for name, sub in module.named_modules() if isinstance(sub, LoraLayer)]
 
 
+def prepare_for_lora(model: Sa2VAModel, cfg: LoraStageConfig, seg_rows: bool):
+    """Freeze what stage 1 does not train, attach the adapters (and, with `seg_rows`, trainable copies of
+    the [SEG] rows of the input embedding and the LM head); returns the peft wrapper."""
+    # text_hidden_fcs only sits on the mask path: with the CE-only recipe (weight 0) no gradient
+    # reaches it and training it would only apply weight decay, so it stays frozen then.
+    model.set_trainable({"text_hidden_fcs"} if cfg.mask_loss_weight > 0 else set())
+    wrapper = attach_lora(model, cfg)
+    if seg_rows:
+        attach_seg_rows(model)
+    return wrapper
+
+
 class LoraTask(SegTask):
     """LoRA adapters (LLM q/k/v/o) + text_hidden_fcs on CE (+ mask loss) over the training split."""
 
     name = "lora"
 
-    def __init__(self, model: Sa2VAModel, samples: list[Sample], cfg: LoraStageConfig, validation: Validation):
+    def __init__(self, model: Sa2VAModel, samples: list[Sample], cfg: LoraStageConfig, validation: Validation, *,
+                 seg_rows: bool = False):
         super().__init__(model, samples, validation)
         self.cfg = cfg
-        # text_hidden_fcs only sits on the mask path: with the CE-only recipe (weight 0) no gradient
-        # reaches it and training it would only apply weight decay, so it stays frozen then.
-        model.set_trainable({"text_hidden_fcs"} if cfg.mask_loss_weight > 0 else set())
-        self.peft = attach_lora(model, cfg)
+        self.peft = prepare_for_lora(model, cfg, seg_rows)
         self.module = SegObjective(model, lm_weight=1.0, mask_weight=cfg.mask_loss_weight)
 
     def client_state(self) -> dict:
@@ -119,14 +131,13 @@ class LoraExport:
     artefacts from it once the trained weights are loaded: the peft adapter directory, the non-LoRA
     trained weights, and the merged plain model."""
 
-    def __init__(self, start: Path, cfg: LoraStageConfig):
-        self.start, self.cfg = Path(start), cfg
+    def __init__(self, start: Path, cfg: LoraStageConfig, *, seg_rows: bool = False):
+        self.start, self.cfg, self.seg_rows = Path(start), cfg, seg_rows
         self._peft = None
 
     def load_input_model(self) -> Sa2VAModel:
         model = load_model(self.start, dtype="float32")
-        model.set_trainable({"text_hidden_fcs"} if self.cfg.mask_loss_weight > 0 else set())
-        self._peft = attach_lora(model, self.cfg)
+        self._peft = prepare_for_lora(model, self.cfg, self.seg_rows)
         # The adapter is for the VLM this stage started from; record where it lives.
         self._peft.peft_config[ADAPTER_NAME].base_model_name_or_path = str((self.start / "vlm").resolve())
         return model
@@ -141,6 +152,8 @@ class LoraExport:
                     if p.requires_grad and not name.startswith("vlm.")}
         if non_lora:
             save_file(non_lora, str(stage_dir / NON_LORA_FILE))
+        if self.seg_rows:
+            merge_seg_rows(model)  # the trained [SEG] rows go into the plain tables of the merged model
         model.vlm = self._peft.merge_and_unload()
         self._peft = None
         save_model(model, model_dir(stage_dir))
@@ -155,8 +168,9 @@ def run(ctx: RunContext, cfg: LoraStageConfig, start: Path | None) -> StageResul
     # buffers left behind (SAM2's positional encoding) would meet bf16 weights. The export starts again
     # from the float32 input model and the float32 master weights, so nothing is lost.
     model = load_model(start, device=ctx.device, dtype=ctx.dtype)
-    task = LoraTask(model, ctx.splits.train, cfg, Validation.of(ctx))
-    exporter = LoraExport(start, cfg)
+    seg_rows = cfg.seg_rows if cfg.seg_rows is not None else not ctx.cfg.embedded_default
+    task = LoraTask(model, ctx.splits.train, cfg, Validation.of(ctx), seg_rows=seg_rows)
+    exporter = LoraExport(start, cfg, seg_rows=seg_rows)
     result = train_stage(ctx, task, cfg.train, load_input_model=exporter.load_input_model, export=exporter.export)
     stage_dir = ctx.stage_dir("lora")
     summary = {
@@ -165,6 +179,7 @@ def run(ctx: RunContext, cfg: LoraStageConfig, start: Path | None) -> StageResul
         "rank": cfg.rank,
         "alpha": cfg.alpha,
         "mask_loss_weight": cfg.mask_loss_weight,
+        "seg_rows": seg_rows,
         "adapter": str(stage_dir / ADAPTER_DIR),
         "optimizer_steps": result.optimizer_steps,
         "epochs": result.epoch_metrics,
