@@ -39,6 +39,8 @@ mkdir -p "$OUT" "$WORK/logs" "$WORK/bench"
 LOGS="$WORK/logs"
 STEPS=()
 FAILED=0
+# HSFT_CHECK_ONLY="install bench_step" runs only the named steps (default: every step but bench_step).
+ONLY="${HSFT_CHECK_ONLY:-install build ops ops_without_crash bench main}"
 CAP_SCALE=1
 [ "$CPU" = 0 ] || CAP_SCALE=10
 
@@ -47,6 +49,10 @@ CAP_SCALE=1
 run_step() {
   local name="$1" cap="$2" left status began took
   shift 2
+  case " $ONLY " in
+    *" $name "*|"  ") ;;
+    *) return ;;  # not selected by HSFT_CHECK_ONLY
+  esac
   cap=$((cap * CAP_SCALE))
   left=$((BUDGET - ($(date +%s) - START)))
   [ "$cap" -lt "$left" ] || cap="$left"
@@ -147,6 +153,10 @@ run_step bench 70 "$PY" launch/bench_kernels.py --device "$DEVICE" "${BENCH_ARGS
 run_step main "${HSFT_CHECK_MAIN_SECONDS:-200}" env HSFT_CACHE="$PWD/.hsft_cache" "$(dirname "$(command -v "$PY")")/deepspeed" --num_gpus 1 \
   launch/hsft.py --deepspeed ds_configs/zero2.json --precision "$PRECISION" --output-dir "$WORK/run" "${MAIN_ARGS[@]}"
 
+# The real-shape step benchmark (random weights at Sa2VA-1B's sizes): LoRA and HSFT, cached and not.
+run_step bench_step 150 "$PY" launch/bench_step.py --shape sa2va-1b --stage lora,hsft --device "$DEVICE" \
+  --dtype bfloat16 --steps 3 --warmup 1 --out "$WORK/bench_step"
+
 # ---- summary -------------------------------------------------------------------------------
 {
   echo "# device check $(date -u +%Y-%m-%dT%H:%MZ)"
@@ -175,8 +185,9 @@ run_step main "${HSFT_CHECK_MAIN_SECONDS:-200}" env HSFT_CACHE="$PWD/.hsft_cache
 cp "$WORK"/bench/*.json "$OUT/bench_kernels.json" 2>/dev/null
 cp "$WORK"/bench/*.csv "$OUT/bench_kernels.csv" 2>/dev/null
 cp "$WORK/run/report.md" "$OUT/report.md" 2>/dev/null
+cp "$WORK"/bench_step/*.json "$OUT/" 2>/dev/null
 # Logs and results; no weights or checkpoints (they would not fit what comes back).
 tar -czf "$OUT/all.tar.gz" --exclude='*.pt' --exclude='*.safetensors' --exclude='global_step*' \
-  -C "$WORK" logs bench $(cd "$WORK" && ls -d run 2>/dev/null)
+  -C "$WORK" logs bench $(cd "$WORK" && ls -d run bench_step 2>/dev/null)
 cat "$OUT/summary.md"
 exit "$FAILED"
