@@ -123,7 +123,7 @@ def _row(name: str, seconds: list[float], micro_batch: int, device: torch.device
 def _lora_rows(model, images, targets, steps, warmup, micro_batch, device) -> list[dict]:
     from peft import LoraConfig, inject_adapter_in_model
 
-    from hsft.losses import dice_bce_loss
+    from hsft.ops import dice_bce_loss
 
     inject_adapter_in_model(LoraConfig(r=64, lora_alpha=16, lora_dropout=0.05,
                                        target_modules=["q_proj", "k_proj", "v_proj", "o_proj"]),
@@ -147,7 +147,7 @@ def _lora_rows(model, images, targets, steps, warmup, micro_batch, device) -> li
 
 
 def _hsft_rows(model, images, targets, steps, warmup, micro_batch, device) -> list[dict]:
-    from hsft.losses import dice_bce_loss
+    from hsft.ops import dice_bce_loss
 
     model.set_trainable({"text_hidden_fcs", "mask_decoder"})
     trainable = [p for p in model.parameters() if p.requires_grad]
