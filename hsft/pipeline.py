@@ -23,6 +23,7 @@ from hsft.data import load_splits
 from hsft.engine import distributed
 from hsft.engine.ds_config import DeepSpeedConfigError, load_ds_config, precision_of
 from hsft.engine.loop import NonFiniteTrainingError, write_json
+from hsft.engine.output_lock import OutputDirInUse, hold_output_dir
 from hsft.model import Sa2VAModel, build_model
 from hsft.model.checkpoint import META_FILE, is_model_directory
 from hsft.stages import base as base_stage
@@ -129,7 +130,8 @@ def run_mining(cfg: RunConfig, ctx: StageContext, model_path: Path, splits) -> N
 
 def run_hsft(cfg: RunConfig, ctx: StageContext, model_path: Path, splits) -> Path:
     hard_ids = mining_stage.read_hard_ids(ctx.stage_dir("mining"))
-    train_set = select_training_set(splits.train, hard_ids, cfg.hsft.control, cfg.seed)
+    train_set = select_training_set(splits.train, hard_ids, cfg.hsft.control, cfg.seed,
+                                    source=str(ctx.stage_dir("mining") / "hard_samples.json"))
     ctx.results["hsft"] = {"samples": len(train_set), "control": cfg.hsft.control, "cache": cfg.hsft.cache_features}
     if not train_set:
         # A model with no training sample below tau has nothing to fine-tune on: pass it on unchanged so
@@ -158,7 +160,7 @@ def run_eval(cfg: RunConfig, ctx: StageContext, models: list[tuple[str, Path]], 
     rows = []
     for name, path in models:
         tb = ctx.tb(f"eval_{name}")
-        summary = evaluate_model(_load(path), splits.test, cfg.eval, out_dir=ctx.stage_dir("eval") / name, tb=tb,
+        summary = evaluate_model(_load(path), splits.test, cfg.eval_settings(), out_dir=ctx.stage_dir("eval") / name, tb=tb,
                                  step=ctx.global_step, tag=f"eval/{name}")
         tb.close()
         gen, fwd = summary["paths"]["generate"], summary["paths"]["forward"]
@@ -222,12 +224,21 @@ def run_pipeline(cfg: RunConfig) -> dict:
     cfg.validate()
     ds_base = load_ds_config(cfg.deepspeed)
     out = Path(cfg.output_dir)
+    lock = hold_output_dir(out)  # before anything is read or removed there
+    try:
+        return _run_locked(cfg, ds_base, out)
+    finally:
+        lock.release()
+
+
+def _run_locked(cfg: RunConfig, ds_base: dict, out: Path) -> dict:
     _check_output_dir(cfg, out)
     if distributed.is_main():
         out.mkdir(parents=True, exist_ok=True)
     distributed.barrier()
     started = time.time()
-    ctx = StageContext(out_dir=out, ds_base=ds_base, seed=cfg.seed, precision=cfg.precision, resume=cfg.resume)
+    ctx = StageContext(out_dir=out, ds_base=ds_base, seed=cfg.seed, precision=cfg.precision, resume=cfg.resume,
+                       keep_checkpoints=cfg.keep_checkpoints)
     _continue_global_step(ctx, cfg.stages[0])
     write_json(out / "run_config.json", asdict(cfg))
 
@@ -296,7 +307,7 @@ def main(cfg: RunConfig) -> int:
     except NonFiniteTrainingError as err:
         print(f"hsft: stopped: {err}", file=sys.stderr)
         return 3
-    except (PipelineError, DeepSpeedConfigError, ValueError, FileNotFoundError) as err:
+    except (PipelineError, DeepSpeedConfigError, OutputDirInUse, ValueError, FileNotFoundError) as err:
         if os.environ.get("HSFT_DEBUG"):
             raise
         print(f"hsft: error: {err}", file=sys.stderr)

@@ -37,6 +37,7 @@ class StageContext:
     resume: bool
     global_step: int = 0
     results: dict = field(default_factory=dict)
+    keep_checkpoints: int = 1
 
     def stage_dir(self, name: str) -> Path:
         return self.out_dir / name
@@ -77,7 +78,7 @@ def run_training_stage(ctx: StageContext, task: TrainTask, cfg: TrainConfig, *, 
     stage_dir = ctx.stage_dir(task.name)
     tb = ctx.tb(task.name)
     result = train(task, cfg, ctx.ds_base, stage_dir=stage_dir, tb=tb, seed=ctx.seed, step_offset=ctx.global_step,
-                   resume=ctx.resume, precision=ctx.precision)
+                   resume=ctx.resume, precision=ctx.precision, keep_checkpoints=ctx.keep_checkpoints)
     weights = trained_weights(result.engine, stage_dir / "checkpoints", prefix) if distributed.is_main() else {}
     if distributed.is_main():
         model = load_input_model()
@@ -95,6 +96,7 @@ def run_training_stage(ctx: StageContext, task: TrainTask, cfg: TrainConfig, *, 
             "samples": len(task),
             "optimizer_steps": result.optimizer_steps,
             "skipped_steps": result.skipped_steps,
+            "skipped": result.skipped,  # step, reason and sample ids of every skipped step
             "global_step_end": result.global_step,
             "losses": result.losses,
             "first_loss": result.losses[0] if result.losses else None,
