@@ -22,10 +22,12 @@ import os
 from dataclasses import asdict
 
 from safetensors.torch import load_file, save_file
+from transformers import InternVLForConditionalGeneration, Sam2Model
 
 from hsft.model.build import load_sam2, load_vlm, torch_dtype
 from hsft.model.config import PromptConfig
 from hsft.model.images import ImageNorm
+from hsft.model.integrity import explain_load_failure
 from hsft.model.sa2va import Sa2VAModel
 
 __all__ = ["FORMAT", "FORMAT_VERSION", "META_FILE", "is_model_directory", "save_model", "load_model"]
@@ -94,8 +96,15 @@ def load_model(directory: str, *, dtype: str | None = None) -> Sa2VAModel:
     """The model saved in `directory`, in eval mode, in its saved dtype unless `dtype` is given."""
     meta = _read_meta(directory)
     target = torch_dtype(dtype if dtype is not None else meta["dtype"])
-    vlm, tokenizer, _ = load_vlm(os.path.join(directory, VLM_DIR), target, where=f"{directory}/{VLM_DIR}")
-    sam2, _ = load_sam2(os.path.join(directory, SAM2_DIR), target, where=f"{directory}/{SAM2_DIR}")
+    try:
+        vlm, tokenizer, _ = load_vlm(os.path.join(directory, VLM_DIR), target, where=f"{directory}/{VLM_DIR}")
+    except RuntimeError as err:
+        raise ValueError(explain_load_failure(os.path.join(directory, VLM_DIR), InternVLForConditionalGeneration,
+                                              err)) from None
+    try:
+        sam2, _ = load_sam2(os.path.join(directory, SAM2_DIR), target, where=f"{directory}/{SAM2_DIR}")
+    except RuntimeError as err:
+        raise ValueError(explain_load_failure(os.path.join(directory, SAM2_DIR), Sam2Model, err)) from None
     model = Sa2VAModel(
         vlm, sam2, tokenizer, PromptConfig(**meta["prompt"]), fcs_hidden=int(meta["fcs_hidden"]),
         vlm_norm=ImageNorm.from_dict(meta["vlm_norm"]), sam_norm=ImageNorm.from_dict(meta["sam_norm"]),
