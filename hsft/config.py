@@ -279,6 +279,11 @@ class RunConfig:
     precision: str | None = field(default=None, metadata={"help": "override the DeepSpeed config: bf16 or fp32"})
     resume: bool = field(default=False, metadata={"help": "continue from the latest complete checkpoint"})
     overwrite: bool = field(default=False, metadata={"help": "replace the selected stages' earlier output"})
+    standalone: bool = field(
+        default=False,
+        metadata={"help": "write every stage's model directory self-contained; by default a stage stores only the "
+                          "tensors it changed and refers to its input model's directory"},
+    )
     keep_checkpoints: int = field(
         default=1, metadata={"help": "complete DeepSpeed checkpoints kept per stage (the newest; --resume needs one)"}
     )

@@ -25,6 +25,7 @@ from hsft.engine.ds_config import DeepSpeedConfigError, load_ds_config, precisio
 from hsft.engine.loop import NonFiniteTrainingError, write_json
 from hsft.engine.output_lock import OutputDirInUse, hold_output_dir
 from hsft.model import Sa2VAModel, build_model
+from hsft.model.chain import make_lean
 from hsft.model.checkpoint import META_FILE, is_model_directory
 from hsft.stages import base as base_stage
 from hsft.stages import mining as mining_stage
@@ -79,6 +80,13 @@ def _starting_model(cfg: RunConfig, ctx: StageContext) -> tuple[Path | None, str
         return model_dir(init), f"--vlm {cfg.model.vlm} + --sam2 {cfg.model.sam2}"
     raise PipelineError(f"stage {cfg.stages[0]!r} needs a starting model: pass --model DIR (a stage's model/ "
                         "directory), --vlm/--sam2, or include the earlier stages")
+
+
+def keep_only_changes(directory: Path, base: Path) -> None:
+    """Rewrite a finished stage's model directory as the tensors it changed plus a reference to `base`."""
+    if distributed.is_main():
+        make_lean(directory, base)
+    distributed.barrier()
 
 
 def _continue_global_step(ctx: StageContext, before: str) -> None:
@@ -252,6 +260,7 @@ def _run_locked(cfg: RunConfig, ds_base: dict, out: Path) -> dict:
 
     for stage in cfg.stages:
         stage_dir = ctx.stage_dir(stage)
+        previous = current
         if stage in TRAINING_STAGES and cfg.resume and is_complete(stage_dir):
             if distributed.is_main():
                 print(f"[{stage}] already complete in {stage_dir}; skipping (--resume)")
@@ -277,6 +286,8 @@ def _run_locked(cfg: RunConfig, ds_base: dict, out: Path) -> dict:
         elif stage == "eval":
             continue
         if stage in TRAINING_STAGES:
+            if stage != "base" and not cfg.standalone and previous is not None and current != previous:
+                keep_only_changes(current, previous)
             written[f"{stage} model"] = str(current)
             if (stage, current) not in evaluated:
                 evaluated.append((stage, current))

@@ -25,6 +25,7 @@ from safetensors.torch import load_file, save_file
 from transformers import InternVLForConditionalGeneration, Sam2Model
 
 from hsft.model.build import load_sam2, load_vlm, torch_dtype
+from hsft.model.chain import DELTA_FILE, ID_FILE, is_lean, load_lean
 from hsft.model.config import PromptConfig
 from hsft.model.images import ImageNorm
 from hsft.model.integrity import explain_load_failure
@@ -48,8 +49,10 @@ def is_model_directory(directory: str | os.PathLike) -> bool:
 def save_model(model: Sa2VAModel, directory: str) -> None:
     os.makedirs(directory, exist_ok=True)
     meta_path = os.path.join(directory, META_FILE)
-    if os.path.exists(meta_path):
-        os.remove(meta_path)  # the directory is incomplete until the new metadata is written
+    for stale in (META_FILE, ID_FILE, DELTA_FILE):
+        # The directory is incomplete until the new metadata is written; new contents get a new id.
+        if os.path.exists(os.path.join(directory, stale)):
+            os.remove(os.path.join(directory, stale))
     model.vlm.save_pretrained(os.path.join(directory, VLM_DIR))
     model.tokenizer.save_pretrained(os.path.join(directory, VLM_DIR))
     model.sam2.save_pretrained(os.path.join(directory, SAM2_DIR))
@@ -94,6 +97,8 @@ def _read_meta(directory: str) -> dict:
 
 def load_model(directory: str, *, dtype: str | None = None) -> Sa2VAModel:
     """The model saved in `directory`, in eval mode, in its saved dtype unless `dtype` is given."""
+    if is_lean(directory):
+        return load_lean(directory, dtype=dtype)
     meta = _read_meta(directory)
     target = torch_dtype(dtype if dtype is not None else meta["dtype"])
     try:
