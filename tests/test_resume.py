@@ -37,9 +37,8 @@ def _config() -> RunConfig:
 
 
 def _run(out: Path, start: Path, samples, *, resume: bool) -> dict:
-    # The adapters' initial values come from the global generator when the stage builds them: both runs
-    # must start alike (on resume they are overwritten by the checkpoint anyway).
-    torch.manual_seed(0)
+    # A different global generator state before each run: the stage itself must seed what it draws.
+    torch.manual_seed(len(str(out)) + int(resume))
     ctx = StageContext(out_dir=out, ds_base=load_ds_config(REPO / "ds_configs" / "zero2.json"), seed=7,
                        precision="bf16", resume=resume)
     lora.run_lora(_config(), ctx, start, SimpleNamespace(train=samples, val=[], test=[]))

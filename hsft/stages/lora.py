@@ -155,6 +155,9 @@ def run_lora(cfg: RunConfig, ctx: StageContext, start: Path, splits) -> Path:
     # buffers left behind (SAM2's positional encoding) would meet bf16 weights. The export starts again
     # from the float32 input model and the float32 master weights, so nothing is lost.
     model = Sa2VAModel.from_pretrained(str(start), dtype="float32").to(training_dtype(ctx))
+    # The adapters' initial values come from the global generator, which each process seeds differently:
+    # the run's seed must decide them, or two runs of one command train different models.
+    torch.manual_seed(ctx.seed)
     task = LoraTask(model, splits.train, cfg.lora, splits.val, cfg.mining)
     exporter = LoraExport(start, cfg.lora)
     summary = run_training_stage(ctx, task, cfg.lora.train, load_input_model=exporter.load_input_model,
