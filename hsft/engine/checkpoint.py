@@ -97,6 +97,11 @@ def load(engine, ckpt_dir: Path, tag: str) -> dict[str, Any]:
     the non-strict module load; the trainable ones are checked against it by name.
     """
     path = Path(ckpt_dir) / tag
+    saved_world = saved_world_size(path)
+    if saved_world not in (None, distributed.world_size()):
+        # DeepSpeed partitions ZeRO optimizer state by rank and cannot re-partition it on load.
+        raise ValueError(f"{path}: written by {saved_world} rank(s), this run has {distributed.world_size()}; "
+                         f"resuming on another number of ranks is not supported: resume with {saved_world} rank(s)")
     loaded, client_state = engine.load_checkpoint(str(ckpt_dir), tag=tag, load_optimizer_states=True,
                                                   load_lr_scheduler_states=True, load_module_strict=False)
     if loaded is None:
@@ -114,6 +119,12 @@ def load(engine, ckpt_dir: Path, tag: str) -> dict[str, Any]:
         rng_state.restore(state)
     client_state["hsft_rng_restored"] = state is not None
     return client_state
+
+
+def saved_world_size(tag_dir: Path) -> int | None:
+    """How many ranks wrote a checkpoint: one ZeRO optimizer-state file each (None: not a ZeRO checkpoint)."""
+    files = list(Path(tag_dir).glob("*zero_pp_rank_*_mp_rank_00_optim_states.pt"))
+    return len(files) or None
 
 
 def trainable_names(engine) -> list[str]:
