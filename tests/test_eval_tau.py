@@ -6,9 +6,8 @@ from pathlib import Path
 
 import pytest
 
+from hsft import arguments
 from hsft.config import EvalConfig, MiningConfig, RunConfig, replace_nested
-
-from hsft import arguments  # noqa: E402
 
 
 def test_eval_tau_follows_the_mining_tau_unless_set():

@@ -41,6 +41,12 @@ def test_lean_chain_loads_bit_for_bit_and_standalone_export(tmp_path):
     for name, tensor in loaded.state_dict().items():
         assert torch.equal(tensor, expected[name]), name
 
+    # A lean directory copied elsewhere alone still finds its input (by the absolute path).
+    shutil.copytree(tmp_path / "c", tmp_path / "elsewhere" / "deeper" / "c")
+    copied = Sa2VAModel.from_pretrained(str(tmp_path / "elsewhere" / "deeper" / "c"))
+    assert all(torch.equal(t, expected[n]) for n, t in copied.state_dict().items())
+    shutil.rmtree(tmp_path / "elsewhere")
+
     # The run directory moves as a whole: references are relative.
     shutil.move(str(tmp_path), str(tmp_path.parent / (tmp_path.name + "_moved")))
     moved = tmp_path.parent / (tmp_path.name + "_moved")

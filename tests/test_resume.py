@@ -54,7 +54,7 @@ def start_model(tmp_path_factory):
 
 def test_dropout_is_live_in_the_lora_stage(start_model):
     """Without live dropout the resume test below could not tell restored RNG state from a reseed."""
-    _, start, samples = start_model
+    samples = start_model[2]
     model = build_model(ModelConfig(preset="tiny"), seed=0)
     task = lora.LoraTask(model, samples, _config().lora, [], MiningConfig())
     task.module.train()

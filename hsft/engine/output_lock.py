@@ -90,7 +90,7 @@ class OutputDirLock:
             os.close(self._fd)  # closing drops the flock
             self._fd = None
 
-    def __enter__(self) -> "OutputDirLock":
+    def __enter__(self) -> OutputDirLock:
         self.acquire()
         return self
 

@@ -15,7 +15,7 @@ from typing import Any
 import numpy as np
 import torch
 
-__all__ = ["capture", "restore", "save", "load", "file_for_rank"]
+__all__ = ["capture", "file_for_rank", "load", "restore", "save"]
 
 FORMAT_VERSION = 1
 

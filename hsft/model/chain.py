@@ -26,8 +26,16 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
-__all__ = ["DELTA_FORMAT", "DELTA_FILE", "is_lean", "directory_id", "make_lean", "load_lean", "export_standalone",
-           "chain_of"]
+__all__ = [
+    "DELTA_FILE",
+    "DELTA_FORMAT",
+    "chain_of",
+    "directory_id",
+    "export_standalone",
+    "is_lean",
+    "load_lean",
+    "make_lean",
+]
 
 DELTA_FORMAT = "hsft-sa2va-delta"
 DELTA_FILE = "delta.safetensors"
@@ -63,15 +71,19 @@ def directory_id(directory: str | os.PathLike) -> str:
 
 
 def _base_of(directory: Path) -> Path:
+    """The input model: by the relative path first (the whole run directory moved), then by the absolute
+    one (the lean directory alone was copied elsewhere), and only with the id it was written against."""
     meta = _meta(directory)
-    base = (directory / meta["base"]).resolve()
-    if not (base / META_FILE).is_file():
-        raise FileNotFoundError(f"{directory}: a lean model directory whose input model {base} is missing; keep the "
-                                "run's earlier stages, or write self-contained directories with --standalone")
-    if directory_id(base) != meta["base_id"]:
-        raise ValueError(f"{directory}: its input model {base} was replaced after this directory was written "
+    candidates = [(directory / meta["base"]).resolve(), Path(meta.get("base_absolute", meta["base"]))]
+    present = [base for base in candidates if (base / META_FILE).is_file()]
+    for base in present:
+        if directory_id(base) == meta["base_id"]:
+            return base
+    if present:
+        raise ValueError(f"{directory}: its input model {present[0]} was replaced after this directory was written "
                          "(ids differ); re-run this stage or export self-contained copies with --standalone")
-    return base
+    raise FileNotFoundError(f"{directory}: a lean model directory whose input model {candidates[0]} is missing; keep "
+                            "the run's earlier stages, or write self-contained directories with --standalone")
 
 
 def chain_of(directory: str | os.PathLike) -> list[Path]:
@@ -105,7 +117,7 @@ def make_lean(directory: str | os.PathLike, base: str | os.PathLike) -> int:
     delta = {k: v.detach().contiguous().cpu() for k, v in ours.items() if not torch.equal(v, theirs[k])}
     save_file(delta, str(directory / DELTA_FILE))
     meta = {"format": DELTA_FORMAT, "base": os.path.relpath(base.resolve(), directory.resolve()),
-            "base_id": directory_id(base), "id": uuid.uuid4().hex, "dtype": str(model.dtype).removeprefix("torch.")}
+            "base_absolute": str(base.resolve()), "base_id": directory_id(base), "id": uuid.uuid4().hex, "dtype": str(model.dtype).removeprefix("torch.")}
     tmp = directory / (META_FILE + ".tmp")
     tmp.write_text(json.dumps(meta, indent=2) + "\n")
     os.replace(tmp, directory / META_FILE)

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import torch
 
-__all__ = ["find_shape_mismatch", "explain_load_failure"]
+__all__ = ["explain_load_failure", "find_shape_mismatch"]
 
 
 def _normalise(name: str) -> str:
