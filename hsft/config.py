@@ -244,9 +244,10 @@ class EvalConfig:
     fixed_overlays: int = field(
         default=4, metadata={"help": "first-k samples always drawn as overlays (the same pictures in every stage)"}
     )
-    tau: float = field(
-        default_factory=lambda: MiningConfig().tau,
-        metadata={"help": "Dice threshold of the hard/easy label in the flip list and the comparison table"},
+    tau: float | None = field(
+        default=None,
+        metadata={"help": "Dice threshold of the hard/easy label in the flip list and the comparison table (none: "
+                          "the mining tau, so evaluation and mining call the same samples hard)"},
     )
     stable_tolerance: float = field(
         default=0.01, metadata={"help": "checkpoint comparison: |delta Dice| <= this counts as Stable"}
@@ -262,12 +263,18 @@ class EvalConfig:
         _check(self.max_new_tokens >= 1, "eval.max_new_tokens", "must be >= 1")
         _check(self.overlays >= 0, "eval.overlays", "must be >= 0")
         _check(self.fixed_overlays >= 0, "eval.fixed_overlays", "must be >= 0")
-        _check(0 < self.tau <= 1, "eval.tau", f"must lie in (0, 1], got {self.tau}")
+        if self.tau is not None:
+            _check(0 < self.tau <= 1, "eval.tau", f"must lie in (0, 1], got {self.tau}")
         _check(0 <= self.stable_tolerance < 1, "eval.stable_tolerance",
                f"must lie in [0, 1), got {self.stable_tolerance}")
         _check(self.bootstrap_resamples >= 1, "eval.bootstrap_resamples",
                f"must be >= 1, got {self.bootstrap_resamples}")
         _check(self.bootstrap_seed >= 0, "eval.bootstrap_seed", f"must be >= 0, got {self.bootstrap_seed}")
+
+    @property
+    def threshold(self) -> float:
+        """The hard/easy threshold in use: `tau`, or the default mining tau when it follows mining."""
+        return self.tau if self.tau is not None else MiningConfig().tau
 
 
 @dataclass
@@ -282,6 +289,14 @@ class RunConfig:
     precision: str | None = field(default=None, metadata={"help": "override the DeepSpeed config: bf16 or fp32"})
     resume: bool = field(default=False, metadata={"help": "continue from the latest complete checkpoint"})
     overwrite: bool = field(default=False, metadata={"help": "replace the selected stages' earlier output"})
+    standalone: bool = field(
+        default=False,
+        metadata={"help": "write every stage's model directory self-contained; by default a stage stores only the "
+                          "tensors it changed and refers to its input model's directory"},
+    )
+    keep_checkpoints: int = field(
+        default=1, metadata={"help": "complete DeepSpeed checkpoints kept per stage (the newest; --resume needs one)"}
+    )
     start_model: str | None = field(
         default=None, metadata={"flag": "--model", "help": "a saved model directory (e.g. a stage's model/) that "
                                                            "the first selected stage starts from"}
@@ -294,6 +309,10 @@ class RunConfig:
     mining: MiningConfig = field(default_factory=MiningConfig)
     hsft: HSFTStageConfig = field(default_factory=HSFTStageConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
+
+    def eval_settings(self) -> EvalConfig:
+        """The evaluation settings with `eval.tau` following `mining.tau` unless it was set."""
+        return self.eval if self.eval.tau is not None else dataclasses.replace(self.eval, tau=self.mining.tau)
 
     @property
     def embedded_default(self) -> bool:
@@ -314,6 +333,7 @@ class RunConfig:
                    "'base' pre-trains the embedded tiny model; drop it when --model or --vlm is given")
         if self.precision is not None:
             _check(self.precision in PRECISIONS, "precision", f"must be one of {PRECISIONS}, got {self.precision!r}")
+        _check(self.keep_checkpoints >= 1, "keep_checkpoints", f"must be >= 1, got {self.keep_checkpoints}")
         self.model.validate()
         self.data.validate()
         for stage_cfg in (self.base, self.lora, self.dpo, self.mining, self.hsft, self.eval):

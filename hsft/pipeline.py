@@ -25,7 +25,9 @@ from hsft.engine.context import RunContext
 from hsft.engine.ds_config import DeepSpeedConfigError, load_ds_config
 from hsft.engine.files import write_json
 from hsft.engine.loop import NonFiniteTrainingError
+from hsft.engine.output_lock import OutputDirInUse, hold_output_dir
 from hsft.model import build_model, is_model_directory, save_model
+from hsft.model.chain import make_lean
 from hsft.model.checkpoint import META_FILE
 from hsft.stages import base, dpo, evaluation, hsft, lora, mining
 from hsft.stages.training import StageResult, is_complete, model_dir
@@ -99,6 +101,13 @@ def _starting_model(ctx: RunContext) -> tuple[Path | None, str]:
                         "directory), --vlm/--sam2, or include the earlier stages")
 
 
+def keep_only_changes(directory: Path, base: Path) -> None:
+    """Rewrite a finished stage's model directory as the tensors it changed plus a reference to `base`."""
+    if distributed.is_main():
+        make_lean(directory, base)
+    distributed.barrier()
+
+
 def _continue_global_step(ctx: RunContext, upto: str) -> None:
     """TensorBoard's step never resets: continue from the newest finished stage up to `upto`."""
     for name in reversed(STAGE_ORDER[:STAGE_ORDER.index(upto) + 1]):
@@ -134,6 +143,14 @@ def run_pipeline(cfg: RunConfig) -> dict:
     cfg.validate()
     ds_file_config = load_ds_config(cfg.deepspeed)
     out = Path(cfg.output_dir)
+    lock = hold_output_dir(out)  # before anything is read or removed there
+    try:
+        return _run_locked(cfg, ds_file_config, out)
+    finally:
+        lock.release()
+
+
+def _run_locked(cfg: RunConfig, ds_file_config: dict, out: Path) -> dict:
     _check_output_dir(cfg, out)
     if distributed.is_main():
         out.mkdir(parents=True, exist_ok=True)
@@ -163,6 +180,8 @@ def run_pipeline(cfg: RunConfig) -> dict:
         else:
             result = stage.run(ctx, getattr(cfg, stage.config), current)
             results[stage.name] = result
+            if stage.trains and stage.name != "base" and not cfg.standalone and current is not None:
+                keep_only_changes(result.model_dir, current)
         _continue_global_step(ctx, stage.name)
         written.update(result.written)
         if result.model_dir is not None:
@@ -197,7 +216,7 @@ def main(cfg: RunConfig) -> int:
     except NonFiniteTrainingError as err:
         print(f"hsft: stopped: {err}", file=sys.stderr)
         return 3
-    except (PipelineError, DeepSpeedConfigError, ValueError, FileNotFoundError) as err:
+    except (PipelineError, DeepSpeedConfigError, OutputDirInUse, ValueError, FileNotFoundError) as err:
         if os.environ.get("HSFT_DEBUG"):
             raise
         print(f"hsft: error: {err}", file=sys.stderr)

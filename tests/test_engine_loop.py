@@ -65,14 +65,14 @@ class ToyTask:
         return {"note": "toy"}
 
 
-def context(tmp: Path, precision="fp32", name="zero2.json", resume=False) -> RunContext:
-    cfg = RunConfig(output_dir=str(tmp), seed=3, precision=precision, resume=resume)
+def context(tmp: Path, precision="fp32", name="zero2.json", resume=False, keep=1) -> RunContext:
+    cfg = RunConfig(output_dir=str(tmp), seed=3, precision=precision, resume=resume, keep_checkpoints=keep)
     return RunContext.build(cfg, load_ds_config(REPO / "ds_configs" / name))
 
 
-def run(tmp: Path, cfg: TrainConfig, task=None, resume=False, precision="fp32", config="zero2.json"):
+def run(tmp: Path, cfg: TrainConfig, task=None, resume=False, precision="fp32", config="zero2.json", keep=1):
     task = task or ToyTask()
-    return train(task, cfg, context(tmp, precision, config, resume), stage_dir=tmp, tb=TBWriter(tmp / "tb")), task
+    return train(task, cfg, context(tmp, precision, config, resume, keep), stage_dir=tmp, tb=TBWriter(tmp / "tb")), task
 
 
 def test_shipped_configs_are_concrete_and_auto_is_refused(tmp_path):
@@ -154,7 +154,7 @@ def test_clipping_bounds_the_update_and_grad_norm_is_pre_clip(tmp_path):
     assert not torch.equal(before, engine.module.linear.weight.detach())
 
 
-def test_non_finite_loss_skips_the_step_and_repeats_stop_with_a_saved_state(tmp_path):
+def test_non_finite_loss_skips_the_step_and_repeats_stop_without_saving(tmp_path):
     # One poisoned sample: its window is skipped, training goes on.
     task = ToyTask(poison={5})
     cfg = TrainConfig(epochs=1, micro_batch=1, grad_accum=1, lr=0.01, clip=1.0)
@@ -162,17 +162,22 @@ def test_non_finite_loss_skips_the_step_and_repeats_stop_with_a_saved_state(tmp_
     assert result.skipped_steps == 1 and result.optimizer_steps == 16
     assert all(torch.isfinite(p).all() for p in result.engine.module.parameters())
     assert result.engine.skipped_steps == 1
-    # Every sample poisoned: stop after max_nonfinite_steps with a clear message and a checkpoint.
+    assert result.skipped == [{"step": result.skipped[0]["step"], "epoch": 1, "reason": "non-finite loss",
+                               "samples": ["#5"]}]
+    # Every sample poisoned: stop after max_nonfinite_steps with a clear message; the unfinished epoch is
+    # not saved, so there is no checkpoint to resume from and the message says so.
     task = ToyTask(poison=set(range(16)))
-    with pytest.raises(NonFiniteTrainingError, match="3 optimizer steps in a row"):
+    with pytest.raises(NonFiniteTrainingError, match="3 optimizer steps in a row.*restarts the stage from its start"):
         run(tmp_path / "always", TrainConfig(epochs=1, micro_batch=1, lr=0.01, max_nonfinite_steps=3), task=task)
-    assert checkpoint.latest_tag(tmp_path / "always" / "checkpoints") == "nonfinite-step0000003"
+    assert checkpoint.latest_tag(tmp_path / "always" / "checkpoints") is None
 
 
 @pytest.mark.parametrize("precision", ["fp32", "bf16"])
 def test_resume_reproduces_the_uninterrupted_losses(tmp_path, precision):
     cfg = TrainConfig(epochs=3, micro_batch=2, grad_accum=2, lr=0.02, min_lr=0.001, warmup_ratio=0.1)
-    full, _ = run(tmp_path / "full", cfg, precision=precision)
+    full, _ = run(tmp_path / "full", cfg, precision=precision, keep=3)
+    assert sorted(p.name for p in (tmp_path / "full" / "checkpoints").iterdir() if p.is_dir()) == \
+        ["epoch0001", "epoch0002", "epoch0003"]
     # Simulate a crash after epoch 1: only the epoch-1 checkpoint survives.
     interrupted = tmp_path / "interrupted"
     shutil.copytree(tmp_path / "full", interrupted)

@@ -36,7 +36,8 @@ def launch(args: list[str], tmp: Path, ranks: int = 1, check: bool = True) -> su
 @pytest.fixture(scope="module")
 def full_run(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("main")
-    proc = launch(["--output-dir", str(tmp / "run"), *SMALL], tmp)
+    # Two checkpoints per stage, so a test can fall back to the epoch before the last one.
+    proc = launch(["--output-dir", str(tmp / "run"), "--keep-checkpoints", "2", *SMALL], tmp)
     return tmp, proc
 
 

@@ -18,7 +18,7 @@ def samples():
 def test_bucket_table_counts_the_published_buckets():
     dices = [0.1, 0.29, 0.3, 0.45, 0.6, 0.7, 0.74, 0.8, 0.95, 1.0]
     table = mining.bucket_table(dices)
-    assert [r["range"] for r in table] == ["< 0.30", "0.30-0.50", "0.50-0.65", "0.65-0.75", "> 0.75"]
+    assert [r["range"] for r in table] == ["< 0.30", "0.30-0.50", "0.50-0.65", "0.65-0.75", ">= 0.75"]
     assert [r["count"] for r in table] == [2, 2, 1, 2, 3]
     assert sum(r["percent"] for r in table) == pytest.approx(100.0)
     assert mining.bucket_of(0.2999) == table[0]["category"] and mining.bucket_of(0.75) == table[-1]["category"]

@@ -1,10 +1,16 @@
 """Decoding dataset files into arrays, with errors that name the file.
 
-Images become (H, W, 3) uint8 RGB. Masks (vessel ground truth and FOV) are binarised by one
-explicit rule: a pixel is foreground when its brightest channel exceeds half the full scale of
-the file's sample type (> 127 for 8-bit, > 32767 for 16-bit, True for 1-bit files), except that a
-mask whose values are all 0 or 1 is read as a label map (foreground = 1) -- without that exception
-a 0/1 PNG would silently binarise to an empty mask.
+Images become (H, W, 3) uint8 RGB. Masks (vessel ground truth and FOV) are binarised from their
+brightest channel by one explicit rule:
+  - a two-valued mask whose lower value is 0 is a label map: foreground is the higher value, whatever
+    it is ({0, 1}, {0, 255}, {0, 65535}, 8-bit values stored in a 16-bit file, a palette whose
+    foreground colour is dark) -- a fixed threshold would read some of these as empty masks;
+  - any other mask (soft or anti-aliased values, JPEG noise) is thresholded at half the full scale
+    of its sample type: > 127 for 8-bit, > 32767 for 16-bit, > 0.5 for floating-point maps in [0, 1].
+1-bit files are read as they are.
+
+Before any pixel is decoded, an image larger than MAX_IMAGE_PIXELS is refused (a decompression bomb
+is a small file that claims an enormous size), and an empty file is named as such.
 
 EXIF orientation is deliberately ignored: ground truths are drawn on the stored pixel grid.
 Gzipped files (STARE's `.ppm.gz`) are decompressed transparently.
@@ -26,6 +32,10 @@ __all__ = ["IMAGE_SUFFIXES", "image_stem", "is_image_file", "decode", "read_rgb"
 
 # Lower-case suffixes of the files the readers consider images (".ppm.gz" is matched whole).
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".tif", ".tiff", ".gif", ".ppm", ".pgm", ".pbm", ".bmp")
+
+# The largest image decoded, in pixels: 16x the largest public fundus sets' images (HRF, 3504 x 2336),
+# far below what would exhaust memory. Checked from the header, before decoding.
+MAX_IMAGE_PIXELS = 16 * 3504 * 2336
 
 # What Pillow and the decompressors raise on unreadable, truncated or corrupt data.
 _DECODE_ERRORS = (OSError, SyntaxError, ValueError, EOFError, zlib.error, UnidentifiedImageError,
@@ -50,15 +60,33 @@ def is_image_file(path: Path) -> bool:
 def decode(path: Path) -> Image.Image:
     """Open and fully decode one image file (so truncated files fail here, not later)."""
     try:
+        if path.stat().st_size == 0:
+            raise DatasetError(f"{path}: empty file (0 bytes), not an image")
         if path.name.lower().endswith(".gz"):
             with gzip.open(path, "rb") as handle:
                 data = handle.read()
+            if not data:
+                raise DatasetError(f"{path}: decompresses to an empty file, not an image")
             image = Image.open(io.BytesIO(data))
         else:
             image = Image.open(path)
+        width, height = image.size
+        if width * height > MAX_IMAGE_PIXELS:
+            raise DatasetError(f"{path}: claims {width}x{height} = {width * height} pixels, more than the limit of "
+                               f"{MAX_IMAGE_PIXELS} (decompression-bomb guard); refusing to decode it")
         image.load()
     except FileNotFoundError:
         raise DatasetError(f"{path}: file not found") from None
+    except PermissionError:
+        raise DatasetError(f"{path}: permission denied (cannot read the file)") from None
+    except IsADirectoryError:
+        raise DatasetError(f"{path}: is a directory, not an image file") from None
+    except Image.DecompressionBombError:
+        # Pillow's own guard, at twice its warning size, fires inside open() before ours can.
+        raise DatasetError(f"{path}: claims more pixels than the limit of {MAX_IMAGE_PIXELS} (decompression-bomb "
+                           "guard); refusing to decode it") from None
+    except UnidentifiedImageError:
+        raise DatasetError(f"{path}: not an image (no known image format recognised in its bytes)") from None
     except _DECODE_ERRORS as error:
         raise DatasetError(f"{path}: unreadable or corrupt image ({type(error).__name__}: {error})") from None
     return image
@@ -106,8 +134,14 @@ def read_binary(path: Path) -> np.ndarray:
             raise DatasetError(f"{path}: cannot read mask of image mode {image.mode!r} ({error})") from None
     if values.ndim != 2:
         raise DatasetError(f"{path}: expected a single-channel mask, got array of shape {values.shape}")
-    if float(values.max(initial=0)) <= 1:
-        return values > 0
+    low, high = values.min(), values.max()
+    if not np.isfinite(float(high)) or not np.isfinite(float(low)):
+        raise DatasetError(f"{path}: mask holds non-finite values (NaN or infinity)")
+    if low == 0 and high > 0 and bool(np.all((values == 0) | (values == high))):
+        return values == high  # a label map
+    if float(high) <= 1:
+        # Floating-point maps in [0, 1] (and constant 0/1 masks).
+        return values > 0.5
     return values > _full_scale(values, image.mode) / 2
 
 

@@ -140,6 +140,9 @@ def scan_dataset(format: str, root: str | Path | None, *, split: str) -> list[Sa
     or the bad argument (unknown format, missing root). Returns the refs sorted by id.
     """
     scan = inspect_split(format, root, split)
+    if len(scan.problems) == 1:
+        # One problem, one line: it already names the file and what is wrong with it.
+        raise DatasetError(f"{format} dataset, {split} split: {scan.problems[0]}", problems=scan.problems)
     if scan.problems:
         shown = scan.problems[:_PROBLEMS_IN_MESSAGE]
         more = len(scan.problems) - len(shown)

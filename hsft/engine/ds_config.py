@@ -30,6 +30,56 @@ def _find_auto(node: Any, path: str = "") -> list[str]:
     return [path] if isinstance(node, str) and node.strip().lower() == "auto" else []
 
 
+# Values hsft itself reads: their JSON type is checked strictly, because Python's truthiness would
+# read "false" as true (DeepSpeed's own validation coerces such strings, hsft's reading would not).
+_TYPED_KEYS: dict[tuple[str, ...], tuple[type, ...]] = {
+    ("bf16", "enabled"): (bool,),
+    ("fp16", "enabled"): (bool,),
+    ("zero_optimization", "stage"): (int,),
+    ("gradient_clipping",): (int, float),
+    ("steps_per_print",): (int,),
+    ("wall_clock_breakdown",): (bool,),
+    ("train_micro_batch_size_per_gpu",): (int,),
+    ("gradient_accumulation_steps",): (int,),
+    ("train_batch_size",): (int,),
+}
+_TYPE_NAMES = {bool: "true/false", int: "an integer", float: "a number"}
+
+
+def _check_types(config: dict, path: Path) -> None:
+    """Refuse a value of the wrong type with the key that holds it, before DeepSpeed meets it mid-setup."""
+    for keys, types in _TYPED_KEYS.items():
+        node: Any = config
+        for key in keys[:-1]:
+            node = node.get(key) if isinstance(node, dict) else None
+            if node is not None and not isinstance(node, dict):
+                raise DeepSpeedConfigError(f"--deepspeed {path}: {key} must be a JSON object, got {node!r}")
+        if not isinstance(node, dict) or keys[-1] not in node:
+            continue
+        value = node[keys[-1]]
+        # bool is an int in Python; JSON true is no stage number and no batch size.
+        wrong = isinstance(value, bool) and bool not in types or not isinstance(value, types)
+        if wrong:
+            expected = " or ".join(_TYPE_NAMES[t] for t in types)
+            raise DeepSpeedConfigError(f"--deepspeed {path}: {'.'.join(keys)} must be {expected}, got {value!r}")
+    # The blocks DeepSpeed parses with its own models: their errors, as one line naming the key.
+    import pydantic
+    from deepspeed.runtime.precision_config import DeepSpeedBF16Config, DeepSpeedFP16Config
+    from deepspeed.runtime.zero.config import DeepSpeedZeroConfig
+
+    for block, model in (("zero_optimization", DeepSpeedZeroConfig), ("bf16", DeepSpeedBF16Config),
+                         ("fp16", DeepSpeedFP16Config)):
+        if block not in config:
+            continue
+        try:
+            model(**config[block])
+        except pydantic.ValidationError as err:
+            first = err.errors()[0]
+            where = ".".join(str(part) for part in (block, *first["loc"]))
+            raise DeepSpeedConfigError(f"--deepspeed {path}: {where}: {first['msg']} (got {first.get('input')!r})") \
+                from None
+
+
 def load_ds_config(path: str | Path) -> dict:
     """Read and sanity-check a DeepSpeed JSON file; errors name the file and the key."""
     path = Path(path)
@@ -47,6 +97,7 @@ def load_ds_config(path: str | Path) -> dict:
             f"--deepspeed {path}: 'auto' is only resolved by the Hugging Face Trainer; give concrete values for "
             + ", ".join(autos)
         )
+    _check_types(config, path)
     if "optimizer" in config or "scheduler" in config:
         raise DeepSpeedConfigError(
             f"--deepspeed {path}: remove the 'optimizer'/'scheduler' blocks; hsft builds torch AdamW over the "

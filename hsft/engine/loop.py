@@ -50,9 +50,12 @@ class TrainTask(Protocol):
     def client_state(self) -> dict[str, Any]:
         """Extra state stored in every checkpoint (e.g. the hard-set ids)."""
 
+    # Optional: `sample_ids(indices) -> list[str]`, the ids a skipped step names in the log (the
+    # training-set indices are named when the task has no such method).
+
 
 class NonFiniteTrainingError(RuntimeError):
-    pass
+    """Too many optimizer steps in a row were skipped; nothing of the unfinished epoch was saved."""
 
 
 @dataclass
@@ -66,6 +69,8 @@ class TrainResult:
     resumed_from: str | None = None
     last_lr: float = 0.0  # the scheduler's learning rate after the last step
     grad_norms: list[float] = field(default_factory=list)  # pre-clip global gradient norm of every step
+    # One entry per skipped step: {"step", "epoch", "reason", "samples"} (sample ids of the window).
+    skipped: list[dict[str, Any]] = field(default_factory=list)
     engine: Any = None  # the DeepSpeed engine, for inspection (optimizer state) by tools and tests
     # The trained parameters' float32 values (rank 0; empty elsewhere), named as in task.module.
     weights: dict[str, torch.Tensor] = field(default_factory=dict)
@@ -99,6 +104,12 @@ def _seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
+def sample_ids(task: TrainTask, indices: list[int]) -> list[str]:
+    """The ids of these training-set indices, for log lines that must point at the data."""
+    named = getattr(task, "sample_ids", None)
+    return list(named(indices)) if named is not None else [f"#{i}" for i in indices]
+
+
 def train(task: TrainTask, cfg: TrainConfig, ctx: RunContext, *, stage_dir: Path, tb: TBWriter) -> TrainResult:
     """Train `task` with `cfg` in the run `ctx` (DeepSpeed config, precision, seed, resume, the run-wide
     step); checkpoints go to `stage_dir/checkpoints`. Returns the trained weights (float32, rank 0)."""
@@ -107,6 +118,7 @@ def train(task: TrainTask, cfg: TrainConfig, ctx: RunContext, *, stage_dir: Path
     distributed.init_distributed()
     rank, world = distributed.rank(), distributed.world_size()
     seed, resume, step_offset = ctx.seed, ctx.resume, ctx.global_step
+    keep_checkpoints = ctx.cfg.keep_checkpoints
     stage_dir = Path(stage_dir)
     ckpt_dir = stage_dir / "checkpoints"
     start_time = time.time()
@@ -132,21 +144,33 @@ def train(task: TrainTask, cfg: TrainConfig, ctx: RunContext, *, stage_dir: Path
     first_epoch, global_step, stage_steps, skipped_total = 0, step_offset, 0, 0
     resumed_from = None
     if resume and (tag := checkpoint.latest_tag(ckpt_dir)) is not None:
-        state = checkpoint.load(engine, ckpt_dir, tag)["hsft"]
+        loaded = checkpoint.load(engine, ckpt_dir, tag)
+        state = loaded["hsft"]
         if state.get("stage") != task.name or state.get("seed") != seed:
             raise ValueError(f"{ckpt_dir / tag}: checkpoint of stage {state.get('stage')!r} seed {state.get('seed')}, "
                              f"cannot resume stage {task.name!r} seed {seed}")
         first_epoch, global_step = state["epoch"], state["global_step"]
         stage_steps, skipped_total = state["stage_steps"], state["skipped_steps"]
         resumed_from = str(ckpt_dir / tag)
+        if not loaded["hsft_rng_restored"]:
+            # Written by fewer ranks than now run: this rank continues on its own fresh stream, so its dropout
+            # masks (not the data order, which is seeded per epoch) differ from an uninterrupted run.
+            _seed_everything(seed + 1000003 * (rank + 1) + first_epoch)
+        rng_note = ("; no saved RNG state for some rank(s): their dropout draws differ from an uninterrupted run"
+                    if distributed.any_rank(not loaded["hsft_rng_restored"]) else "")
         if distributed.is_main():
-            print(f"[{task.name}] resumed from {resumed_from} (epoch {first_epoch}, step {global_step})")
+            saved_world = state.get("world_size", world)
+            ranks = f", written by {saved_world} rank(s), now {world}" if saved_world != world else ""
+            print(f"[{task.name}] resumed from {resumed_from} (epoch {first_epoch}, step {global_step}{ranks}){rng_note}")
+
+    trainable = checkpoint.trainable_names(engine)
 
     def client_state(epoch_done: int) -> dict[str, Any]:
         # Namespaced: DeepSpeed keeps keys such as skipped_steps / global_steps for itself.
         return {"hsft": {"stage": task.name, "epoch": epoch_done, "global_step": global_step,
                          "stage_steps": stage_steps, "skipped_steps": skipped_total, "seed": seed,
-                         "world_size": world, **task.client_state()}}
+                         "world_size": world, **task.client_state()},
+                "hsft_trainable": trainable}
 
     result = TrainResult(global_step=global_step, optimizer_steps=stage_steps, skipped_steps=skipped_total,
                          resumed_from=resumed_from)
@@ -163,11 +187,16 @@ def train(task: TrainTask, cfg: TrainConfig, ctx: RunContext, *, stage_dir: Path
         window_losses: list[float] = []
         window_terms: dict[str, list[float]] = {}
         window_nonfinite = False
+        window_ids: list[str] = []  # this rank's samples in the current accumulation window
+        nonfinite_ids: list[str] = []  # those of them whose micro-batch gave a non-finite loss
         window_start = time.time()
         for micro in range(micro_steps):
             start = micro * cfg.micro_batch * world + rank * cfg.micro_batch
-            batch = task.make_batch(order[start:start + cfg.micro_batch], dtype, device)
+            indices = order[start:start + cfg.micro_batch]
+            batch = task.make_batch(indices, dtype, device)
             loss, terms = engine(batch)
+            ids = sample_ids(task, indices)
+            window_ids += ids
 
             # Log before backward: engine.backward divides by the accumulation steps itself.
             value = float(loss.detach())
@@ -178,6 +207,7 @@ def train(task: TrainTask, cfg: TrainConfig, ctx: RunContext, *, stage_dir: Path
                 # Make the gradients non-finite on purpose so DeepSpeed's overflow check skips the whole
                 # accumulation window on every rank (a finite-looking partial step would be worse).
                 window_nonfinite = True
+                nonfinite_ids += ids
                 loss = loss * float("nan")
             engine.backward(loss)
             boundary = engine.is_gradient_accumulation_boundary()
@@ -189,6 +219,8 @@ def train(task: TrainTask, cfg: TrainConfig, ctx: RunContext, *, stage_dir: Path
             # --- one optimizer step happened (or was skipped) ---------------------------------
             grad_norm = engine.get_global_grad_norm()
             grad_norm = float(grad_norm) if grad_norm is not None else float("nan")
+            # Agreed on by every rank, so all of them take the same branch (and the same collectives) below.
+            window_nonfinite = distributed.any_rank(window_nonfinite)
             skipped = engine.skipped_steps > skipped_before or window_nonfinite or not math.isfinite(grad_norm)
             global_step += 1
             stage_steps += 1
@@ -202,6 +234,15 @@ def train(task: TrainTask, cfg: TrainConfig, ctx: RunContext, *, stage_dir: Path
             if skipped:
                 skipped_total += 1
                 consecutive_skips += 1
+                gathered = distributed.all_gather_objects((nonfinite_ids, window_ids))
+                bad = [i for part, _ in gathered for i in part]
+                reason = "non-finite loss" if bad else "non-finite gradient"
+                named = bad or [i for _, part in gathered for i in part]
+                result.skipped.append({"step": global_step, "epoch": epoch + 1, "reason": reason, "samples": named})
+                if distributed.is_main():
+                    where = "in the micro-batch of" if bad else "in the accumulation window of"
+                    progress.write(f"[{task.name}] step {global_step} skipped: {reason} {where} sample(s) "
+                                   f"{', '.join(named)} (loss {mean_loss}, grad norm {grad_norm})")
             else:
                 consecutive_skips = 0
             if global_step % cfg.log_every == 0 or skipped:
@@ -214,13 +255,22 @@ def train(task: TrainTask, cfg: TrainConfig, ctx: RunContext, *, stage_dir: Path
             progress.set_postfix(loss=f"{mean_loss:.4f}", gnorm=f"{grad_norm:.3g}", lr=f"{scheduler.get_last_lr()[0]:.2e}")
             progress.update(1)
             if consecutive_skips >= cfg.max_nonfinite_steps:
-                checkpoint.save(engine, ckpt_dir, f"nonfinite-step{global_step:07d}", client_state(epoch))
                 progress.close()
+                # The unfinished epoch is not saved: its weights, moments and schedule are what led here,
+                # and resuming from them would replay the same state. The resume point stays the last
+                # epoch boundary that completed.
+                last_good = checkpoint.latest_tag(ckpt_dir)
+                resume_point = (f"--resume restarts from the last good epoch boundary, {ckpt_dir / last_good}"
+                                if last_good else "no epoch of this stage finished, so --resume restarts the stage "
+                                                  "from its start")
+                samples = sorted({i for entry in result.skipped[-consecutive_skips:] for i in entry["samples"]})
                 raise NonFiniteTrainingError(
                     f"stage {task.name}: {consecutive_skips} optimizer steps in a row had a non-finite loss or "
-                    f"gradient norm (last loss {mean_loss}, grad norm {grad_norm}) at step {global_step}; the state "
-                    f"was saved under {ckpt_dir}. Lower the learning rate or check the data.")
+                    f"gradient norm (last loss {mean_loss}, grad norm {grad_norm}) at step {global_step}, samples "
+                    f"{', '.join(samples)}; the unfinished epoch was not saved: {resume_point}. Lower the learning "
+                    "rate or check those samples.")
             window_losses, window_terms, window_nonfinite = [], {}, False
+            window_ids, nonfinite_ids = [], []
             window_start = time.time()
 
         # --- end of epoch: metrics, checkpoint ---------------------------------------------------
@@ -234,7 +284,7 @@ def train(task: TrainTask, cfg: TrainConfig, ctx: RunContext, *, stage_dir: Path
         if metrics and distributed.is_main():
             progress.write(f"[{task.name}] epoch {epoch + 1}/{cfg.epochs} "
                            + " ".join(f"{k}={v:.4f}" for k, v in metrics.items()))
-        checkpoint.save(engine, ckpt_dir, f"epoch{epoch + 1:04d}", client_state(epoch + 1))
+        checkpoint.save(engine, ckpt_dir, f"epoch{epoch + 1:04d}", client_state(epoch + 1), keep=keep_checkpoints)
 
     progress.close()
     tb.flush()

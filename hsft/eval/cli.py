@@ -165,7 +165,7 @@ def run_evaluate(checkpoint: str | Path, output: str | Path, *, data: DataConfig
             other = load_checkpoint(compare, device=target, dtype=dtype, argument="--compare", prompt=prompt)
             other_summary = evaluate_model(other, samples, cfg, out_dir=out / COMPARE_SUBDIR, tb=tb, tag="compare",
                                            title=str(compare))
-            comparison = compare_summaries(summary, other_summary, tau=cfg.tau, tolerance=cfg.stable_tolerance,
+            comparison = compare_summaries(summary, other_summary, tau=cfg.threshold, tolerance=cfg.stable_tolerance,
                                            before_name=str(checkpoint), after_name=str(compare),
                                            resamples=cfg.bootstrap_resamples, seed=cfg.bootstrap_seed)
             write_comparison(out, comparison)

@@ -50,7 +50,7 @@ def _generate_summary(records: Sequence[SampleRecord]) -> dict:
 def _discrepancy(records: Sequence[SampleRecord], cfg: EvalConfig) -> dict:
     ids = [r.id for r in records]
     generate_dice = [r.dice("generate") for r in records]
-    out: dict = {"reference": "generate", "tau": cfg.tau, "pairs": {}}
+    out: dict = {"reference": "generate", "tau": cfg.threshold, "pairs": {}}
     for path in TEACHER_FORCED:
         path_dice = [r.dice(path) for r in records]
         out["pairs"][path] = {
@@ -63,7 +63,7 @@ def _discrepancy(records: Sequence[SampleRecord], cfg: EvalConfig) -> dict:
             "flips": [
                 {"id": f["id"], path: f["dice_first"], "generate": f["dice_second"], "from": f["first"],
                  "to": f["second"]}
-                for f in label_flips(ids, path_dice, generate_dice, cfg.tau)
+                for f in label_flips(ids, path_dice, generate_dice, cfg.threshold)
             ],
         }
     return out
@@ -79,7 +79,7 @@ def build_summary(records: Sequence[SampleRecord], cfg: EvalConfig, *, tag: str,
         "step": step,
         "n": len(records),
         "with_fov": sum(r.has_fov for r in records),
-        "settings": {"max_new_tokens": cfg.max_new_tokens, "batch_size": cfg.batch_size, "tau": cfg.tau,
+        "settings": {"max_new_tokens": cfg.max_new_tokens, "batch_size": cfg.batch_size, "tau": cfg.threshold,
                      "threshold": "logit > 0 after bilinear upsampling to the original size",
                      "bootstrap_resamples": cfg.bootstrap_resamples, "bootstrap_seed": cfg.bootstrap_seed},
         "paths": {path: _path_summary(records, path) for path in PATHS},

@@ -26,13 +26,16 @@ from dataclasses import asdict
 
 import torch
 from safetensors.torch import load_file, save_file
+from transformers import InternVLForConditionalGeneration, Sam2Model
 
 from hsft.model.build import load_sam2, load_vlm, torch_dtype
+from hsft.model.chain import DELTA_FILE, ID_FILE, is_lean, load_lean
 from hsft.model.config import Conventions, PromptConfig
 from hsft.model.images import ImageNorm
+from hsft.model.integrity import explain_load_failure
 from hsft.model.sa2va import Sa2VAModel
 
-__all__ = ["FORMAT", "FORMAT_VERSION", "META_FILE", "is_model_directory", "save_model", "load_model"]
+__all__ = ["FORMAT", "FORMAT_VERSION", "META_FILE", "is_model_directory", "save_model", "load_model", "export_standalone"]
 
 FORMAT = "hsft-sa2va"
 FORMAT_VERSION = 1
@@ -53,8 +56,10 @@ def save_model(model: Sa2VAModel, directory: str | os.PathLike) -> None:
     directory = os.fspath(directory)
     os.makedirs(directory, exist_ok=True)
     meta_path = os.path.join(directory, META_FILE)
-    if os.path.exists(meta_path):
-        os.remove(meta_path)  # the directory is incomplete until the new metadata is written
+    for stale in (META_FILE, ID_FILE, DELTA_FILE):
+        # The directory is incomplete until the new metadata is written; new contents get a new id.
+        if os.path.exists(os.path.join(directory, stale)):
+            os.remove(os.path.join(directory, stale))
     model.vlm.save_pretrained(os.path.join(directory, VLM_DIR))
     model.tokenizer.save_pretrained(os.path.join(directory, VLM_DIR))
     model.sam2.save_pretrained(os.path.join(directory, SAM2_DIR))
@@ -114,14 +119,23 @@ def load_model(directory: str | os.PathLike, *, device: torch.device | str = "cp
                dtype: str | torch.dtype | None = None) -> Sa2VAModel:
     """The model saved in `directory`, in eval mode, on `device`, in its saved dtype unless `dtype` is
     given (a name such as "float32" or a torch.dtype). Every place that reads a model directory calls
-    this."""
+    this; a lean directory (a stage's changes over its input model) resolves its chain here."""
     directory = os.fspath(directory)
-    meta = _read_meta(directory)
     if isinstance(dtype, torch.dtype):
         dtype = str(dtype).removeprefix("torch.")
+    if is_lean(directory):
+        return load_lean(directory, load_model, dtype=dtype).to(device).eval()
+    meta = _read_meta(directory)
     target = torch_dtype(dtype if dtype is not None else meta["dtype"])
-    vlm, tokenizer, _ = load_vlm(os.path.join(directory, VLM_DIR), target, where=f"{directory}/{VLM_DIR}")
-    sam2, _ = load_sam2(os.path.join(directory, SAM2_DIR), target, where=f"{directory}/{SAM2_DIR}")
+    try:
+        vlm, tokenizer, _ = load_vlm(os.path.join(directory, VLM_DIR), target, where=f"{directory}/{VLM_DIR}")
+    except RuntimeError as err:
+        raise ValueError(explain_load_failure(os.path.join(directory, VLM_DIR), InternVLForConditionalGeneration,
+                                              err)) from None
+    try:
+        sam2, _ = load_sam2(os.path.join(directory, SAM2_DIR), target, where=f"{directory}/{SAM2_DIR}")
+    except RuntimeError as err:
+        raise ValueError(explain_load_failure(os.path.join(directory, SAM2_DIR), Sam2Model, err)) from None
     model = Sa2VAModel(
         vlm, sam2, tokenizer, PromptConfig(**meta["prompt"]), fcs_hidden=int(meta["fcs_hidden"]),
         vlm_norm=ImageNorm.from_dict(meta["vlm_norm"]), sam_norm=ImageNorm.from_dict(meta["sam_norm"]),
@@ -136,3 +150,8 @@ def load_model(directory: str | os.PathLike, *, device: torch.device | str = "cp
     except RuntimeError as err:
         raise ValueError(f"{fcs_path}: does not match the model's text_hidden_fcs ({err})") from err
     return model.to(device=device, dtype=target).eval()
+
+
+def export_standalone(directory: str | os.PathLike, out: str | os.PathLike) -> None:
+    """A self-contained (full) copy of a model directory, lean or not."""
+    save_model(load_model(directory), out)

@@ -157,6 +157,9 @@ class DPOTask:
     def __len__(self) -> int:
         return len(self.pairs)
 
+    def sample_ids(self, indices: list[int]) -> list[str]:
+        return [self.pairs[i].sample.id for i in indices]
+
     def make_batch(self, indices: list[int], dtype: torch.dtype, device: torch.device) -> PairBatch:
         chunk = [self.pairs[i] for i in indices]
         cached = self.cache.batch([p.sample for p in chunk], dtype, device)

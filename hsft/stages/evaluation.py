@@ -3,6 +3,7 @@ through the evaluator (hsft.eval) on the held-out split, which no stage trains o
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 
 from hsft.config import EvalConfig
@@ -13,6 +14,9 @@ from hsft.stages.training import StageResult
 
 
 def run(ctx: RunContext, cfg: EvalConfig, start: Path | None) -> StageResult:
+    if cfg.tau is None:
+        # Unless set, the hard/easy threshold of the flips and categories is the one mining used.
+        cfg = dataclasses.replace(cfg, tau=ctx.cfg.mining.tau)
     rows = []
     for name, path in ctx.models:
         tb = ctx.tb(f"eval_{name}")

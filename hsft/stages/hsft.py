@@ -47,14 +47,15 @@ class HSFTTask(SegTask):
         return {"hard_set_ids": [s.id for s in self.samples], "cache": self.cache is not None}
 
 
-def select_training_set(train: list[Sample], hard_ids: list[str], control: str, seed: int) -> list[Sample]:
+def select_training_set(train: list[Sample], hard_ids: list[str], control: str, seed: int,
+                        source: str = "hard_samples.json") -> list[Sample]:
     """The hard set (in mining order), or for the matched-compute control a random training subset of
     the same size, so HSFT's gain can be told apart from 'just more training'."""
     by_id = {s.id: s for s in train}
     unknown = [i for i in hard_ids if i not in by_id]
     if unknown:
-        raise ValueError(f"hard_samples.json names ids that are not in the training split: {unknown[:5]}; "
-                         "was it mined on other data?")
+        raise ValueError(f"{source}: names {len(unknown)} id(s) that are not in the training split, e.g. "
+                         f"{', '.join(unknown[:5])}; was it mined on other data?")
     if control == "random":
         rng = random.Random(seed)
         return rng.sample(train, k=len(hard_ids))

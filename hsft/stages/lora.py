@@ -168,6 +168,9 @@ def run(ctx: RunContext, cfg: LoraStageConfig, start: Path | None) -> StageResul
     # buffers left behind (SAM2's positional encoding) would meet bf16 weights. The export starts again
     # from the float32 input model and the float32 master weights, so nothing is lost.
     model = load_model(start, device=ctx.device, dtype=ctx.dtype)
+    # The adapters' initial values come from the global generator, which each process seeds differently:
+    # the run's seed must decide them, or two runs of one command train different models.
+    torch.manual_seed(ctx.seed)
     seg_rows = cfg.seg_rows if cfg.seg_rows is not None else not ctx.cfg.embedded_default
     task = LoraTask(model, ctx.splits.train, cfg, Validation.of(ctx), seg_rows=seg_rows)
     exporter = LoraExport(start, cfg, seg_rows=seg_rows)

@@ -50,7 +50,7 @@ def bucket_table(dices: list[float]) -> list[dict]:
     total = max(1, len(dices))
     for upper, label in DICE_BUCKETS:
         count = sum(1 for d in dices if lower <= d < upper)
-        span = f"< {upper:.2f}" if lower == 0.0 else (f"> {lower:.2f}" if math.isinf(upper) else f"{lower:.2f}-{upper:.2f}")
+        span = f"< {upper:.2f}" if lower == 0.0 else (f">= {lower:.2f}" if math.isinf(upper) else f"{lower:.2f}-{upper:.2f}")
         rows.append({"range": span, "count": count, "percent": 100.0 * count / total, "category": label})
         lower = upper
     return rows
@@ -123,7 +123,14 @@ def read_hard_ids(out_dir: Path) -> list[str]:
     path = Path(out_dir) / "hard_samples.json"
     if not path.is_file():
         raise FileNotFoundError(f"{path}: no mining result; run the 'mining' stage first (--stages mining,hsft)")
-    return [row["id"] for row in json.loads(path.read_text())["hard"]]
+    try:
+        payload = json.loads(path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as err:
+        raise ValueError(f"{path}: not valid JSON ({err}); run the 'mining' stage again") from None
+    rows = payload.get("hard") if isinstance(payload, dict) else None
+    if not isinstance(rows, list) or not all(isinstance(row, dict) and isinstance(row.get("id"), str) for row in rows):
+        raise ValueError(f"{path}: expected {{\"hard\": [{{\"id\": ...}}, ...]}} as the 'mining' stage writes it")
+    return [row["id"] for row in rows]
 
 
 def run(ctx: RunContext, cfg: MiningConfig, start: Path | None) -> StageResult:

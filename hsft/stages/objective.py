@@ -33,6 +33,9 @@ class SegTask:
     def __len__(self) -> int:
         return len(self.samples)
 
+    def sample_ids(self, indices: list[int]) -> list[str]:
+        return [self.samples[i].id for i in indices]
+
     def make_batch(self, indices: list[int], dtype: torch.dtype, device: torch.device):
         return make_seg_batch(self.model, [self.samples[i] for i in indices], form=self.form, dtype=dtype,
                               device=device)

@@ -103,6 +103,7 @@ def train_stage(ctx: RunContext, task: TrainTask, cfg: TrainConfig, *, load_inpu
             "samples": len(task),
             "optimizer_steps": result.optimizer_steps,
             "skipped_steps": result.skipped_steps,
+            "skipped": result.skipped,  # step, reason and sample ids of every skipped step
             "global_step_end": result.global_step,
             "losses": result.losses,
             "first_loss": result.losses[0] if result.losses else None,

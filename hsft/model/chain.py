@@ -1,0 +1,153 @@
+"""Lean model directories: a stage's model holds only the tensors that differ from its input model, plus
+a reference to that input model; loading follows the chain of references.
+
+A full model directory (hsft.model.checkpoint) holds every weight. Each stage of a run changes a small
+part of the model (LoRA merges into the attention projections, HSFT trains the projection and the mask
+decoder), so writing every stage in full multiplies the size of the model by the number of stages.
+A lean directory holds:
+
+    hsft_model.json      {"format": "hsft-sa2va-delta", "base": <input model, relative path>,
+                          "base_id": <the input model's id>, "id": <this directory's id>, "dtype": ...}
+    delta.safetensors    the Sa2VA state-dict entries that differ (bitwise) from the input model's
+
+The metadata file is written last, as in a full directory. `base_id` guards against a changed input:
+overwriting the stage a lean directory refers to makes loading fail with a clear message instead of
+silently combining tensors of two runs. `hsft.model.checkpoint.export_standalone` writes a self-contained
+copy.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import uuid
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+
+__all__ = [
+    "DELTA_FILE",
+    "DELTA_FORMAT",
+    "chain_of",
+    "directory_id",
+    "is_lean",
+    "load_lean",
+    "make_lean",
+]
+
+DELTA_FORMAT = "hsft-sa2va-delta"
+DELTA_FILE = "delta.safetensors"
+META_FILE = "hsft_model.json"
+ID_FILE = "hsft_model_id"  # beside a full directory's metadata: its id, for the lean directories that refer to it
+_MAX_CHAIN = 32
+
+
+def _meta(directory: Path) -> dict:
+    path = Path(directory) / META_FILE
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as err:
+        raise ValueError(f"{path}: not valid JSON ({err})") from None
+
+
+def is_lean(directory: str | os.PathLike) -> bool:
+    path = Path(directory) / META_FILE
+    return path.is_file() and _meta(Path(directory)).get("format") == DELTA_FORMAT
+
+
+def directory_id(directory: str | os.PathLike) -> str:
+    """A model directory's id (created for a full directory on first use)."""
+    directory = Path(directory)
+    if is_lean(directory):
+        return _meta(directory)["id"]
+    id_path = directory / ID_FILE
+    if not id_path.is_file():
+        tmp = id_path.with_suffix(".tmp")
+        tmp.write_text(uuid.uuid4().hex + "\n")
+        os.replace(tmp, id_path)
+    return id_path.read_text().strip()
+
+
+def _base_of(directory: Path) -> Path:
+    """The input model: by the relative path first (the whole run directory moved), then by the absolute
+    one (the lean directory alone was copied elsewhere), and only with the id it was written against."""
+    meta = _meta(directory)
+    candidates = [(directory / meta["base"]).resolve(), Path(meta.get("base_absolute", meta["base"]))]
+    present = [base for base in candidates if (base / META_FILE).is_file()]
+    for base in present:
+        if directory_id(base) == meta["base_id"]:
+            return base
+    if present:
+        raise ValueError(f"{directory}: its input model {present[0]} was replaced after this directory was written "
+                         "(ids differ); re-run this stage or export self-contained copies with --standalone")
+    raise FileNotFoundError(f"{directory}: a lean model directory whose input model {candidates[0]} is missing; keep "
+                            "the run's earlier stages, or write self-contained directories with --standalone")
+
+
+def chain_of(directory: str | os.PathLike) -> list[Path]:
+    """The directory, its input model, that one's input ... down to a full directory."""
+    chain = [Path(directory).resolve()]
+    while is_lean(chain[-1]):
+        if len(chain) > _MAX_CHAIN:
+            raise ValueError(f"{directory}: the chain of input models is longer than {_MAX_CHAIN} (a cycle?)")
+        chain.append(_base_of(chain[-1]))
+    return chain
+
+
+def make_lean(directory: str | os.PathLike, base: str | os.PathLike) -> int:
+    """Turn the full model directory `directory` into a lean one over `base`; returns the tensors kept.
+
+    Crash-safe: the delta is written first, the metadata replaced next (from then on the directory loads
+    as lean), and the full weights are removed last.
+    """
+    from hsft.model.checkpoint import load_model
+
+    directory, base = Path(directory), Path(base)
+    if is_lean(directory):
+        return len(load_file(str(directory / DELTA_FILE)))
+    model = load_model(str(directory))
+    reference = load_model(str(base))
+    if model.dtype != reference.dtype:
+        return -1  # a delta across dtypes would not be bit-exact: stay full
+    ours, theirs = model.state_dict(), reference.state_dict()
+    if ours.keys() != theirs.keys() or any(ours[k].shape != theirs[k].shape for k in ours):
+        return -1  # another architecture: nothing to share
+    delta = {k: v.detach().contiguous().cpu() for k, v in ours.items() if not torch.equal(v, theirs[k])}
+    save_file(delta, str(directory / DELTA_FILE))
+    meta = {"format": DELTA_FORMAT, "base": os.path.relpath(base.resolve(), directory.resolve()),
+            "base_absolute": str(base.resolve()), "base_id": directory_id(base), "id": uuid.uuid4().hex, "dtype": str(model.dtype).removeprefix("torch.")}
+    tmp = directory / (META_FILE + ".tmp")
+    tmp.write_text(json.dumps(meta, indent=2) + "\n")
+    os.replace(tmp, directory / META_FILE)
+    for name in os.listdir(directory):
+        if name not in (META_FILE, DELTA_FILE):
+            path = directory / name
+            shutil.rmtree(path) if path.is_dir() else path.unlink()
+    return len(delta)
+
+
+def load_lean(directory: str | os.PathLike, load_base, *, dtype: str | None = None):
+    """The model of a lean directory: its input model's, loaded with `load_base(directory, dtype=...)`
+    (the model loader, which resolves the input's own chain), with this directory's tensors."""
+    from hsft.model.build import torch_dtype
+
+    directory = Path(directory)
+    chain_of(directory)  # every link exists and is the one referred to
+    meta = _meta(directory)
+    model = load_base(str(_base_of(directory)), dtype=meta["dtype"])
+    delta_path = directory / DELTA_FILE
+    if not delta_path.is_file():
+        raise FileNotFoundError(f"{directory}: lean model directory without its {DELTA_FILE}")
+    delta = load_file(str(delta_path))
+    state = model.state_dict()
+    for name, tensor in delta.items():
+        if name not in state:
+            raise ValueError(f"{delta_path}: tensor {name} is not in the model")
+        if state[name].shape != tensor.shape:
+            raise ValueError(f"{delta_path}: tensor {name} has shape {list(tensor.shape)}, the model's is "
+                             f"{list(state[name].shape)}")
+    model.load_state_dict(delta, strict=False)
+    target = torch_dtype(dtype if dtype is not None else meta["dtype"])
+    return model.to(target).eval()
