@@ -52,12 +52,16 @@ def test_the_cached_objective_runs_on_the_models_device(meta_model, samples):
     assert loss.device == META and loss.shape == () and {"mask_loss", "dice_loss", "bce"} <= set(terms)
 
 
-def test_the_feature_cache_keeps_features_in_host_memory_by_default(tiny_model, samples):
+def test_the_feature_cache_keeps_features_in_host_memory_and_hands_them_to_the_device(tiny_model, samples):
     cache = FeatureCache(tiny_model, "response")
-    batch = cache.batch(samples, torch.float32, torch.device("cpu"))
+    cache.batch(samples, torch.float32, torch.device("cpu"))
     stored_features, stored_hidden = cache._store[samples[0].id]
     assert stored_hidden.device.type == "cpu" and stored_features.feat_s0.device.type == "cpu"
-    assert batch.seg_hidden.shape == (2, tiny_model.hidden_size)
+    # A filled cache in host memory, asked for a batch on another device: every tensor is moved there.
+    batch = cache.batch(samples, torch.float32, META)
+    assert cache.misses == len(samples)  # nothing recomputed
+    assert _devices(batch.seg_hidden, batch.sam_features.image_embedding, batch.sam_features.feat_s0,
+                    batch.sam_features.feat_s1, *batch.masks, *batch.fovs) == {META}
 
 
 def test_a_dpo_batch_and_its_loss_live_on_the_models_device(meta_model, samples):
