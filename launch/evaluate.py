@@ -18,7 +18,7 @@ import _import_hsft  # noqa: F401  (first: makes `import hsft` find the package)
 
 from hsft.arguments import add_config_arguments, apply_arguments
 from hsft.data import DatasetError
-from hsft.eval.cli import EVAL_SPLITS, EvaluateOptions, run_evaluate
+from hsft.eval.cli import EVAL_SPLITS, EvaluateOptions, add_inference_options, run_evaluate
 from hsft.eval.errors import InputError
 
 ALIASES = {
@@ -47,12 +47,7 @@ def parse(argv):
     parser.add_argument("--compare", metavar="DIR2", default=None,
                         help="a second model directory evaluated on the same samples ('after' in the comparison)")
     parser.add_argument("--limit", type=int, default=None, metavar="N", help="evaluate only the first N samples")
-    parser.add_argument("--device", default="auto", help="cpu, cuda, cuda:1 ... (default: cuda when available)")
-    parser.add_argument("--dtype", default=None, choices=("float32", "bfloat16", "float16"),
-                        help="load the weights in this dtype (default: as saved)")
-    parser.add_argument("--prompt", default=None, metavar="TEXT",
-                        help="the instruction (default: the model's configured one); the model's chat template "
-                             "wraps it, and a leading <image> marks where the image goes, as Sa2VA's examples write it")
+    add_inference_options(parser)
     parser.add_argument("--no-tensorboard", action="store_true", help="do not write OUT/tb")
     dests = add_config_arguments(parser, EvaluateOptions, aliases=ALIASES)
     args = parser.parse_args(argv)

@@ -16,7 +16,7 @@ import sys
 
 import _import_hsft  # noqa: F401  (first: makes `import hsft` find the package)
 
-from hsft.eval.cli import run_predict
+from hsft.eval.cli import add_inference_options, run_predict
 from hsft.eval.errors import InputError
 
 
@@ -25,16 +25,11 @@ def parse(argv):
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("images", nargs="+", metavar="IMAGE", help="image files")
     parser.add_argument("--checkpoint", required=True, metavar="DIR",
-                        help="model directory written by save_pretrained (or a run's stage directory holding model/)")
+                        help="a model directory (hsft.model.save_model writes one; or a run's stage directory holding model/)")
     parser.add_argument("--out", required=True, metavar="DIR", help="directory for the masks and overlays")
     parser.add_argument("--batch-size", type=int, default=8, help="images per generate call (default: 8)")
     parser.add_argument("--max-new-tokens", type=int, default=16, help="generation budget per image (default: 16)")
-    parser.add_argument("--device", default="auto", help="cpu, cuda, cuda:1 ... (default: cuda when available)")
-    parser.add_argument("--dtype", default=None, choices=("float32", "bfloat16", "float16"),
-                        help="load the weights in this dtype (default: as saved)")
-    parser.add_argument("--prompt", default=None, metavar="TEXT",
-                        help="the instruction (default: the model's configured one); the model's chat template "
-                             "wraps it, and a leading <image> marks where the image goes, as Sa2VA's examples write it")
+    add_inference_options(parser)
     return parser.parse_args(argv)
 
 

@@ -22,7 +22,7 @@ from hsft.model import Sa2VAModel, load_model
 from hsft.model.checkpoint import META_FILE
 from hsft.model.config import validate_instruction
 
-__all__ = ["EVAL_SPLITS", "EvaluateOptions", "resolve_device", "resolve_model_dir", "load_checkpoint",
+__all__ = ["add_inference_options", "EVAL_SPLITS", "EvaluateOptions", "resolve_device", "resolve_model_dir", "load_checkpoint",
            "load_eval_samples", "run_evaluate", "run_predict"]
 
 EVAL_SPLITS = ("test", "val", "train")
@@ -38,6 +38,16 @@ class EvaluateOptions:
 # A pipeline stage directory keeps its model here (see hsft.stages.training.model_dir).
 STAGE_MODEL_SUBDIR = "model"
 COMPARE_SUBDIR = "compare"
+
+
+def add_inference_options(parser) -> None:
+    """--device, --dtype and --prompt: how launch/evaluate.py and launch/predict.py run the model."""
+    parser.add_argument("--device", default="auto", help="cpu, cuda, cuda:1 ... (default: cuda when available)")
+    parser.add_argument("--dtype", default=None, choices=("float32", "bfloat16", "float16"),
+                        help="load the weights in this dtype (default: as saved)")
+    parser.add_argument("--prompt", default=None, metavar="TEXT",
+                        help="the instruction (default: the model's configured one); the model's chat template "
+                             "wraps it, and a leading <image> marks where the image goes, as Sa2VA's examples write it")
 
 
 def resolve_device(name: str) -> torch.device:
