@@ -4,22 +4,20 @@ name the samples; repeated non-finite steps stop the stage without saving the un
 
 from __future__ import annotations
 
-from pathlib import Path
 
 import pytest
 import torch
 
-from hsft.config import HSFTStageConfig, MiningConfig, TrainConfig
+from hsft.config import HSFTStageConfig, TrainConfig
 from hsft.data import make_fundus
 from hsft.engine import checkpoint
-from hsft.engine.ds_config import load_ds_config
 from hsft.engine.loop import NonFiniteTrainingError, train
 from hsft.engine.tensorboard import TBWriter
 from hsft.model import ModelConfig, build_model
 from hsft.stages.hsft import HSFTTask
+from hsft.stages.training import Validation
 from test_engine_loop import ToyModule, ToyTask, run
 
-REPO = Path(__file__).resolve().parents[1]
 
 
 class PoisonedImageTask(HSFTTask):
@@ -27,22 +25,21 @@ class PoisonedImageTask(HSFTTask):
 
     poisoned_id = ""
 
-    def make_batch(self, indices, dtype):
-        batch = super().make_batch(indices, dtype)
+    def make_batch(self, indices, dtype, device):
+        batch = super().make_batch(indices, dtype, device)
         for row, index in enumerate(indices):
             if self.samples[index].id == self.poisoned_id:
                 batch.images.sam_pixels[row, 0, 0, 0] = float("nan")
         return batch
 
 
-def test_nan_in_one_samples_image_skips_its_step_and_names_it(tmp_path, capsys):
+def test_nan_in_one_samples_image_skips_its_step_and_names_it(tmp_path, capsys, make_context):
     samples = [make_fundus(seed=300 + i, size=64) for i in range(4)]
     model = build_model(ModelConfig(preset="tiny"), seed=0)
-    task = PoisonedImageTask(model, samples, HSFTStageConfig(cache_features=False), [], MiningConfig())
+    task = PoisonedImageTask(model, samples, HSFTStageConfig(cache_features=False), Validation([], 1, 1))
     task.poisoned_id = samples[2].id
     cfg = TrainConfig(epochs=1, micro_batch=1, grad_accum=1, lr=1e-3)
-    result = train(task, cfg, load_ds_config(REPO / "ds_configs" / "zero2.json"), stage_dir=tmp_path,
-                   tb=TBWriter(tmp_path / "tb"), seed=0, precision="fp32")
+    result = train(task, cfg, make_context(), stage_dir=tmp_path, tb=TBWriter(tmp_path / "tb"))
     assert result.optimizer_steps == 4 and result.skipped_steps == 1
     assert [entry["samples"] for entry in result.skipped] == [[samples[2].id]]
     assert result.skipped[0]["reason"] == "non-finite loss"

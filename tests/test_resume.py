@@ -15,11 +15,12 @@ from safetensors.torch import load_file
 from hsft.config import LoraStageConfig, MiningConfig, RunConfig, TrainConfig
 from hsft.data import make_fundus
 from hsft.engine import checkpoint, rng_state
+from hsft.engine.context import RunContext
 from hsft.engine.ds_config import load_ds_config
 from hsft.model import build_model, save_model
 from hsft.model.config import ModelConfig
 from hsft.stages import lora
-from hsft.stages.runner import StageContext
+from hsft.stages.training import Validation
 
 REPO = Path(__file__).resolve().parents[1]
 EPOCHS, SAMPLES, MICRO = 2, 4, 2
@@ -30,18 +31,19 @@ class Interrupted(Exception):
     """Stands in for the process dying: raised from inside the training loop."""
 
 
-def _config() -> RunConfig:
+def _config() -> LoraStageConfig:
     train = TrainConfig(epochs=EPOCHS, micro_batch=MICRO, grad_accum=1, lr=5e-3, min_lr=1e-4, warmup_ratio=0.0)
-    return RunConfig(lora=LoraStageConfig(train=train, rank=4, alpha=8.0, dropout=0.3),
-                     mining=MiningConfig(batch_size=4, max_new_tokens=8))
+    return LoraStageConfig(train=train, rank=4, alpha=8.0, dropout=0.3)
 
 
 def _run(out: Path, start: Path, samples, *, resume: bool) -> dict:
     # A different global generator state before each run: the stage itself must seed what it draws.
     torch.manual_seed(len(str(out)) + int(resume))
-    ctx = StageContext(out_dir=out, ds_base=load_ds_config(REPO / "ds_configs" / "zero2.json"), seed=7,
-                       precision="bf16", resume=resume)
-    lora.run_lora(_config(), ctx, start, SimpleNamespace(train=samples, val=[], test=[]))
+    cfg = RunConfig(output_dir=str(out), seed=7, precision="bf16", resume=resume,
+                    mining=MiningConfig(batch_size=4, max_new_tokens=8))
+    ctx = RunContext.build(cfg, load_ds_config(REPO / "ds_configs" / "zero2.json"),
+                           splits=SimpleNamespace(train=samples, val=[], test=[]))
+    lora.run(ctx, _config(), start)
     return json.loads((out / "lora" / "metrics.json").read_text())
 
 
@@ -56,14 +58,14 @@ def test_dropout_is_live_in_the_lora_stage(start_model):
     """Without live dropout the resume test below could not tell restored RNG state from a reseed."""
     samples = start_model[2]
     model = build_model(ModelConfig(preset="tiny"), seed=0)
-    task = lora.LoraTask(model, samples, _config().lora, [], MiningConfig())
+    task = lora.LoraTask(model, samples, _config(), Validation([], 1, 1))
     task.module.train()
     # lora_B starts at zero, which hides the dropout on lora_A's input until the first step moved it.
     with torch.no_grad():
         for name, param in model.named_parameters():
             if "lora_B" in name:
                 param.normal_()
-    batch = task.make_batch([0, 1], torch.float32)
+    batch = task.make_batch([0, 1], torch.float32, torch.device("cpu"))
     with torch.no_grad():
         first, second = task.module(batch)[0], task.module(batch)[0]
     assert float(first) != float(second)
@@ -78,11 +80,11 @@ def test_lora_interrupted_mid_epoch_resumes_exactly(start_model, monkeypatch):
     calls = {"n": 0}
     make_batch = lora.LoraTask.make_batch
 
-    def dying_make_batch(self, indices, dtype):
+    def dying_make_batch(self, indices, dtype, device):
         if calls["n"] == STEPS_PER_EPOCH + 1:
             raise Interrupted
         calls["n"] += 1
-        return make_batch(self, indices, dtype)
+        return make_batch(self, indices, dtype, device)
 
     monkeypatch.setattr(lora.LoraTask, "make_batch", dying_make_batch)
     with pytest.raises(Interrupted):
