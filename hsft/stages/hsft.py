@@ -67,7 +67,8 @@ def run(ctx: RunContext, cfg: HSFTStageConfig, start: Path | None) -> StageResul
     if start is None:
         raise ValueError("hsft: needs a starting model directory (--model, or an earlier stage)")
     hard_ids = read_hard_ids(ctx.stage_dir("mining"))
-    train_set = select_training_set(ctx.splits.train, hard_ids, cfg.control, ctx.seed)
+    train_set = select_training_set(ctx.splits.train, hard_ids, cfg.control, ctx.seed,
+                                    source=str(ctx.stage_dir("mining") / "hard_samples.json"))
     summary = {"samples": len(train_set), "control": cfg.control, "cache": cfg.cache_features}
     what = ("a random training subset of the hard set's size (matched-compute control)" if cfg.control == "random"
             else "the hard set")
