@@ -37,7 +37,8 @@ def read_run(run_dir: str | Path) -> RunResult:
     if not report_path.is_file():
         raise RunsError(f"{run_dir}: no report.json (not an hsft output directory, or the run did not finish)")
     report = json.loads(report_path.read_text())
-    rows = report.get("evaluation") or []
+    # A variant evaluated beside the main line (the control) is not where the run ends.
+    rows = [row for row in report.get("evaluation") or [] if not row.get("beside")]
     if not rows:
         raise RunsError(f"{report_path}: holds no evaluation; run the 'eval' stage")
     return RunResult(path=report_path.parent, seed=report.get("seed", -1), stages=[r["stage"] for r in rows],
