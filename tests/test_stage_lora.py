@@ -59,7 +59,7 @@ def test_lora_stage_trains_through_the_loop_and_exports_adapter_and_merged_model
     start = tiny_model_dir
     samples = [make_fundus(seed=400 + i, size=64) for i in range(4)]
     cfg = LoraStageConfig(train=TrainConfig(epochs=1, micro_batch=2, grad_accum=1, lr=5e-3, min_lr=5e-3),
-                          rank=4, alpha=8.0, dropout=0.0)
+                          rank=4, alpha=8.0, dropout=0.0, mask_loss_weight=1.0)
     ctx = make_context(SimpleNamespace(train=samples, val=samples[:1], test=[]), **{"mining.batch_size": 4,
                                                                                     "mining.max_new_tokens": 8})
     result = lora.run(ctx, cfg, start)
