@@ -31,7 +31,7 @@ from hsft.model import build_model
 from hsft.stages.objective import SegObjective, SegTask
 from hsft.stages.training import StageResult, Validation, is_complete, model_dir, train_stage
 
-CACHE_FORMAT = 2
+CACHE_FORMAT = 3
 
 
 def cache_root(cfg: BaseStageConfig) -> Path:

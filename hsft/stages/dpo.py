@@ -233,7 +233,7 @@ def run(ctx: RunContext, cfg: DPOStageConfig, start: Path | None) -> StageResult
     model = model.to(ctx.dtype)
     task = DPOTask(model, kept, cfg, Validation.of(ctx), reference_batch=mining.batch_size)
     trained = train_stage(ctx, task, cfg.train, load_input_model=lambda: load_model(start, dtype="float32"))
-    final = trained.epoch_metrics[-1]
+    final = trained.epoch_metrics[-1] if trained.epoch_metrics else task.pair_metrics(task.module)
     summary.update(skipped=False, optimizer_steps=trained.optimizer_steps, epochs=trained.epoch_metrics,
                    pair_loss=final["pair_loss"], pair_reward_accuracy=final["pair_reward_accuracy"],
                    pair_reward_margin=final["pair_reward_margin"], last_step_loss=trained.losses[-1])

@@ -138,19 +138,21 @@ def fine_tune(ctx: RunContext, cfg: HSFTStageConfig, start: Path | None, *, name
                     name=name, probes=probes)
     before = task.probe_losses(task.module)
     trained = train_stage(ctx, task, cfg.train, load_input_model=lambda: load_model(start, dtype="float32"))
-    after = {key: trained.epoch_metrics[-1][key] for key in before}
-    first_epoch = trained.epoch_metrics[0]["hard_set_loss"]
+    # Epoch-end measurements of this process (a resumed stage has only the epochs it ran).
+    epochs = trained.epoch_metrics or [{"epoch": cfg.train.epochs, **task.probe_losses(task.module)}]
+    first, last = epochs[0], epochs[-1]
     summary.update(optimizer_steps=trained.optimizer_steps, hard_set_loss_before=before["hard_set_loss"],
-                   hard_set_loss_first_epoch=first_epoch, hard_set_loss_last_epoch=after["hard_set_loss"],
-                   epochs=trained.epoch_metrics)
+                   hard_set_loss_by_epoch={e["epoch"]: e["hard_set_loss"] for e in epochs},
+                   hard_set_loss_after=last["hard_set_loss"], epochs=trained.epoch_metrics)
     if "train_set_loss" in before:
-        summary.update(train_set_loss_before=before["train_set_loss"], train_set_loss_after=after["train_set_loss"])
+        summary.update(train_set_loss_before=before["train_set_loss"], train_set_loss_after=last["train_set_loss"])
+    shown = [first, last] if first is not last else [last]
     evidence = (f"  - {trained.optimizer_steps} optimizer steps; loss over the hard set ({len(hard)} samples): "
-                f"{before['hard_set_loss']:.4f} before, {first_epoch:.4f} after epoch 1, "
-                f"{after['hard_set_loss']:.4f} after epoch {len(trained.epoch_metrics)}")
+                f"{before['hard_set_loss']:.4f} before, "
+                + ", ".join(f"{e['hard_set_loss']:.4f} after epoch {e['epoch']}" for e in shown))
     if "train_set_loss" in before:
         evidence += (f"; over its own training set: {before['train_set_loss']:.4f} -> "
-                     f"{after['train_set_loss']:.4f}")
+                     f"{last['train_set_loss']:.4f}")
     if distributed.is_main():
         print(f"[{name}]" + evidence.removeprefix("  -"))
     return StageResult(model_dir=model_dir(ctx.stage_dir(name)), summary=summary, notes=[note, evidence])
