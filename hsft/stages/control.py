@@ -28,4 +28,4 @@ def run(ctx: RunContext, cfg: HSFTStageConfig, start: Path | None) -> StageResul
     overlap = len({s.id for s in subset} & {s.id for s in hard})
     what = (f"a random training subset of the hard set's size, seed {ctx.seed}; {overlap} of them are in the hard "
             "set (matched-compute control)")
-    return fine_tune(ctx, cfg, start, name=NAME, train_set=subset, hard=hard, what=what)
+    return fine_tune(ctx, cfg, start, name=NAME, title="Control", train_set=subset, hard=hard, what=what)

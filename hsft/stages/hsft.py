@@ -111,21 +111,22 @@ def random_subset(train: list[Sample], size: int, seed: int) -> list[Sample]:
     return random.Random(seed).sample(train, k=size)
 
 
-def fine_tune(ctx: RunContext, cfg: HSFTStageConfig, start: Path | None, *, name: str, train_set: list[Sample],
-              hard: list[Sample], what: str) -> StageResult:
+def fine_tune(ctx: RunContext, cfg: HSFTStageConfig, start: Path | None, *, name: str, title: str,
+              train_set: list[Sample], hard: list[Sample], what: str) -> StageResult:
     """Train text_hidden_fcs + the mask decoder from `start` on `train_set` into `<out>/<name>/`, with the
-    hard set's loss measured before training and at every epoch end. HSFT and its control both run this."""
+    hard set's loss measured before training and at every epoch end. HSFT and its control both run this;
+    `title` names the stage in messages."""
     if start is None:
         raise ValueError(f"{name}: needs a starting model directory (--model, or an earlier stage)")
     trains = (TRAINS if not cfg.train_feature_convs else
               "text_hidden_fcs and the SAM2 mask decoder with its prompt encoder, conv_s0/conv_s1 included")
     summary = {"samples": len(train_set), "training_set": what, "cache": cfg.cache_features, "trains": trains}
-    note = (f"- {name}: {len(train_set)} samples ({what}); trains {trains}; frozen-feature cache "
+    note = (f"- {title}: {len(train_set)} samples ({what}); trains {trains}; frozen-feature cache "
             f"{'on' if cfg.cache_features else 'off'}")
     if not train_set:
         # A model with no training sample below tau has nothing to fine-tune on: pass it on unchanged so
         # the evaluation still runs, and say so.
-        reason = (f"no training sample has Dice < tau = {ctx.cfg.mining.tau}; {name} skipped, the input model is "
+        reason = (f"no training sample has Dice < tau = {ctx.cfg.mining.tau}; {title} skipped, the input model is "
                   "passed on unchanged (raise --tau or use --hard-quantile to train)")
         result = pass_model_on(ctx, name, Path(start), reason, summary)
         result.notes = [note + " -- skipped: empty hard set"]
@@ -161,4 +162,4 @@ def fine_tune(ctx: RunContext, cfg: HSFTStageConfig, start: Path | None, *, name
 def run(ctx: RunContext, cfg: HSFTStageConfig, start: Path | None) -> StageResult:
     """Stage 3 from the model `start`, on the hard set that the mining stage wrote."""
     hard = hard_set(ctx.splits.train, read_hard_ids(ctx.stage_dir("mining")))
-    return fine_tune(ctx, cfg, start, name="hsft", train_set=hard, hard=hard, what="the mined hard set")
+    return fine_tune(ctx, cfg, start, name="hsft", title="HSFT", train_set=hard, hard=hard, what="the mined hard set")
