@@ -122,6 +122,7 @@ def format_report(ctx: RunContext, report: dict, results: dict[str, StageResult]
     data = report["data"]
     lines = ["# hsft run report", "", f"Output directory: `{report['output_dir']}`  ",
              f"Started from: {report['start']}  ", f"Stages: {', '.join(report['stages'])}  ",
+             f"Recipe: {report['recipe'] or 'none (the configs as given)'}  ",
              f"Held-out split: {data['test']} samples ({data['format']}); training split {data['train']}, "
              f"validation {data['val']}", ""]
     ordered = sorted(results.items(), key=lambda item: item[0] != "eval")  # results lead, then pipeline order
@@ -186,7 +187,7 @@ def run_pipeline(cfg: RunConfig) -> dict:
             if stage.beside is None:
                 current = result.model_dir
 
-    report = {"output_dir": str(out), "start": start_label, "stages": list(cfg.stages),
+    report = {"output_dir": str(out), "start": start_label, "stages": list(cfg.stages), "recipe": cfg.recipe,
               "data": {"format": cfg.data.format, "train": len(splits.train), "val": len(splits.val),
                        "test": len(splits.test)},
               "seed": cfg.seed, "world_size": distributed.world_size(), "device": str(ctx.device),

@@ -229,10 +229,11 @@ def test_main_command_from_local_transformers_checkpoints(tmp_path):
                    "--hsft-epochs", "1"], tmp_path)
     report = json.loads((tmp_path / "run" / "report.json").read_text())
     # Without a model the stand-in stage 0 is skipped; the composite is built from the two directories.
-    assert report["stages"] == ["lora", "dpo", "mining", "hsft", "eval"]
+    assert report["stages"] == ["lora", "dpo", "mining", "hsft", "control", "eval"]
+    assert report["recipe"] == "paper"  # a real checkpoint starts from the published settings
     assert report["start"].startswith("--vlm")
     assert (tmp_path / "run" / "init" / "model" / "hsft_model.json").is_file()
-    assert [row["stage"] for row in report["evaluation"]] == ["start", "lora", "dpo", "hsft"]
+    assert [row["stage"] for row in report["evaluation"]] == ["start", "lora", "dpo", "hsft", "control"]
     assert "hsft run report" in proc.stdout
 
 
