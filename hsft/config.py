@@ -32,8 +32,10 @@ __all__ = [
 ]
 
 # The order the pipeline runs stages in. "base" (stage 0) only exists for the embedded default
-# model: it stands in for the published pre-trained checkpoint.
-STAGE_ORDER = ("base", "lora", "dpo", "mining", "hsft", "eval")
+# model: it stands in for the published pre-trained checkpoint. "control" is HSFT's matched-compute
+# control: HSFT's settings on a random training subset of the hard set's size, from the model HSFT
+# started from.
+STAGE_ORDER = ("base", "lora", "dpo", "mining", "hsft", "control", "eval")
 PRECISIONS = ("bf16", "fp32")
 
 
@@ -87,6 +89,11 @@ class BaseStageConfig:
         )
     )
     pool_size: int = field(default=192, metadata={"help": "synthetic images in the pre-training pool"})
+    source: str = field(
+        default="other-style",
+        metadata={"help": "pre-training domain: 'other-style' (desaturated, clean images: not the target domain) or "
+                          "'target' (the target distribution itself)"},
+    )
     mask_loss_weight: float = field(default=1.0, metadata={"help": "weight of Dice+BCE next to the LM loss"})
     cache_dir: str | None = field(
         default=None, metadata={"help": "where the pre-trained base is cached (default: $HSFT_CACHE or ~/.cache/hsft)"}
@@ -102,6 +109,8 @@ class BaseStageConfig:
         if self.precision is not None:
             _check(self.precision in PRECISIONS, "base.precision", f"must be one of {PRECISIONS} or none")
         _check(self.pool_size >= 8, "base.pool_size", f"must be >= 8, got {self.pool_size}")
+        _check(self.source in ("other-style", "target"), "base.source",
+               f"must be 'other-style' or 'target', got {self.source!r}")
         _check(self.mask_loss_weight >= 0, "base.mask_loss_weight", "must be >= 0")
 
 
@@ -117,9 +126,9 @@ class LoraStageConfig:
     alpha: float = field(default=16.0, metadata={"help": "LoRA alpha (scaling = alpha / r)"})
     dropout: float = field(default=0.05, metadata={"help": "LoRA dropout"})
     mask_loss_weight: float = field(
-        default=1.0,
-        metadata={"help": "weight of the Dice+BCE mask loss next to the CE loss; the published recipe is CE only: "
-                          "0 reproduces it"},
+        default=0.0,
+        metadata={"help": "weight of the Dice+BCE mask loss next to the CE loss (published: CE only, 0; with 0 "
+                          "text_hidden_fcs gets no gradient and stays frozen)"},
     )
 
     seg_rows: bool | None = field(
@@ -200,7 +209,8 @@ SEG_FORMS = ("response", "prompt")
 @dataclass
 class HSFTStageConfig:
     """Stage 3: fine-tune text_hidden_fcs + the SAM2 mask decoder on the hard set with Dice + 0.5 BCE
-    (published: lr 1e-5, mb 1, accumulation 2, 5 epochs, wd 0.01, cosine to 1e-7, clip 1.0)."""
+    (published: lr 1e-5, mb 1, accumulation 2, 5 epochs, wd 0.01, cosine to 1e-7, clip 1.0). The
+    matched-compute control stage ("control") trains with these same settings."""
 
     train: TrainConfig = field(
         default_factory=lambda: TrainConfig(epochs=5, micro_batch=1, grad_accum=2, lr=1e-5, min_lr=1e-7,
@@ -215,23 +225,23 @@ class HSFTStageConfig:
     cache_features: bool = field(
         default=True, metadata={"help": "compute the frozen SAM2 features and [SEG] states once and reuse them"}
     )
+    train_feature_convs: bool = field(
+        default=False,
+        metadata={"help": "also train the mask decoder's conv_s0/conv_s1 (they compute the cached image features, "
+                          "so this needs --hsft-cache-features false)"},
+    )
     cache_on_device: bool = field(
         default=False,
         metadata={"help": "keep the feature cache in accelerator memory (default: pinned host memory, copied per "
                           "micro-batch)"},
     )
-    control: str = field(
-        default="none",
-        metadata={"help": "'random': train on a random training subset of the hard set's size instead "
-                          "(matched-compute control)"},
-    )
-
     def validate(self) -> None:
         self.train.validate("hsft")
         _check(self.bce_weight >= 0, "hsft.bce_weight", "must be >= 0")
         _check(self.dice_eps > 0, "hsft.dice_eps", "must be > 0")
         _check(self.seg_form in SEG_FORMS, "hsft.seg_form", f"must be one of {SEG_FORMS}, got {self.seg_form!r}")
-        _check(self.control in ("none", "random"), "hsft.control", f"must be 'none' or 'random', got {self.control!r}")
+        _check(not (self.train_feature_convs and self.cache_features), "hsft.train_feature_convs",
+               "conv_s0/conv_s1 compute the cached image features: pass --hsft-cache-features false to train them")
 
 
 @dataclass
@@ -287,6 +297,12 @@ class RunConfig:
     seed: int = field(default=0, metadata={"help": "seeds the model init, the data order and the control subset "
                                                     "(the validation split follows --data-seed)"})
     precision: str | None = field(default=None, metadata={"help": "override the DeepSpeed config: bf16 or fp32"})
+    recipe: str | None = field(
+        default=None,
+        metadata={"help": "hyper-parameter recipe: 'paper' (the published settings) or 'tiny' (for the embedded model); "
+                          "options given explicitly override it (default: tiny for the embedded default, paper "
+                          "for a real checkpoint)"},
+    )
     resume: bool = field(default=False, metadata={"help": "continue from the latest complete checkpoint"})
     overwrite: bool = field(default=False, metadata={"help": "replace the selected stages' earlier output"})
     standalone: bool = field(
@@ -334,6 +350,7 @@ class RunConfig:
         if self.precision is not None:
             _check(self.precision in PRECISIONS, "precision", f"must be one of {PRECISIONS}, got {self.precision!r}")
         _check(self.keep_checkpoints >= 1, "keep_checkpoints", f"must be >= 1, got {self.keep_checkpoints}")
+        _check(self.recipe in (None, "paper", "tiny"), "recipe", f"must be 'paper' or 'tiny', got {self.recipe!r}")
         self.model.validate()
         self.data.validate()
         for stage_cfg in (self.base, self.lora, self.dpo, self.mining, self.hsft, self.eval):

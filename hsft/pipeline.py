@@ -29,20 +29,25 @@ from hsft.engine.output_lock import OutputDirInUse, hold_output_dir
 from hsft.model import build_model, is_model_directory, save_model
 from hsft.model.chain import make_lean
 from hsft.model.checkpoint import META_FILE
-from hsft.stages import base, dpo, evaluation, hsft, lora, mining
+from hsft.stages import base, control, dpo, evaluation, hsft, lora, mining
 from hsft.stages.training import StageResult, is_complete, model_dir
 
 
 @dataclass(frozen=True)
 class Stage:
     """One row of the pipeline: its name (= its output directory), its entry, the RunConfig field that
-    holds its config, and whether it produces a model (then --resume skips it once complete)."""
+    holds its config, and whether it produces a model (then --resume skips it once complete).
+
+    `beside` makes the row a variant of another stage (a control): it starts from the model that
+    stage started from, and its model is evaluated but not handed on to the stages after it.
+    """
 
     name: str
     run: Callable[[RunContext, object, Path | None], StageResult]
     config: str
     trains: bool
     report_key: str | None = None  # report.json key (default: the name)
+    beside: str | None = None
 
 
 STAGES = (
@@ -51,10 +56,13 @@ STAGES = (
     Stage("dpo", dpo.run, "dpo", trains=True),
     Stage("mining", mining.run, "mining", trains=False),
     Stage("hsft", hsft.run, "hsft", trains=True),
+    Stage("control", control.run, "hsft", trains=True, beside="hsft"),
     Stage("eval", evaluation.run, "eval", trains=False, report_key="evaluation"),
 )
 STAGE_BY_NAME = {stage.name: stage for stage in STAGES}
 assert tuple(STAGE_BY_NAME) == STAGE_ORDER, "hsft.config.STAGE_ORDER must list the stages of this table"
+assert all(STAGE_ORDER.index(s.beside) < STAGE_ORDER.index(s.name) for s in STAGES if s.beside), \
+    "a variant's row must follow the stage it sits beside"
 
 
 class PipelineError(RuntimeError):
@@ -87,7 +95,7 @@ def _starting_model(ctx: RunContext) -> tuple[Path | None, str]:
         return start, f"--model {start}"
     first = STAGE_ORDER.index(cfg.stages[0])
     for stage in reversed(STAGES[:first]):
-        if stage.trains and is_complete(ctx.stage_dir(stage.name)):
+        if stage.trains and stage.beside is None and is_complete(ctx.stage_dir(stage.name)):
             return model_dir(ctx.stage_dir(stage.name)), f"stage {stage.name} of {ctx.out_dir}"
     if cfg.stages[0] == "base":
         return None, "embedded tiny preset"
@@ -123,6 +131,7 @@ def format_report(ctx: RunContext, report: dict, results: dict[str, StageResult]
     data = report["data"]
     lines = ["# hsft run report", "", f"Output directory: `{report['output_dir']}`  ",
              f"Started from: {report['start']}  ", f"Stages: {', '.join(report['stages'])}  ",
+             f"Recipe: {report['recipe'] or 'none (the configs as given)'}  ",
              f"Held-out split: {data['test']} samples ({data['format']}); training split {data['train']}, "
              f"validation {data['val']}", ""]
     ordered = sorted(results.items(), key=lambda item: item[0] != "eval")  # results lead, then pipeline order
@@ -171,26 +180,33 @@ def _run_locked(cfg: RunConfig, ds_file_config: dict, out: Path) -> dict:
     results: dict[str, StageResult] = {}
     written: dict[str, str] = {}
 
+    starts: dict[str, Path | None] = {}  # the model each stage started from
     for stage in (STAGE_BY_NAME[name] for name in cfg.stages):
         stage_dir = ctx.stage_dir(stage.name)
+        start = starts.get(stage.beside, current) if stage.beside else current
+        starts[stage.name] = start
         if stage.trains and cfg.resume and is_complete(stage_dir):
             if distributed.is_main():
                 print(f"[{stage.name}] already complete in {stage_dir}; skipping (--resume)")
             result = StageResult(model_dir=model_dir(stage_dir))
         else:
-            result = stage.run(ctx, getattr(cfg, stage.config), current)
+            result = stage.run(ctx, getattr(cfg, stage.config), start)
             results[stage.name] = result
             if stage.trains and stage.name != "base" and not cfg.standalone and current is not None:
                 keep_only_changes(result.model_dir, current)
         _continue_global_step(ctx, stage.name)
         written.update(result.written)
         if result.model_dir is not None:
-            current = result.model_dir
-            written[f"{stage.name} model"] = str(current)
-            if (stage.name, current) not in ctx.models:
-                ctx.models.append((stage.name, current))
+            written[f"{stage.name} model"] = str(result.model_dir)
+            if (stage.name, result.model_dir) not in ctx.models:
+                ctx.models.append((stage.name, result.model_dir))
+                ctx.started_from[stage.name] = start
+                if stage.beside:
+                    ctx.variants[stage.name] = stage.beside
+            if stage.beside is None:
+                current = result.model_dir
 
-    report = {"output_dir": str(out), "start": start_label, "stages": list(cfg.stages),
+    report = {"output_dir": str(out), "start": start_label, "stages": list(cfg.stages), "recipe": cfg.recipe,
               "data": {"format": cfg.data.format, "train": len(splits.train), "val": len(splits.val),
                        "test": len(splits.test)},
               "seed": cfg.seed, "world_size": distributed.world_size(), "device": str(ctx.device),

@@ -1,7 +1,9 @@
 #!/usr/bin/env python
 """Compare groups of hsft runs (e.g. HSFT vs its matched-compute control over several seeds).
 
-    python launch/compare_runs.py hsft=runs/exp/hsft-s0,runs/exp/hsft-s1 control=runs/exp/ctl-s0,runs/exp/ctl-s1
+    python launch/compare_runs.py hsft=runs/exp/s0,runs/exp/s1 control=runs/exp/s0:control,runs/exp/s1:control
+
+A run ends at its last main-line stage (HSFT), or at the stage named after a colon (DIR:control).
 """
 
 import argparse
@@ -17,7 +19,8 @@ from hsft.eval.runs import RunsError, format_groups, summarize_groups
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("groups", nargs="+", metavar="LABEL=DIR[,DIR...]",
-                        help="a label and the output directories of the runs in that group")
+                        help="a label and the output directories of the runs in that group (DIR:STAGE ends a run at "
+                             "that stage's row, e.g. DIR:control)")
     parser.add_argument("--json", default=None, help="also write the table as JSON to this file")
     args = parser.parse_args()
     groups = {}

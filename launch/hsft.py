@@ -11,8 +11,9 @@ import sys
 
 import _import_hsft  # noqa: F401  (first: makes `import hsft` find the package)
 
-from hsft.arguments import add_config_arguments, apply_arguments
+from hsft.arguments import add_config_arguments
 from hsft.config import STAGE_ORDER, RunConfig
+from hsft.recipes import config_from_arguments
 
 ALIASES = {
     "model.vlm": ["--vlm"],
@@ -40,7 +41,7 @@ def parse(argv):
     parser.add_argument("--local_rank", type=int, default=-1, help=argparse.SUPPRESS)
     dests = add_config_arguments(parser, RunConfig, aliases=ALIASES)
     args = parser.parse_args(argv)
-    cfg = apply_arguments(RunConfig(), args, dests)
+    cfg = config_from_arguments(args, dests)
     stages = tuple(s.strip() for s in args.stages.split(",") if s.strip())
     if args.stages == ",".join(STAGE_ORDER) and not cfg.embedded_default:
         stages = stages[1:]  # stage 0 only exists for the embedded default model

@@ -29,7 +29,6 @@ def test_defaults_are_valid_and_the_published_settings():
     ({"mining.tau": 1.5}, "mining.tau"),
     ({"mining.hard_quantile": 0.0}, "mining.hard_quantile"),
     ({"hsft.seg_form": "middle"}, "hsft.seg_form"),
-    ({"hsft.control": "shuffle"}, "hsft.control"),
     ({"eval.bootstrap_resamples": 0}, "eval.bootstrap_resamples"),
     ({"precision": "fp8"}, "precision"),
     ({"stages": ("lora", "base")}, "stages"),

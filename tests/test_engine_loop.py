@@ -154,6 +154,43 @@ def test_clipping_bounds_the_update_and_grad_norm_is_pre_clip(tmp_path):
     assert not torch.equal(before, engine.module.linear.weight.detach())
 
 
+class PartlyTrainedModule(ToyModule):
+    """The toy regression with a frozen layer and a trainable parameter the loss never reaches (its
+    gradient stays None), as in the stages: only `linear` receives gradients."""
+
+    def __init__(self):
+        super().__init__()
+        self.frozen = nn.Linear(4, 4)
+        self.frozen.requires_grad_(False)
+        self.unused = nn.Parameter(torch.ones(3))
+
+    def forward(self, batch):
+        x, y, ids = batch
+        return super().forward((self.frozen(x) * 0 + x, y, ids))
+
+
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+@pytest.mark.parametrize("grad_accum", [1, 3])
+def test_logged_grad_norm_is_the_pre_clip_norm_over_the_trainable_parameters(tmp_path, precision, grad_accum):
+    task = ToyTask(n=12, scale=10.0)
+    task.module = PartlyTrainedModule()
+    micro_batch = 2
+    order = epoch_order(len(task), micro_batch * grad_accum, seed=3, epoch=0)
+    # The first optimizer step's gradient, by hand: the mean over the accumulated micro-batches.
+    reference = PartlyTrainedModule()
+    reference.load_state_dict(task.module.state_dict())
+    for k in range(grad_accum):
+        batch = task.make_batch(order[k * micro_batch:(k + 1) * micro_batch], torch.float32, torch.device("cpu"))
+        (reference(batch)[0] / grad_accum).backward()
+    expected = torch.linalg.vector_norm(torch.cat([p.grad.flatten() for p in reference.linear.parameters()]))
+    cfg = TrainConfig(epochs=1, micro_batch=micro_batch, grad_accum=grad_accum, lr=1e-3, clip=0.5)
+    result, _ = run(tmp_path, cfg, task=task, precision=precision)
+    assert len(result.grad_norms) == result.optimizer_steps == 12 // (micro_batch * grad_accum)
+    assert expected > cfg.clip  # clipping is active: the logged norm must be the one before it
+    assert result.grad_norms[0] == pytest.approx(float(expected), rel=1e-5 if precision == "fp32" else 3e-2)
+    assert all(math.isfinite(g) and g > 0 for g in result.grad_norms)
+
+
 def test_non_finite_loss_skips_the_step_and_repeats_stop_without_saving(tmp_path):
     # One poisoned sample: its window is skipped, training goes on.
     task = ToyTask(poison={5})

@@ -45,9 +45,9 @@ def test_main_command_runs_every_stage_and_writes_the_report(full_run):
     tmp, proc = full_run
     run = tmp / "run"
     report = json.loads((run / "report.json").read_text())
-    assert report["stages"] == ["base", "lora", "dpo", "mining", "hsft", "eval"]
+    assert report["stages"] == ["base", "lora", "dpo", "mining", "hsft", "control", "eval"]
     stages = [row["stage"] for row in report["evaluation"]]
-    assert stages[0] == "base" and stages[-1] == "hsft" and "lora" in stages
+    assert stages == ["base", "lora", "dpo", "hsft", "control"]
     for row in report["evaluation"]:
         assert 0.0 <= row["dice"] <= 1.0 and 0.0 <= row["iou"] <= row["dice"] + 1e-9
         assert row["n"] == 12
@@ -79,6 +79,57 @@ def test_main_command_runs_every_stage_and_writes_the_report(full_run):
     text = (run / "report.md").read_text()
     assert "| hsft |" in text and "Hard set" in text
     assert "hsft run report" in proc.stdout
+
+
+def test_the_control_beside_hsft_and_each_stages_effect_with_an_interval(full_run):
+    tmp, _ = full_run
+    run = tmp / "run"
+    report = json.loads((run / "report.json").read_text())
+    rows = {row["stage"]: row for row in report["evaluation"]}
+    # Each stage is measured against the model it started from; the control starts where HSFT starts.
+    assert [rows[s]["started_from"] for s in ("base", "lora", "dpo", "hsft", "control")] == \
+        [None, "base", "lora", "dpo", "dpo"]
+    assert rows["control"]["beside"] == "hsft" and rows["hsft"]["beside"] is None
+    for stage in ("lora", "dpo", "hsft", "control"):
+        effect = rows[stage]["effect"]
+        assert effect["low"] <= effect["mean"] <= effect["high"]
+        assert effect["mean"] == pytest.approx(rows[stage]["dice"] - rows[rows[stage]["started_from"]]["dice"], abs=1e-9)
+    hsft, control = (json.loads((run / s / "metrics.json").read_text()) for s in ("hsft", "control"))
+    # Matched compute: the same number of samples and optimizer steps, different samples.
+    assert control["samples"] == hsft["samples"] and control["optimizer_steps"] == hsft["optimizer_steps"]
+    assert control["train_config"] == hsft["train_config"]
+    assert report["control"]["hard_set_loss_before"] == pytest.approx(report["hsft"]["hard_set_loss_before"], rel=1e-5)
+    assert "hard_set_loss" in hsft["epochs"][-1] and "pair_reward_accuracy" in report["dpo"]
+    text = (run / "report.md").read_text()
+    assert "| control |" in text and "hsft - control" in text and "loss over the hard set" in text
+
+
+@pytest.mark.parametrize("stage", ["lora", "dpo", "hsft", "control"])
+def test_a_stage_that_changes_its_weights_logs_a_nonzero_grad_norm(full_run, stage):
+    tmp, _ = full_run
+    run = tmp / "run"
+    metrics = json.loads((run / stage / "metrics.json").read_text())
+    started = json.loads((run / "report.json").read_text())
+    start = {row["stage"]: row["started_from"] for row in started["evaluation"]}[stage]
+    trained = load_file(str(run / stage / "trainable.safetensors"))
+    from hsft.model import load_model
+
+    before = dict(load_model(run / start / "model", dtype="float32").named_parameters())
+    assert len(metrics["grad_norms"]) == metrics["optimizer_steps"] > 0
+
+    def moved(name, value):
+        if name in before:
+            return not torch.equal(before[name].detach(), value)
+        return "lora_B" in name and bool(value.abs().max() > 0)  # LoRA's B starts at zero
+
+    changed = any(moved(name, value) for name, value in trained.items())
+    if changed:
+        assert all(g > 0 for g in metrics["grad_norms"]), f"{stage} changed its weights but logged {metrics['grad_norms']}"
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(run / "tb" / stage))
+    events.Reload()
+    assert [e.value for e in events.Scalars(f"{stage}/grad_norm")] == pytest.approx(metrics["grad_norms"], rel=1e-6)
 
 
 def test_global_step_continues_across_stages(full_run):
@@ -179,10 +230,11 @@ def test_main_command_from_local_transformers_checkpoints(tmp_path):
                    "--hsft-epochs", "1"], tmp_path)
     report = json.loads((tmp_path / "run" / "report.json").read_text())
     # Without a model the stand-in stage 0 is skipped; the composite is built from the two directories.
-    assert report["stages"] == ["lora", "dpo", "mining", "hsft", "eval"]
+    assert report["stages"] == ["lora", "dpo", "mining", "hsft", "control", "eval"]
+    assert report["recipe"] == "paper"  # a real checkpoint starts from the published settings
     assert report["start"].startswith("--vlm")
     assert (tmp_path / "run" / "init" / "model" / "hsft_model.json").is_file()
-    assert [row["stage"] for row in report["evaluation"]] == ["start", "lora", "dpo", "hsft"]
+    assert [row["stage"] for row in report["evaluation"]] == ["start", "lora", "dpo", "hsft", "control"]
     assert "hsft run report" in proc.stdout
 
 
@@ -191,6 +243,8 @@ def test_main_command_from_local_transformers_checkpoints(tmp_path):
     (["--stages", "hsft,base"], "pipeline order"),
     (["--data-format", "nope"], "unknown format 'nope'"),
     (["--hsft-lr", "-1"], "hsft.lr"),
+    (["--recipe", "huge"], "recipe: must be 'paper' or 'tiny'"),
+    (["--hsft-train-feature-convs", "true"], "hsft.train_feature_convs"),
     (["--stages", "hsft", "--output-dir", "empty"], "needs a starting model"),
     (["--model", "nowhere"], "--model nowhere: not a saved hsft model directory"),
     (["--vlm", "nowhere", "--sam2", "nowhere"], "model.vlm: checkpoint directory 'nowhere' does not exist"),

@@ -4,6 +4,7 @@ are replaced by fast fakes here; tests/test_main_command.py runs the real ones."
 
 from __future__ import annotations
 
+import dataclasses
 import inspect
 import json
 import typing
@@ -49,8 +50,7 @@ def fake_stages(monkeypatch, tiny_model):
 
     for stage in pipeline.STAGES:
         monkeypatch.setitem(pipeline.STAGE_BY_NAME, stage.name,
-                            pipeline.Stage(stage.name, fake(stage.name, stage.trains), stage.config, stage.trains,
-                                           stage.report_key))
+                            dataclasses.replace(stage, run=fake(stage.name, stage.trains)))
     return calls
 
 
@@ -70,23 +70,49 @@ def test_each_stage_starts_from_the_newest_model_and_the_report_joins_their_part
     assert starts["lora"] == model_dir(out / "base") and starts["dpo"] == model_dir(out / "lora")
     # mining trains nothing: HSFT starts from the DPO model
     assert starts["mining"] == model_dir(out / "dpo") and starts["hsft"] == model_dir(out / "dpo")
+    # the control sits beside HSFT: it starts from HSFT's starting model, and passes nothing on
+    assert starts["control"] == model_dir(out / "dpo") and starts["eval"] == model_dir(out / "hsft")
     assert report["lora"] == {"ran": "lora"} and report["evaluation"] == {"ran": "eval"}
     assert json.loads((out / "report.json").read_text())["mining"] == {"ran": "mining"}
     text = (out / "report.md").read_text()
     # the held-out results lead, the other sections follow in pipeline order, then the notes
     assert text.index("section of eval") < text.index("section of mining") < text.index("## Stages")
     assert [line for line in text.splitlines() if line.startswith("- note of")] == \
-        [f"- note of {s}" for s in ("base", "lora", "dpo", "hsft")]
+        [f"- note of {s}" for s in ("base", "lora", "dpo", "hsft", "control")]
 
 
 def test_resume_skips_finished_training_stages_and_continues_the_step(fake_stages, tmp_path):
     pipeline.run_pipeline(_cfg(tmp_path))
     fake_stages.clear()
     report = pipeline.run_pipeline(_cfg(tmp_path, resume=True))
-    # base, lora, dpo and hsft are complete; mining and eval always run again
+    # base, lora, dpo, hsft and control are complete; mining and eval always run again
     assert [name for name, _ in fake_stages] == ["mining", "eval"]
     assert dict(fake_stages)["mining"] == model_dir(tmp_path / "run" / "dpo")
     assert "lora model" in report["written"]
+
+
+def test_the_models_to_evaluate_and_what_each_started_from(monkeypatch, fake_stages, tmp_path):
+    seen = {}
+
+    def record(ctx, cfg, start):
+        seen.update(models=[name for name, _ in ctx.models], started_from=dict(ctx.started_from),
+                    variants=dict(ctx.variants))
+        return StageResult()
+
+    monkeypatch.setitem(pipeline.STAGE_BY_NAME, "eval", dataclasses.replace(pipeline.STAGE_BY_NAME["eval"], run=record))
+    pipeline.run_pipeline(_cfg(tmp_path))
+    out = tmp_path / "run"
+    assert seen["models"] == ["base", "lora", "dpo", "hsft", "control"]
+    assert seen["started_from"] == {"base": None, "lora": model_dir(out / "base"), "dpo": model_dir(out / "lora"),
+                                    "hsft": model_dir(out / "dpo"), "control": model_dir(out / "dpo")}
+    assert seen["variants"] == {"control": "hsft"}
+
+
+def test_a_variant_is_never_the_start_of_a_later_run(fake_stages, tmp_path):
+    pipeline.run_pipeline(_cfg(tmp_path, stages=("base", "lora", "dpo", "mining", "hsft", "control")))
+    fake_stages.clear()
+    pipeline.run_pipeline(_cfg(tmp_path, stages=("eval",)))
+    assert fake_stages == [("eval", model_dir(tmp_path / "run" / "hsft"))]
 
 
 def test_a_later_stage_alone_starts_from_the_finished_stage_before_it(fake_stages, tmp_path):

@@ -28,6 +28,18 @@ def test_groups_average_the_change_over_runs(tmp_path):
     assert rows[1]["delta"] == pytest.approx(0.0) and rows[1]["seeds"] == [0, 1]
 
 
+def test_a_run_ends_at_its_main_line_or_at_the_named_stage(tmp_path):
+    run = tmp_path / "run"
+    run.mkdir()
+    rows = [{"stage": "dpo", "dice": 0.7, "iou": 0.5}, {"stage": "hsft", "dice": 0.72, "iou": 0.5},
+            {"stage": "control", "dice": 0.69, "iou": 0.5, "beside": "hsft"}]
+    (run / "report.json").write_text(json.dumps({"seed": 1, "evaluation": rows}))
+    hsft, control = summarize_groups({"hsft": [run], "control": [f"{run}:control"]})
+    assert hsft["delta"] == pytest.approx(0.02) and control["delta"] == pytest.approx(-0.01)
+    with pytest.raises(RunsError, match="no stage 'lora'"):
+        summarize_groups({"x": [f"{run}:lora"]})
+
+
 def test_missing_report_is_named(tmp_path):
     with pytest.raises(RunsError, match="nowhere: no report.json"):
         summarize_groups({"x": [str(tmp_path / "nowhere")]})

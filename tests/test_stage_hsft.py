@@ -10,7 +10,7 @@ from hsft.data import make_fundus
 from hsft.engine.loop import train
 from hsft.engine.tensorboard import TBWriter
 from hsft.model import ModelConfig, build_model
-from hsft.stages.hsft import HSFTTask, select_training_set
+from hsft.stages.hsft import HSFTTask, hard_set, random_subset
 from hsft.stages.training import Validation
 
 
@@ -19,13 +19,14 @@ def samples():
     return [make_fundus(seed=100 + i, size=64) for i in range(6)]
 
 
-def test_select_training_set_and_matched_control(samples):
+def test_hard_set_and_the_controls_random_subset(samples):
     ids = [samples[3].id, samples[1].id]
-    assert [s.id for s in select_training_set(samples, ids, "none", 0)] == ids
-    control = select_training_set(samples, ids, "random", 0)
-    assert len(control) == 2 and all(s in samples for s in control)
+    assert [s.id for s in hard_set(samples, ids)] == ids
+    control = random_subset(samples, len(ids), 0)
+    assert len(control) == 2 and len({s.id for s in control}) == 2 and all(s in samples for s in control)
+    assert control == random_subset(samples, 2, 0) and control != random_subset(samples, 2, 1)
     with pytest.raises(ValueError, match="not in the training split"):
-        select_training_set(samples, ["nope"], "none", 0)
+        hard_set(samples, ["nope"])
 
 
 def _hsft_losses(samples, tmp_path, context, cache: bool, micro_batch: int = 1):

@@ -28,7 +28,8 @@ def test_adapters_only_on_the_language_models_attention_projections(tiny_model, 
     assert any(n.startswith("vlm.model.vision_tower.") for n in same_names)
     assert any(n.startswith("sam2.") for n in same_names)
 
-    task = lora.LoraTask(model, [make_fundus(seed=1, size=64)], LoraStageConfig(rank=4, alpha=8.0), NO_VALIDATION)
+    task = lora.LoraTask(model, [make_fundus(seed=1, size=64)],
+                         LoraStageConfig(rank=4, alpha=8.0, mask_loss_weight=1.0), NO_VALIDATION)
     adapted = lora.adapted_modules(model)
     layers = model.vlm.config.text_config.num_hidden_layers
     assert adapted == [f"vlm.model.language_model.layers.{i}.self_attn.{p}"
@@ -39,9 +40,9 @@ def test_adapters_only_on_the_language_models_attention_projections(tiny_model, 
     assert any(n.startswith("text_hidden_fcs.") for n in trainable)
     assert task.module.mask_weight == 1.0 and task.module.lm_weight == 1.0
 
-    # CE only (the published recipe): no gradient reaches text_hidden_fcs, so it stays frozen.
+    # CE only (the published recipe, the default): no gradient reaches text_hidden_fcs, so it stays frozen.
     ce_only = make_tiny_model()
-    lora.LoraTask(ce_only, [make_fundus(seed=1, size=64)], LoraStageConfig(rank=4, mask_loss_weight=0.0), NO_VALIDATION)
+    lora.LoraTask(ce_only, [make_fundus(seed=1, size=64)], LoraStageConfig(rank=4), NO_VALIDATION)
     assert not any(p.requires_grad for p in ce_only.text_hidden_fcs.parameters())
 
 
@@ -59,7 +60,7 @@ def test_lora_stage_trains_through_the_loop_and_exports_adapter_and_merged_model
     start = tiny_model_dir
     samples = [make_fundus(seed=400 + i, size=64) for i in range(4)]
     cfg = LoraStageConfig(train=TrainConfig(epochs=1, micro_batch=2, grad_accum=1, lr=5e-3, min_lr=5e-3),
-                          rank=4, alpha=8.0, dropout=0.0)
+                          rank=4, alpha=8.0, dropout=0.0, mask_loss_weight=1.0)
     ctx = make_context(SimpleNamespace(train=samples, val=samples[:1], test=[]), **{"mining.batch_size": 4,
                                                                                     "mining.max_new_tokens": 8})
     result = lora.run(ctx, cfg, start)

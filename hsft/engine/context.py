@@ -11,6 +11,9 @@ the precision again or guesses the device:
     splits       the data: train / val (epoch metrics) / test (held out, evaluation only)
     global_step  the TensorBoard step, continued across stages
     models       the models of the run so far (what the evaluation stage evaluates)
+    started_from the model directory each of those stages started from (each stage's effect is
+                 measured against it)
+    variants     stage -> the stage it sits beside, for the variants among them (the control)
 """
 
 from __future__ import annotations
@@ -45,6 +48,8 @@ class RunContext:
     # (label, model directory) of every model this run started from or produced, in order: what the
     # evaluation stage evaluates.
     models: list[tuple[str, Path]] = field(default_factory=list)
+    started_from: dict[str, Path | None] = field(default_factory=dict)
+    variants: dict[str, str] = field(default_factory=dict)
 
     @classmethod
     def build(cls, cfg: RunConfig, ds_file_config: dict, splits: DataSplits | None = None) -> RunContext:

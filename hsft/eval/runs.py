@@ -32,16 +32,30 @@ class RunResult:
 
 
 def read_run(run_dir: str | Path) -> RunResult:
-    path = Path(run_dir)
+    """One run's first evaluated stage and where it ends: the last stage of its main line, or the stage
+    named after a colon (`runs/a:control` ends at the control's row, a variant beside the main line)."""
+    text, stage = str(run_dir), None
+    if ":" in text and not Path(text).exists():
+        text, stage = text.rsplit(":", 1)
+    path = Path(text)
     report_path = path / "report.json" if path.is_dir() else path
     if not report_path.is_file():
         raise RunsError(f"{run_dir}: no report.json (not an hsft output directory, or the run did not finish)")
     report = json.loads(report_path.read_text())
-    rows = report.get("evaluation") or []
-    if not rows:
+    every = report.get("evaluation") or []
+    if not every:
         raise RunsError(f"{report_path}: holds no evaluation; run the 'eval' stage")
-    return RunResult(path=report_path.parent, seed=report.get("seed", -1), stages=[r["stage"] for r in rows],
-                     start_dice=rows[0]["dice"], end_dice=rows[-1]["dice"], end_iou=rows[-1]["iou"])
+    if stage is None:
+        # A variant evaluated beside the main line (the control) is not where the run ends.
+        end = [row for row in every if not row.get("beside")][-1]
+    else:
+        named = [row for row in every if row["stage"] == stage]
+        if not named:
+            raise RunsError(f"{run_dir}: the run evaluated no stage {stage!r} (it has "
+                            f"{', '.join(row['stage'] for row in every)})")
+        end = named[0]
+    return RunResult(path=report_path.parent, seed=report.get("seed", -1), stages=[every[0]["stage"], end["stage"]],
+                     start_dice=every[0]["dice"], end_dice=end["dice"], end_iou=end["iou"])
 
 
 def _mean_std(values: list[float]) -> tuple[float, float]:

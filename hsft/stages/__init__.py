@@ -6,6 +6,8 @@
     dpo         stage 2: DPO on masks
     mining      the hard set: the inference path over the training split, Dice < tau
     hsft        stage 3: fine-tune the projection and the mask decoder on the hard set
+    control     HSFT's matched-compute control: the same fine-tuning on a random subset of the hard
+                set's size, from the model HSFT started from (a variant beside HSFT)
     evaluation  every model of the run on the held-out split ("eval" in the stage list)
 
 Shared pieces: training (StageResult, the export around the loop, validation), objective (the

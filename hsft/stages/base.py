@@ -1,7 +1,10 @@
-"""Stage 0, for the embedded default only: pre-train the tiny preset (every module) on a synthetic
-pool disjoint from the fine-tuning data. It stands in for the published pre-trained checkpoint, so
-later stages start from a model that already answers "Sure, [SEG]." and segments moderately well,
-which leaves real hard samples for HSFT.
+"""Stage 0, for the embedded default only: pre-train the tiny preset (every module: vision tower,
+projector, LLM, text_hidden_fcs, SAM2 image encoder and mask decoder; CE + Dice/BCE) on a synthetic
+pool disjoint from the fine-tuning data. It stands in for a generic pre-trained checkpoint: by default
+(`source` "other-style") the pool is another domain than the target (hsft.data.source_domain:
+desaturated colours, clean easy images), so later stages start from a model that answers
+"Sure, [SEG]." and segments the target moderately well, with a domain to adapt to and real hard
+samples for HSFT. `source` "target" pre-trains on the target distribution itself.
 
 The result is cached under $HSFT_CACHE (default ~/.cache/hsft) keyed by everything that shapes it,
 so later runs reuse it.
@@ -20,6 +23,7 @@ import torch
 
 from hsft.config import BaseStageConfig, DataConfig, ModelConfig
 from hsft.data import Sample, synthetic_pool
+from hsft.data.source_domain import source_domain_pool
 from hsft.engine import distributed
 from hsft.engine.context import RunContext
 from hsft.engine.tensorboard import TBWriter
@@ -27,7 +31,7 @@ from hsft.model import build_model
 from hsft.stages.objective import SegObjective, SegTask
 from hsft.stages.training import StageResult, Validation, is_complete, model_dir, train_stage
 
-CACHE_FORMAT = 1
+CACHE_FORMAT = 3
 
 
 def cache_root(cfg: BaseStageConfig) -> Path:
@@ -56,7 +60,8 @@ class BaseTask(SegTask):
 def pool_for(cfg: BaseStageConfig, data_cfg: DataConfig, seed: int) -> tuple[list[Sample], list[Sample]]:
     """(training pool, a small held-aside part of the pool for the epoch Dice), both disjoint from the
     fine-tuning splits by construction of the synthetic seed ranges."""
-    pool = synthetic_pool(cfg.pool_size + max(4, cfg.pool_size // 16), seed=seed, size=data_cfg.synthetic_size)
+    make = source_domain_pool if cfg.source == "other-style" else synthetic_pool
+    pool = make(cfg.pool_size + max(4, cfg.pool_size // 16), seed=seed, size=data_cfg.synthetic_size)
     return pool[:cfg.pool_size], pool[cfg.pool_size:]
 
 
@@ -84,10 +89,14 @@ def run(ctx: RunContext, cfg: BaseStageConfig, start: Path | None) -> StageResul
             shutil.rmtree(cached / "checkpoints", ignore_errors=True)  # the weights are what is reused
     elif distributed.is_main():
         print(f"[base] reusing the pre-trained embedded model cached at {cached}")
+    note = (f"- base: stand-in pre-training of every module of the tiny preset (CE + Dice/BCE) on {cfg.pool_size} "
+            + ("source-domain images (desaturated colours, clean and easy; not the target domain)"
+               if cfg.source == "other-style" else "images of the target distribution") + f"; cached at `{cached}`")
     stage_dir = ctx.stage_dir("base")
     if distributed.is_main():
         if stage_dir.exists():
             shutil.rmtree(stage_dir)
         shutil.copytree(cached, stage_dir)
     distributed.barrier()
-    return StageResult(model_dir=model_dir(stage_dir), summary={"cache": str(cached)})
+    return StageResult(model_dir=model_dir(stage_dir), summary={"cache": str(cached), "source": cfg.source},
+                       notes=[note])

@@ -21,6 +21,7 @@ trains nothing.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -130,6 +131,7 @@ class DPOTask:
         if not pairs:
             raise ValueError("dpo: no preference pairs (no training prediction has Dice < pair_threshold)")
         self.model, self.pairs, self.cfg, self.validation = model, pairs, cfg, validation
+        self.reference_batch = reference_batch
         model.set_trainable(TRAINABLE)
         self.module = MaskDPOObjective(model, cfg)
         self.cache = FeatureCache(model, SEG_FORM)
@@ -172,8 +174,27 @@ class DPOTask:
             margin=torch.tensor([p.margin for p in chunk], dtype=torch.float32, device=device),
         )
 
+    @torch.no_grad()
+    def pair_metrics(self, module) -> dict[str, float]:
+        """The DPO loss, reward accuracy (chosen reward > rejected reward) and mean reward margin of
+        `module` over every training pair, in eval mode: before training the loss is log 2 and the
+        accuracy 0 (policy = reference), so these say whether the stage learned its preference."""
+        was_training = module.training
+        module.eval()
+        dtype = next(module.parameters()).dtype
+        totals = {"pair_loss": 0.0, "pair_reward_accuracy": 0.0, "pair_reward_margin": 0.0}
+        batch_size = max(1, self.reference_batch)
+        for start in range(0, len(self.pairs), batch_size):
+            indices = list(range(start, min(start + batch_size, len(self.pairs))))
+            loss, terms = module(self.make_batch(indices, dtype, self.model.device))
+            totals["pair_loss"] += float(loss) * len(indices)
+            totals["pair_reward_accuracy"] += float(terms["rewards/accuracies"]) * len(indices)
+            totals["pair_reward_margin"] += float(terms["rewards/margins"]) * len(indices)
+        module.train(was_training)
+        return {key: value / len(self.pairs) for key, value in totals.items()}
+
     def evaluate(self, module) -> dict[str, float]:
-        return self.validation(module.model)
+        return {**self.validation(module.model), **self.pair_metrics(module)}
 
     def client_state(self) -> dict:
         return {"pair_ids": [p.sample.id for p in self.pairs]}
@@ -217,5 +238,16 @@ def run(ctx: RunContext, cfg: DPOStageConfig, start: Path | None) -> StageResult
 
     task = DPOTask(model, kept, cfg, Validation.of(ctx), reference_batch=mining.batch_size)
     trained = train_stage(ctx, task, cfg.train, load_input_model=lambda: load_model(start, dtype="float32"))
-    summary.update(skipped=False, optimizer_steps=trained.optimizer_steps, epochs=trained.epoch_metrics)
-    return StageResult(model_dir=model_dir(stage_dir), summary=summary, notes=[note])
+    final = trained.epoch_metrics[-1] if trained.epoch_metrics else task.pair_metrics(task.module)
+    summary.update(skipped=False, optimizer_steps=trained.optimizer_steps, epochs=trained.epoch_metrics,
+                   pair_loss=final["pair_loss"], pair_reward_accuracy=final["pair_reward_accuracy"],
+                   pair_reward_margin=final["pair_reward_margin"], last_step_loss=trained.losses[-1])
+    evidence = (f"  - {trained.optimizer_steps} optimizer steps; over the {len(kept)} pairs after training: DPO loss "
+                f"{final['pair_loss']:.4f} (log 2 = {math.log(2):.4f} at the start), reward accuracy "
+                f"{final['pair_reward_accuracy']:.2f} (0 at the start), mean reward margin "
+                f"{final['pair_reward_margin']:+.4f}")
+    if distributed.is_main():
+        print("[dpo]" + evidence.removeprefix("  -"))
+    return StageResult(model_dir=model_dir(stage_dir), summary=summary,
+                       notes=[note + "; trains text_hidden_fcs and the SAM2 mask decoder with its prompt encoder "
+                              "(conv_s0/conv_s1 frozen), against the frozen input model as reference", evidence])

@@ -108,6 +108,7 @@ def train_stage(ctx: RunContext, task: TrainTask, cfg: TrainConfig, *, load_inpu
             "losses": result.losses,
             "first_loss": result.losses[0] if result.losses else None,
             "last_loss": result.losses[-1] if result.losses else None,
+            "grad_norms": result.grad_norms,
             "epochs": result.epoch_metrics,
             "seconds": result.seconds,
             "resumed_from": result.resumed_from,

@@ -1,0 +1,50 @@
+"""The source domain of the embedded default's stand-in pre-training (stage 0): synthetic fundus
+images of another camera and population than the target data, so that stage 0 plays a *generic*
+pre-trained model and the fine-tuning stages have a domain to adapt to.
+
+What differs from the target domain (hsft.data.synthetic with its drawn difficulty):
+- colour: renderings blended between the colour photograph and a desaturated grey-brown one made
+  mostly of the green channel (red-free-like cameras), at least MIN_STRENGTH of the way towards the
+  latter, instead of the saturated orange-red colour photograph alone;
+- population: every image is easy and clean (high vessel contrast, wide vessels, little noise, no
+  artefacts), where the target has a tail of faint, thin, noisy vessels.
+The anatomy (disc, macula, vessel trees) and the annotation convention are the same, so what stage 0
+learns transfers, imperfectly.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from hsft.data.sample import Sample
+from hsft.data.synthetic import Difficulty, POOL_SEED_BASE, SEEDS_PER_RANGE, make_fundus
+
+__all__ = ["SOURCE_DIFFICULTY", "RED_FREE", "to_source_style", "source_domain_pool"]
+
+# Each source image is the desaturated rendering blended with the colour photograph by a strength drawn
+# from [MIN_STRENGTH, 1]: a range of cameras that does not reach the target's.
+MIN_STRENGTH = 0.3
+SOURCE_DIFFICULTY = Difficulty(hardness=0.0, contrast=1.1, noise=0.004, vessel_width=1.2, artefacts=0.05)
+# Rows: output R, G, B as mixtures of the input channels, mostly the green one (where vessels show).
+RED_FREE = np.array([[0.25, 0.65, 0.10], [0.10, 0.85, 0.05], [0.10, 0.60, 0.30]], dtype=np.float32)
+
+
+def to_source_style(sample: Sample, strength: float = 1.0) -> Sample:
+    """The sample's image re-rendered in the source domain's desaturated colours, blended with the
+    original by `strength` in [0, 1] (mask and FOV unchanged)."""
+    rgb = sample.image.astype(np.float32) / 255.0
+    mixed = np.clip(rgb @ RED_FREE.T * 1.15, 0.0, 1.0)
+    mixed = (1.0 - strength) * rgb + strength * mixed
+    image = np.round(mixed * 255.0).astype(np.uint8)
+    return Sample(id=f"{sample.id}_source", image=image, mask=sample.mask, fov=sample.fov,
+                  source=f"{sample.source};style=desaturated,easy")
+
+
+def source_domain_pool(n: int, seed: int = 0, size: int = 128) -> list[Sample]:
+    """`n` source-domain samples from the pre-training seed range (disjoint from every split)."""
+    if not 0 <= n <= SEEDS_PER_RANGE:
+        raise ValueError(f"n must lie in [0, {SEEDS_PER_RANGE}], got {n}")
+    base = POOL_SEED_BASE + seed * SEEDS_PER_RANGE
+    strengths = np.random.default_rng([seed, n]).uniform(MIN_STRENGTH, 1.0, size=n)
+    return [to_source_style(make_fundus(base + i, size, difficulty=SOURCE_DIFFICULTY), float(strengths[i]))
+            for i in range(n)]
