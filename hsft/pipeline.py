@@ -26,7 +26,7 @@ from hsft.engine.ds_config import DeepSpeedConfigError, load_ds_config
 from hsft.engine.files import write_json
 from hsft.engine.loop import NonFiniteTrainingError
 from hsft.engine.output_lock import OutputDirInUse, hold_output_dir
-from hsft.model import build_model, is_model_directory, save_model
+from hsft.model import build_model, is_model_directory, load_model, save_model
 from hsft.model.chain import make_lean
 from hsft.model.checkpoint import META_FILE
 from hsft.stages import base, control, dpo, evaluation, hsft, lora, mining
@@ -112,7 +112,7 @@ def _starting_model(ctx: RunContext) -> tuple[Path | None, str]:
 def keep_only_changes(directory: Path, base: Path) -> None:
     """Rewrite a finished stage's model directory as the tensors it changed plus a reference to `base`."""
     if distributed.is_main():
-        make_lean(directory, base)
+        make_lean(directory, base, load_model)
     distributed.barrier()
 
 

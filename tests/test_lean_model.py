@@ -31,8 +31,8 @@ def test_lean_chain_loads_bit_for_bit_and_standalone_export(tmp_path):
     save_model(stage_c, tmp_path / "c")
     full_c = _size(tmp_path / "c")
 
-    assert make_lean(tmp_path / "b", tmp_path / "a") == 1
-    assert make_lean(tmp_path / "c", tmp_path / "b") == 1
+    assert make_lean(tmp_path / "b", tmp_path / "a", load_model) == 1
+    assert make_lean(tmp_path / "c", tmp_path / "b", load_model) == 1
     assert is_lean(tmp_path / "c") and sorted(p.name for p in (tmp_path / "c").iterdir()) == [DELTA_FILE,
                                                                                               "hsft_model.json"]
     assert _size(tmp_path / "c") < full_c / 10
@@ -65,7 +65,21 @@ def test_a_replaced_input_model_is_refused(tmp_path):
     with torch.no_grad():
         model.text_hidden_fcs[0].bias.add_(1.0)
     save_model(model, tmp_path / "b")
-    make_lean(tmp_path / "b", tmp_path / "a")
+    make_lean(tmp_path / "b", tmp_path / "a", load_model)
     save_model(build_model(ModelConfig(preset="tiny"), seed=1), tmp_path / "a")  # e.g. --overwrite
     with pytest.raises(ValueError, match="was replaced after this directory was written"):
         load_model(tmp_path / "b")
+
+
+def test_a_changed_tied_embedding_is_stored_once_and_loads_back(tmp_path):
+    base = build_model(ModelConfig(preset="tiny"), seed=0)
+    assert base.vlm.lm_head.weight.data_ptr() == base.vlm.get_input_embeddings().weight.data_ptr()  # tied
+    save_model(base, tmp_path / "a")
+    changed = load_model(tmp_path / "a")
+    with torch.no_grad():
+        changed.vlm.get_input_embeddings().weight[changed.seg_token_id].add_(0.5)  # as the [SEG] row trains
+    save_model(changed, tmp_path / "b")
+    assert make_lean(tmp_path / "b", tmp_path / "a", load_model) == 1
+    loaded = load_model(tmp_path / "b")
+    assert torch.equal(loaded.vlm.get_input_embeddings().weight, changed.vlm.get_input_embeddings().weight)
+    assert torch.equal(loaded.vlm.lm_head.weight, changed.vlm.lm_head.weight)

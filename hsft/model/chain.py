@@ -96,14 +96,13 @@ def chain_of(directory: str | os.PathLike) -> list[Path]:
     return chain
 
 
-def make_lean(directory: str | os.PathLike, base: str | os.PathLike) -> int:
+def make_lean(directory: str | os.PathLike, base: str | os.PathLike, load_model) -> int:
     """Turn the full model directory `directory` into a lean one over `base`; returns the tensors kept.
+    `load_model(dir)` is the model loader (hsft.model.load_model).
 
     Crash-safe: the delta is written first, the metadata replaced next (from then on the directory loads
     as lean), and the full weights are removed last.
     """
-    from hsft.model.checkpoint import load_model
-
     directory, base = Path(directory), Path(base)
     if is_lean(directory):
         return len(load_file(str(directory / DELTA_FILE)))
@@ -114,7 +113,15 @@ def make_lean(directory: str | os.PathLike, base: str | os.PathLike) -> int:
     ours, theirs = model.state_dict(), reference.state_dict()
     if ours.keys() != theirs.keys() or any(ours[k].shape != theirs[k].shape for k in ours):
         return -1  # another architecture: nothing to share
-    delta = {k: v.detach().contiguous().cpu() for k, v in ours.items() if not torch.equal(v, theirs[k])}
+    delta, stored = {}, set()
+    for name, tensor in ours.items():
+        if torch.equal(tensor, theirs[name]):
+            continue
+        storage = tensor.untyped_storage().data_ptr()
+        if storage in stored:
+            continue  # a tied tensor (an LM head sharing the embedding): loading the first sets both
+        stored.add(storage)
+        delta[name] = tensor.detach().contiguous().cpu()
     save_file(delta, str(directory / DELTA_FILE))
     meta = {"format": DELTA_FORMAT, "base": os.path.relpath(base.resolve(), directory.resolve()),
             "base_absolute": str(base.resolve()), "base_id": directory_id(base), "id": uuid.uuid4().hex, "dtype": str(model.dtype).removeprefix("torch.")}
