@@ -281,6 +281,11 @@ class EvalConfig:
                f"must be >= 1, got {self.bootstrap_resamples}")
         _check(self.bootstrap_seed >= 0, "eval.bootstrap_seed", f"must be >= 0, got {self.bootstrap_seed}")
 
+    def following(self, mining: MiningConfig) -> EvalConfig:
+        """These settings with `tau` following the mining tau unless it was set, so evaluation and mining
+        call the same samples hard."""
+        return self if self.tau is not None else dataclasses.replace(self, tau=mining.tau)
+
     @property
     def threshold(self) -> float:
         """The hard/easy threshold in use: `tau`, or the default mining tau when it follows mining."""
@@ -328,7 +333,7 @@ class RunConfig:
 
     def eval_settings(self) -> EvalConfig:
         """The evaluation settings with `eval.tau` following `mining.tau` unless it was set."""
-        return self.eval if self.eval.tau is not None else dataclasses.replace(self.eval, tau=self.mining.tau)
+        return self.eval.following(self.mining)
 
     @property
     def embedded_default(self) -> bool:

@@ -9,9 +9,9 @@ from pathlib import Path
 LAUNCH = Path(__file__).resolve().parents[1] / "launch"
 
 
-def launch_main(name: str):
-    """main(argv) of launch/<name>.py, loaded with launch/ on sys.path as `python launch/<name>.py`
-    has it (for its `import _import_hsft`), and the path restored afterwards."""
+def launch_module(name: str):
+    """launch/<name>.py as a module, loaded with launch/ on sys.path as `python launch/<name>.py` has it
+    (for its `import _import_hsft`), and the path restored afterwards."""
     spec = importlib.util.spec_from_file_location(f"launch_{name}_script", LAUNCH / f"{name}.py")
     module = importlib.util.module_from_spec(spec)
     saved = list(sys.path)
@@ -20,4 +20,9 @@ def launch_main(name: str):
         spec.loader.exec_module(module)
     finally:
         sys.path[:] = saved
-    return module.main
+    return module
+
+
+def launch_main(name: str):
+    """main(argv) of launch/<name>.py (see launch_module)."""
+    return launch_module(name).main

@@ -2,10 +2,10 @@
 
 from __future__ import annotations
 
-from pathlib import Path
 
 import pytest
 
+from launch_scripts import launch_module
 from hsft import arguments
 from hsft.config import EvalConfig, MiningConfig, RunConfig, replace_nested
 
@@ -21,11 +21,7 @@ def test_eval_tau_follows_the_mining_tau_unless_set():
 
 
 def test_main_command_tau_option_reaches_the_evaluator():
-    from importlib import util
-
-    spec = util.spec_from_file_location("hsft_launch", Path(__file__).resolve().parents[1] / "launch" / "hsft.py")
-    module = util.module_from_spec(spec)
-    spec.loader.exec_module(module)
+    module = launch_module("hsft")
     cfg = module.parse(["--tau", "0.6"])
     assert cfg.mining.tau == 0.6 and cfg.eval_settings().threshold == 0.6
     assert module.parse(["--tau", "0.6", "--eval-tau", "0.7"]).eval_settings().threshold == 0.7

@@ -9,7 +9,6 @@ with the variant directly.
 
 from __future__ import annotations
 
-import dataclasses
 from pathlib import Path
 
 from hsft.config import EvalConfig
@@ -19,14 +18,13 @@ from hsft.eval.statistics import paired_bootstrap
 from hsft.model import load_model
 from hsft.stages.training import StageResult
 
+
 def _per_sample_dice(summary: dict) -> list[float]:
     return [row["scores"]["generate"]["dice"] for row in sorted(summary["samples"], key=lambda r: r["index"])]
 
 
 def run(ctx: RunContext, cfg: EvalConfig, start: Path | None) -> StageResult:
-    if cfg.tau is None:
-        # Unless set, the hard/easy threshold of the flips and categories is the one mining used.
-        cfg = dataclasses.replace(cfg, tau=ctx.cfg.mining.tau)
+    cfg = cfg.following(ctx.cfg.mining)  # the hard/easy threshold of the flips: mining's, unless set
     rows, dice = [], {}
     label_of = {Path(path): name for name, path in ctx.models}
     for name, path in ctx.models:
