@@ -54,6 +54,17 @@ def iter_fields(cls, path: tuple[str, ...] = ()):
             yield path + (f.name,), f, tp, optional
 
 
+# Short spellings of the main command's most used options (both spellings work).
+RUN_ALIASES = {
+    "model.vlm": ["--vlm"],
+    "model.sam2": ["--sam2"],
+    "model.preset": ["--preset"],
+    "mining.tau": ["--tau"],
+    "mining.hard_quantile": ["--hard-quantile"],
+    "lora.mask_loss_weight": ["--mask-loss-weight"],
+}
+
+
 def option_name(path: tuple[str, ...]) -> str:
     parts = [p for p in path if p != "train"]
     return "--" + "-".join(parts).replace("_", "-")

@@ -29,13 +29,19 @@ __all__ = [
     "EvalConfig",
     "RunConfig",
     "STAGE_ORDER",
+    "DEFAULT_STAGES",
 ]
 
 # The order the pipeline runs stages in. "base" (stage 0) only exists for the embedded default
 # model: it stands in for the published pre-trained checkpoint. "control" is HSFT's matched-compute
 # control: HSFT's settings on a random training subset of the hard set's size, from the model HSFT
 # started from.
-STAGE_ORDER = ("base", "lora", "dpo", "mining", "hsft", "control", "eval")
+STAGE_ORDER = ("base", "lora", "dpo", "mining", "hsft", "control", "all_data", "curriculum", "anti_curriculum",
+               "loss_weighted", "iterative", "eval")
+# What the main command runs unless --stages says otherwise. The other variants beside HSFT (full
+# fine-tuning, the curricula, loss-weighted sampling, iterative HSFT) train at HSFT's compute from the
+# model HSFT starts from; launch/experiments.py runs them, and --stages selects them by name.
+DEFAULT_STAGES = ("base", "lora", "dpo", "mining", "hsft", "control", "eval")
 PRECISIONS = ("bf16", "fp32")
 
 
@@ -203,7 +209,10 @@ class MiningConfig:
         _check(self.max_new_tokens >= 1, "mining.max_new_tokens", "must be >= 1")
 
 
-SEG_FORMS = ("response", "prompt")
+# Where the [SEG] hidden state that fine-tuning trains on comes from: the teacher-forced input with [SEG]
+# in the response (as generated) or in the prompt, or the generate path itself ("generate": the state
+# inference uses, so training and inference see the same prompt; needs the feature cache).
+SEG_FORMS = ("response", "prompt", "generate")
 
 
 @dataclass
@@ -235,6 +244,17 @@ class HSFTStageConfig:
         metadata={"help": "keep the feature cache in accelerator memory (default: pinned host memory, copied per "
                           "micro-batch)"},
     )
+    max_hard: int | None = field(
+        default=None, metadata={"help": "train on the k hardest samples of the hard set only (none: all of it)"}
+    )
+    hard_fraction: float = field(
+        default=1.0, metadata={"help": "train on the hardest fraction of the hard set (1: all of it)"}
+    )
+    rounds: int = field(
+        default=3, metadata={"help": "iterative HSFT (stage 'iterative'): rounds of mining then fine-tuning, each "
+                                     "round with these settings"}
+    )
+
     def validate(self) -> None:
         self.train.validate("hsft")
         _check(self.bce_weight >= 0, "hsft.bce_weight", "must be >= 0")
@@ -242,6 +262,21 @@ class HSFTStageConfig:
         _check(self.seg_form in SEG_FORMS, "hsft.seg_form", f"must be one of {SEG_FORMS}, got {self.seg_form!r}")
         _check(not (self.train_feature_convs and self.cache_features), "hsft.train_feature_convs",
                "conv_s0/conv_s1 compute the cached image features: pass --hsft-cache-features false to train them")
+        _check(self.seg_form != "generate" or self.cache_features, "hsft.seg_form",
+               "'generate' takes the [SEG] state from one generate pass per sample, which needs the feature cache "
+               "(--hsft-cache-features true)")
+        if self.max_hard is not None:
+            _check(self.max_hard >= 1, "hsft.max_hard", f"must be >= 1, got {self.max_hard}")
+        _check(0 < self.hard_fraction <= 1, "hsft.hard_fraction", f"must lie in (0, 1], got {self.hard_fraction}")
+        _check(self.rounds >= 1, "hsft.rounds", f"must be >= 1, got {self.rounds}")
+
+    def limit(self, hard: list) -> list:
+        """The part of the hard set (hardest first) this stage trains on: `hard_fraction` of it, at most
+        `max_hard` samples, at least one."""
+        keep = max(1, math.ceil(self.hard_fraction * len(hard))) if hard else 0
+        if self.max_hard is not None:
+            keep = min(keep, self.max_hard)
+        return hard[:keep]
 
 
 @dataclass
@@ -298,7 +333,7 @@ class RunConfig:
 
     output_dir: str = field(default="runs/hsft", metadata={"help": "every stage writes below this directory"})
     deepspeed: str = field(default="ds_configs/zero2.json", metadata={"help": "DeepSpeed JSON config"})
-    stages: tuple[str, ...] = STAGE_ORDER
+    stages: tuple[str, ...] = DEFAULT_STAGES
     seed: int = field(default=0, metadata={"help": "seeds the model init, the data order and the control subset "
                                                     "(the validation split follows --data-seed)"})
     precision: str | None = field(default=None, metadata={"help": "override the DeepSpeed config: bf16 or fp32"})

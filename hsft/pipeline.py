@@ -29,7 +29,8 @@ from hsft.engine.output_lock import OutputDirInUse, hold_output_dir
 from hsft.model import build_model, is_model_directory, load_model, save_model
 from hsft.model.chain import make_lean
 from hsft.model.checkpoint import META_FILE
-from hsft.stages import base, control, dpo, evaluation, hsft, lora, mining
+from hsft.stages import (all_data, anti_curriculum, base, control, curriculum, dpo, evaluation, hsft, iterative, lora,
+                         loss_weighted, mining)
 from hsft.stages.training import StageResult, is_complete, model_dir
 
 
@@ -57,6 +58,11 @@ STAGES = (
     Stage("mining", mining.run, "mining", trains=False),
     Stage("hsft", hsft.run, "hsft", trains=True),
     Stage("control", control.run, "hsft", trains=True, beside="hsft"),
+    Stage("all_data", all_data.run, "hsft", trains=True, beside="hsft"),
+    Stage("curriculum", curriculum.run, "hsft", trains=True, beside="hsft"),
+    Stage("anti_curriculum", anti_curriculum.run, "hsft", trains=True, beside="hsft"),
+    Stage("loss_weighted", loss_weighted.run, "hsft", trains=True, beside="hsft"),
+    Stage("iterative", iterative.run, "hsft", trains=True, beside="hsft"),
     Stage("eval", evaluation.run, "eval", trains=False, report_key="evaluation"),
 )
 STAGE_BY_NAME = {stage.name: stage for stage in STAGES}

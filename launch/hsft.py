@@ -11,19 +11,9 @@ import sys
 
 import _import_hsft  # noqa: F401  (first: makes `import hsft` find the package)
 
-from hsft.arguments import add_config_arguments
-from hsft.config import STAGE_ORDER, RunConfig
+from hsft.arguments import RUN_ALIASES, add_config_arguments
+from hsft.config import DEFAULT_STAGES, STAGE_ORDER, RunConfig
 from hsft.recipes import config_from_arguments
-
-ALIASES = {
-    "model.vlm": ["--vlm"],
-    "model.sam2": ["--sam2"],
-    "model.preset": ["--preset"],
-    "mining.tau": ["--tau"],
-    "mining.hard_quantile": ["--hard-quantile"],
-    "lora.mask_loss_weight": ["--mask-loss-weight"],
-}
-
 
 def parse(argv):
     parser = argparse.ArgumentParser(
@@ -35,15 +25,16 @@ def parse(argv):
                "README. Outputs: <output-dir>/<stage>/ (model/, trainable.safetensors, checkpoints/, metrics.json), "
                "<output-dir>/tb/, report.json and report.md.",
     )
-    parser.add_argument("--stages", default=",".join(STAGE_ORDER),
-                        help=f"comma-separated stages, in the order {','.join(STAGE_ORDER)} (default: all; 'base' only "
-                             "runs for the embedded default model; e.g. base,mining,hsft,eval skips LoRA and DPO)")
+    parser.add_argument("--stages", default=",".join(DEFAULT_STAGES),
+                        help=f"comma-separated stages, in the order {','.join(STAGE_ORDER)} (default: "
+                             f"{','.join(DEFAULT_STAGES)}; 'base' only runs for the embedded default model; e.g. "
+                             "base,mining,hsft,eval skips LoRA and DPO, mining,hsft,curriculum,eval adds a variant)")
     parser.add_argument("--local_rank", type=int, default=-1, help=argparse.SUPPRESS)
-    dests = add_config_arguments(parser, RunConfig, aliases=ALIASES)
+    dests = add_config_arguments(parser, RunConfig, aliases=RUN_ALIASES)
     args = parser.parse_args(argv)
     cfg = config_from_arguments(args, dests)
     stages = tuple(s.strip() for s in args.stages.split(",") if s.strip())
-    if args.stages == ",".join(STAGE_ORDER) and not cfg.embedded_default:
+    if args.stages == ",".join(DEFAULT_STAGES) and not cfg.embedded_default:
         stages = stages[1:]  # stage 0 only exists for the embedded default model
     return dataclasses.replace(cfg, stages=stages)
 

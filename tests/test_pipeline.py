@@ -12,7 +12,7 @@ import typing
 import pytest
 
 from hsft import pipeline
-from hsft.config import STAGE_ORDER, RunConfig
+from hsft.config import DEFAULT_STAGES, STAGE_ORDER, RunConfig
 from hsft.engine.files import write_json
 from hsft.model import save_model
 from hsft.stages.training import StageResult, model_dir
@@ -64,7 +64,7 @@ def _cfg(tmp_path, **changes) -> RunConfig:
 def test_each_stage_starts_from_the_newest_model_and_the_report_joins_their_parts(fake_stages, tmp_path):
     report = pipeline.run_pipeline(_cfg(tmp_path))
     out = tmp_path / "run"
-    assert [name for name, _ in fake_stages] == list(STAGE_ORDER)
+    assert [name for name, _ in fake_stages] == list(DEFAULT_STAGES)
     starts = dict(fake_stages)
     assert starts["base"] is None
     assert starts["lora"] == model_dir(out / "base") and starts["dpo"] == model_dir(out / "lora")
@@ -128,3 +128,20 @@ def test_an_output_directory_with_stage_output_needs_resume_or_overwrite(fake_st
     with pytest.raises(pipeline.PipelineError, match="--resume.*--overwrite"):
         pipeline.run_pipeline(_cfg(tmp_path, stages=("base",)))
     pipeline.run_pipeline(_cfg(tmp_path, stages=("base",), overwrite=True))
+
+
+def test_every_variant_sits_beside_hsft_and_is_evaluated_without_being_passed_on(monkeypatch, fake_stages, tmp_path):
+    seen = {}
+
+    def record(ctx, cfg, start):
+        seen.update(models=[name for name, _ in ctx.models], started_from=dict(ctx.started_from),
+                    variants=dict(ctx.variants), start=start)
+        return StageResult()
+
+    monkeypatch.setitem(pipeline.STAGE_BY_NAME, "eval", dataclasses.replace(pipeline.STAGE_BY_NAME["eval"], run=record))
+    pipeline.run_pipeline(_cfg(tmp_path, stages=STAGE_ORDER))
+    out = tmp_path / "run"
+    variants = ["control", "all_data", "curriculum", "anti_curriculum", "loss_weighted", "iterative"]
+    assert seen["models"] == ["base", "lora", "dpo", "hsft", *variants]
+    assert all(seen["started_from"][v] == model_dir(out / "dpo") for v in variants)
+    assert seen["variants"] == {v: "hsft" for v in variants} and seen["start"] == model_dir(out / "hsft")

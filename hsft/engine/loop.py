@@ -51,7 +51,9 @@ class TrainTask(Protocol):
         """Extra state stored in every checkpoint (e.g. the hard-set ids)."""
 
     # Optional: `sample_ids(indices) -> list[str]`, the ids a skipped step names in the log (the
-    # training-set indices are named when the task has no such method).
+    # training-set indices are named when the task has no such method); `epoch_order(epoch, global_batch,
+    # seed) -> list[int]`, the indices of an epoch (whole global batches), instead of a seeded shuffle of
+    # range(len(task)).
 
 
 class NonFiniteTrainingError(RuntimeError):
@@ -89,13 +91,19 @@ def param_groups(module: nn.Module, weight_decay: float) -> list[dict]:
     return groups
 
 
+def wrap_to_batches(order: list[int], global_batch: int) -> list[int]:
+    """`order` wrapped around to a whole number of global batches, so every rank runs the same number of
+    steps and every listed sample is seen at least once."""
+    if not order:
+        return order
+    pad = math.ceil(len(order) / global_batch) * global_batch - len(order)
+    return order + (order * (pad // len(order) + 1))[:pad]
+
+
 def epoch_order(num_samples: int, global_batch: int, seed: int, epoch: int) -> list[int]:
     """A seeded permutation for this epoch, wrapped around to a whole number of global batches so every
     sample is seen at least once per epoch and every rank runs the same number of steps."""
-    order = np.random.default_rng([seed, epoch]).permutation(num_samples).tolist()
-    steps = math.ceil(num_samples / global_batch)
-    pad = steps * global_batch - num_samples
-    return order + (order * (pad // max(1, num_samples) + 1))[:pad]
+    return wrap_to_batches(np.random.default_rng([seed, epoch]).permutation(num_samples).tolist(), global_batch)
 
 
 def _seed_everything(seed: int) -> None:
@@ -181,7 +189,9 @@ def train(task: TrainTask, cfg: TrainConfig, ctx: RunContext, *, stage_dir: Path
     for epoch in range(first_epoch, cfg.epochs):
         engine.train()
         epoch_start = time.time()
-        order = epoch_order(len(task), global_batch, seed, epoch)
+        # A task may plan its own epochs (a curriculum, sampling with replacement); by default a seeded shuffle.
+        planned = getattr(task, "epoch_order", None)
+        order = planned(epoch, global_batch, seed) if planned else epoch_order(len(task), global_batch, seed, epoch)
         # Global micro-step k covers order[k*mb*world : (k+1)*mb*world]; this rank takes its slice of it.
         micro_steps = len(order) // (cfg.micro_batch * world)
         window_losses: list[float] = []

@@ -39,6 +39,11 @@ class TBWriter:
         if self._writer is not None:
             self._writer.add_text(name, text, step)
 
+    def hparams(self, settings: Mapping[str, float | str], metrics: Mapping[str, float], run_name: str) -> None:
+        """One run of a grid in TensorBoard's HParams tab: its settings and the metrics they gave."""
+        if self._writer is not None:
+            self._writer.add_hparams(dict(settings), {k: float(v) for k, v in metrics.items()}, run_name=run_name)
+
     def flush(self) -> None:
         if self._writer is not None:
             self._writer.flush()

@@ -14,8 +14,8 @@ from pathlib import Path
 
 from hsft.config import HSFTStageConfig
 from hsft.engine.context import RunContext
-from hsft.stages.hsft import fine_tune, hard_set, random_subset
-from hsft.stages.mining import read_hard_ids
+from hsft.stages.hsft import fine_tune, mined_hard_set, random_subset
+from hsft.stages.selection import whole_set
 from hsft.stages.training import StageResult
 
 NAME = "control"
@@ -23,10 +23,9 @@ NAME = "control"
 
 def run(ctx: RunContext, cfg: HSFTStageConfig, start: Path | None) -> StageResult:
     """The control from the model `start` (the one HSFT starts from), with HSFT's settings."""
-    hard = hard_set(ctx.splits.train, read_hard_ids(ctx.stage_dir("mining")),
-                    source=str(ctx.stage_dir("mining") / "hard_samples.json"))
-    subset = random_subset(ctx.splits.train, len(hard), ctx.seed)
+    hard = mined_hard_set(ctx)
+    subset = random_subset(ctx.splits.train, len(cfg.limit(hard)), ctx.seed)
     overlap = len({s.id for s in subset} & {s.id for s in hard})
     what = (f"a random training subset of the hard set's size, seed {ctx.seed}; {overlap} of them are in the hard "
             "set (matched-compute control)")
-    return fine_tune(ctx, cfg, start, name=NAME, title="Control", train_set=subset, hard=hard, what=what)
+    return fine_tune(ctx, cfg, start, name=NAME, title="Control", plan=whole_set(subset, what), hard=hard)

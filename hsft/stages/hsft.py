@@ -31,6 +31,7 @@ from hsft.model import load_model
 from hsft.stages.mining import read_hard_ids
 from hsft.stages.batching import make_seg_batch
 from hsft.stages.objective import FeatureCache, SegObjective, SegTask
+from hsft.stages.selection import TrainingPlan, whole_set
 from hsft.stages.training import StageResult, Validation, model_dir, pass_model_on, train_stage
 
 TRAINABLE = {"text_hidden_fcs", "mask_decoder"}
@@ -38,6 +39,8 @@ TRAINS = ("text_hidden_fcs and the SAM2 mask decoder with its prompt encoder, ex
           "(frozen: they make the cached image features)")
 # The decoder's projections of the two high-resolution feature levels: part of the cacheable features.
 FEATURE_CONVS = ("sam2.mask_decoder.conv_s0.", "sam2.mask_decoder.conv_s1.")
+SEG_SOURCES = {"response": "teacher-forced input, [SEG] in the response", "prompt": "teacher-forced input, [SEG] "
+               "in the prompt", "generate": "generate path (as inference computes it)"}
 # Samples per forward when the loss over a whole set is measured (no gradients).
 PROBE_BATCH = 8
 
@@ -47,13 +50,17 @@ class HSFTTask(SegTask):
     loss is measured at every epoch end (e.g. {"hard_set": the hard set})."""
 
     def __init__(self, model, samples: list[Sample], cfg: HSFTStageConfig, validation: Validation, *,
-                 name: str = "hsft", probes: dict[str, list[Sample]] | None = None):
+                 name: str = "hsft", probes: dict[str, list[Sample]] | None = None, plan: TrainingPlan | None = None):
         self.name = name
         if not samples:
             raise ValueError(f"{name}: the hard set is empty (no training sample is below tau); raise --tau or "
                              "use --hard-quantile")
         super().__init__(model, samples, validation, form=cfg.seg_form)
         self.cfg = cfg
+        # What each epoch visits; by default every sample once, shuffled.
+        self.plan = plan or whole_set(samples, "the given samples")
+        if self.plan.pool is not samples:
+            raise ValueError(f"{name}: the training plan draws from another sample list than the task's")
         self.probes = probes or {}
         model.set_trainable(TRAINABLE)
         if cfg.train_feature_convs:
@@ -61,7 +68,14 @@ class HSFTTask(SegTask):
                 if param_name.startswith(FEATURE_CONVS):
                     param.requires_grad_(True)
         self.module = SegObjective(model, lm_weight=0.0, mask_weight=1.0, bce_weight=cfg.bce_weight, eps=cfg.dice_eps)
-        self.cache = FeatureCache(model, cfg.seg_form, on_device=cfg.cache_on_device) if cfg.cache_features else None
+        self.cache = (FeatureCache(model, cfg.seg_form, on_device=cfg.cache_on_device,
+                                   max_new_tokens=validation.max_new_tokens) if cfg.cache_features else None)
+
+    def __len__(self) -> int:
+        return self.plan.per_epoch
+
+    def epoch_order(self, epoch: int, global_batch: int, seed: int) -> list[int]:
+        return self.plan.order(epoch, global_batch, seed)
 
     def batch_of(self, samples: list[Sample], dtype: torch.dtype, device: torch.device):
         """The micro-batch of any samples (cached features when the cache is on)."""
@@ -112,17 +126,20 @@ def random_subset(train: list[Sample], size: int, seed: int) -> list[Sample]:
 
 
 def fine_tune(ctx: RunContext, cfg: HSFTStageConfig, start: Path | None, *, name: str, title: str,
-              train_set: list[Sample], hard: list[Sample], what: str) -> StageResult:
-    """Train text_hidden_fcs + the mask decoder from `start` on `train_set` into `<out>/<name>/`, with the
-    hard set's loss measured before training and at every epoch end. HSFT and its control both run this;
+              plan: TrainingPlan, hard: list[Sample]) -> StageResult:
+    """Train text_hidden_fcs + the mask decoder from `start` by `plan` into `<out>/<name>/`, with the hard
+    set's loss measured before training and at every epoch end. HSFT and every variant beside it run this;
     `title` names the stage in messages."""
     if start is None:
         raise ValueError(f"{name}: needs a starting model directory (--model, or an earlier stage)")
     trains = (TRAINS if not cfg.train_feature_convs else
               "text_hidden_fcs and the SAM2 mask decoder with its prompt encoder, conv_s0/conv_s1 included")
-    summary = {"samples": len(train_set), "training_set": what, "cache": cfg.cache_features, "trains": trains}
-    note = (f"- {title}: {len(train_set)} samples ({what}); trains {trains}; frozen-feature cache "
-            f"{'on' if cfg.cache_features else 'off'}")
+    train_set = plan.pool
+    what = plan.describe
+    summary = {"samples": plan.per_epoch, "pool": len(train_set), "training_set": what, "cache": cfg.cache_features,
+               "seg_form": cfg.seg_form, "trains": trains}
+    note = (f"- {title}: {plan.per_epoch} samples an epoch ({what}); trains {trains}; frozen-feature cache "
+            f"{'on' if cfg.cache_features else 'off'}; [SEG] state from the {SEG_SOURCES[cfg.seg_form]}")
     if not train_set:
         # A model with no training sample below tau has nothing to fine-tune on: pass it on unchanged so
         # the evaluation still runs, and say so.
@@ -136,7 +153,7 @@ def fine_tune(ctx: RunContext, cfg: HSFTStageConfig, start: Path | None, *, name
         probes["train_set"] = train_set
     # In the training dtype up front: DeepSpeed's bf16 cast converts parameters, not buffers.
     task = HSFTTask(load_model(start, device=ctx.device, dtype=ctx.dtype), train_set, cfg, Validation.of(ctx),
-                    name=name, probes=probes)
+                    name=name, probes=probes, plan=plan)
     before = task.probe_losses(task.module)
     trained = train_stage(ctx, task, cfg.train, load_input_model=lambda: load_model(start, dtype="float32"))
     # Epoch-end measurements of this process (a resumed stage has only the epochs it ran).
@@ -145,6 +162,8 @@ def fine_tune(ctx: RunContext, cfg: HSFTStageConfig, start: Path | None, *, name
     summary.update(optimizer_steps=trained.optimizer_steps, hard_set_loss_before=before["hard_set_loss"],
                    hard_set_loss_by_epoch={e["epoch"]: e["hard_set_loss"] for e in epochs},
                    hard_set_loss_after=last["hard_set_loss"], epochs=trained.epoch_metrics)
+    if task.cache is not None and task.cache.generate_fallbacks:
+        summary["generate_fallbacks"] = task.cache.generate_fallbacks
     if "train_set_loss" in before:
         summary.update(train_set_loss_before=before["train_set_loss"], train_set_loss_after=last["train_set_loss"])
     shown = [first, last] if first is not last else [last]
@@ -152,15 +171,23 @@ def fine_tune(ctx: RunContext, cfg: HSFTStageConfig, start: Path | None, *, name
                 f"{before['hard_set_loss']:.4f} before, "
                 + ", ".join(f"{e['hard_set_loss']:.4f} after epoch {e['epoch']}" for e in shown))
     if "train_set_loss" in before:
-        evidence += (f"; over its own training set: {before['train_set_loss']:.4f} -> "
+        evidence += (f"; over its own training pool: {before['train_set_loss']:.4f} -> "
                      f"{last['train_set_loss']:.4f}")
     if distributed.is_main():
         print(f"[{name}]" + evidence.removeprefix("  -"))
     return StageResult(model_dir=model_dir(ctx.stage_dir(name)), summary=summary, notes=[note, evidence])
 
 
-def run(ctx: RunContext, cfg: HSFTStageConfig, start: Path | None) -> StageResult:
-    """Stage 3 from the model `start`, on the hard set that the mining stage wrote."""
-    hard = hard_set(ctx.splits.train, read_hard_ids(ctx.stage_dir("mining")),
+def mined_hard_set(ctx: RunContext) -> list[Sample]:
+    """The hard set the mining stage of this run wrote, hardest first."""
+    return hard_set(ctx.splits.train, read_hard_ids(ctx.stage_dir("mining")),
                     source=str(ctx.stage_dir("mining") / "hard_samples.json"))
-    return fine_tune(ctx, cfg, start, name="hsft", title="HSFT", train_set=hard, hard=hard, what="the mined hard set")
+
+
+def run(ctx: RunContext, cfg: HSFTStageConfig, start: Path | None) -> StageResult:
+    """Stage 3 from the model `start`, on the hard set that the mining stage wrote (or its hardest part)."""
+    hard = mined_hard_set(ctx)
+    used = cfg.limit(hard)
+    what = ("the mined hard set" if len(used) == len(hard) else
+            f"the {len(used)} hardest of the {len(hard)} mined hard samples")
+    return fine_tune(ctx, cfg, start, name="hsft", title="HSFT", plan=whole_set(used, what), hard=hard)

@@ -119,7 +119,7 @@ def write_mining(result: MiningResult, out_dir: Path, tb: TBWriter, step: int) -
                 "mining/hard_fraction": payload["hard_fraction"]}, step)
 
 
-def read_hard_ids(out_dir: Path) -> list[str]:
+def _read_rows(out_dir: Path, key: str, fields: tuple[tuple[str, type | tuple], ...]) -> list[dict]:
     path = Path(out_dir) / "hard_samples.json"
     if not path.is_file():
         raise FileNotFoundError(f"{path}: no mining result; run the 'mining' stage first (--stages mining,hsft)")
@@ -127,10 +127,23 @@ def read_hard_ids(out_dir: Path) -> list[str]:
         payload = json.loads(path.read_text(encoding="utf-8"))
     except json.JSONDecodeError as err:
         raise ValueError(f"{path}: not valid JSON ({err}); run the 'mining' stage again") from None
-    rows = payload.get("hard") if isinstance(payload, dict) else None
-    if not isinstance(rows, list) or not all(isinstance(row, dict) and isinstance(row.get("id"), str) for row in rows):
-        raise ValueError(f"{path}: expected {{\"hard\": [{{\"id\": ...}}, ...]}} as the 'mining' stage writes it")
-    return [row["id"] for row in rows]
+    rows = payload.get(key) if isinstance(payload, dict) else None
+    if not isinstance(rows, list) or not all(isinstance(row, dict) and all(isinstance(row.get(name), kind)
+                                                                           for name, kind in fields) for row in rows):
+        wanted = ", ".join(f'\"{name}\": ...' for name, _ in fields)
+        raise ValueError(f"{path}: expected {{\"{key}\": [{{{wanted}}}, ...]}} as the 'mining' stage writes it")
+    return rows
+
+
+def read_hard_ids(out_dir: Path) -> list[str]:
+    """The mined hard set's ids, hardest first."""
+    return [row["id"] for row in _read_rows(out_dir, "hard", (("id", str),))]
+
+
+def read_mined_dice(out_dir: Path) -> dict[str, float]:
+    """Every training sample's mined Dice (the difficulty the curricula and loss-weighted sampling use)."""
+    rows = _read_rows(out_dir, "all", (("id", str), ("dice", (int, float))))
+    return {row["id"]: float(row["dice"]) for row in rows}
 
 
 def run(ctx: RunContext, cfg: MiningConfig, start: Path | None) -> StageResult:

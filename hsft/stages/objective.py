@@ -102,13 +102,24 @@ class FeatureCache:
     hard samples would otherwise fill a GPU.
     """
 
-    def __init__(self, model: nn.Module, form: str, *, on_device: bool = False):
+    def __init__(self, model: nn.Module, form: str, *, on_device: bool = False, max_new_tokens: int = 16):
         self.model, self.form, self.on_device = model, form, on_device
+        self.max_new_tokens = max_new_tokens
         self._store: dict[str, tuple[object, torch.Tensor]] = {}
         self.misses = 0
+        # form "generate": samples whose generate pass emitted no [SEG], trained on the teacher-forced state.
+        self.generate_fallbacks: list[str] = []
 
     def __len__(self) -> int:
         return len(self._store)
+
+    def _generate_path_states(self, images, teacher_forced: torch.Tensor, samples: list[Sample]) -> torch.Tensor:
+        """The [SEG] states inference computes (one greedy generate pass; the upstream model is frozen, so
+        they never change), with the teacher-forced state where the generate pass emitted no [SEG]."""
+        generated = self.model.generate_seg(images, max_new_tokens=self.max_new_tokens)
+        emitted = generated.seg_emitted.to(teacher_forced.device)
+        self.generate_fallbacks += [s.id for s, ok in zip(samples, emitted.tolist()) if not ok]
+        return torch.where(emitted[:, None], generated.seg_hidden.to(teacher_forced.dtype), teacher_forced)
 
     def _keep(self, tensor: torch.Tensor) -> torch.Tensor:
         if self.on_device or tensor.device.type == "cpu":
@@ -120,9 +131,12 @@ class FeatureCache:
         missing = [s for s in samples if s.id not in self._store]
         if missing:
             self.misses += len(missing)
-            fresh = make_seg_batch(self.model, missing, form=self.form, dtype=dtype, device=device)
+            teacher_form = "response" if self.form == "generate" else self.form
+            fresh = make_seg_batch(self.model, missing, form=teacher_form, dtype=dtype, device=device)
             feats = self.model.sam_features(fresh.images.sam_pixels)
             hidden = self.model.seg_hidden_states(fresh.images, fresh.tokens)
+            if self.form == "generate":
+                hidden = self._generate_path_states(fresh.images, hidden, missing)
             for i, sample in enumerate(missing):
                 self._store[sample.id] = (feats.index(i).map(self._keep), self._keep(hidden[i:i + 1]))
         feats = [self._store[s.id][0] for s in samples]

@@ -1,0 +1,186 @@
+"""Run a suite: the starting model once, then for every seed its prefix and its arms, each an ordinary
+run directory; then the results (hsft.experiments.results).
+
+    <out>/suite.json            the suite, the seeds and the resolved config (a resumed suite must match)
+    <out>/base/                 stage 0 of the embedded default, once for all seeds (it stands in for a
+                                released checkpoint, which seeds do not change)
+    <out>/seed<s>/prefix/       LoRA, DPO, mining, HSFT, control, evaluation with seed s
+    <out>/seed<s>/<arm>/        one fine-tuning stage from the prefix's DPO model, evaluated
+    <out>/results.{json,md}, <out>/plots/*.png, <out>/tb/
+
+Resumable: a run directory with its report.json is finished and skipped; an unfinished one continues
+with --resume semantics (finished stages skipped, the latest checkpoint resumed). The held-out split is
+only ever read by the evaluation stage and the results; the validation split is the only one any choice
+(the picked tau) is made on.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import shutil
+import time
+from dataclasses import asdict
+from pathlib import Path
+
+from hsft.config import RunConfig, replace_nested
+from hsft.data import load_splits
+from hsft.engine import distributed
+from hsft.engine.context import RunContext
+from hsft.engine.ds_config import load_ds_config
+from hsft.engine.files import write_json
+from hsft.engine.output_lock import hold_output_dir
+from hsft.eval.inference import generate_and_score
+from hsft.experiments.suites import Arm, Suite, build_suite
+from hsft.model import load_model
+from hsft.pipeline import run_pipeline
+from hsft.stages.training import model_dir
+
+__all__ = ["SuiteError", "run_suite", "PREFIX_STAGES", "TRAIN_DICE_FILE"]
+
+PREFIX_STAGES = ("lora", "dpo", "mining", "hsft", "control", "eval")
+TRAIN_DICE_FILE = "train_dice.json"
+
+
+class SuiteError(ValueError):
+    pass
+
+
+def _finished(run_dir: Path) -> bool:
+    return (run_dir / "report.json").is_file()
+
+
+def _run(cfg: RunConfig, run_dir: Path, label: str, progress: dict) -> None:
+    """One pipeline run into `run_dir`, unless it already finished."""
+    progress["done"] += 1
+    head = f"[experiments] ({progress['done']}/{progress['total']}) {label}"
+    if _finished(run_dir):
+        if distributed.is_main():
+            print(f"{head}: finished earlier, kept ({run_dir})", flush=True)
+        return
+    if distributed.is_main():
+        elapsed = time.time() - progress["started"]
+        print(f"{head} -> {run_dir} ({elapsed / 60:.1f} min into the suite)", flush=True)
+    run_pipeline(dataclasses.replace(cfg, output_dir=str(run_dir), resume=True, overwrite=False))
+
+
+def _check_same_suite(out: Path, record: dict) -> None:
+    """A suite directory continues only the suite it holds: same suite and settings (seeds may be added)."""
+    path = out / "suite.json"
+    if not path.is_file():
+        return
+    try:
+        held = json.loads(path.read_text())
+    except json.JSONDecodeError as err:
+        raise SuiteError(f"{path}: not valid JSON ({err}); remove it or choose another --output-dir") from None
+    if held.get("suite") != record["suite"] or held.get("config") != record["config"]:
+        changed = sorted(k for k in set(held.get("config", {})) | set(record["config"])
+                         if held.get("config", {}).get(k) != record["config"].get(k))
+        what = f"suite {held.get('suite')!r}" if held.get("suite") != record["suite"] else f"settings ({', '.join(changed)})"
+        raise SuiteError(f"--output-dir {out} holds a suite run with other {what}; continue it with the same command "
+                         "or choose another --output-dir")
+
+
+def _suite_config(cfg: RunConfig) -> RunConfig:
+    """What every run of the suite shares. The per-seed runs start from a model directory even for the
+    embedded default, so the defaults that follow "is this a real checkpoint?" are fixed here."""
+    seg_rows = cfg.lora.seg_rows if cfg.lora.seg_rows is not None else not cfg.embedded_default
+    return replace_nested(cfg, **{"lora.seg_rows": seg_rows})
+
+
+def measure_train_dice(cfg: RunConfig, model: Path, out_file: Path) -> None:
+    """The training split's generate-path Dice of `model` (the epochs table shows it beside the held-out Dice)."""
+    if out_file.is_file():
+        return
+    ctx = RunContext.build(cfg, load_ds_config(cfg.deepspeed))
+    splits = load_splits(cfg.data)
+    scored = generate_and_score(load_model(model, device=ctx.device, dtype=ctx.dtype), splits.train,
+                                batch_size=cfg.mining.batch_size, max_new_tokens=cfg.mining.max_new_tokens,
+                                desc="train dice")
+    if distributed.is_main():
+        write_json(out_file, {"model": str(model), "mean": sum(s.dice for s in scored) / len(scored),
+                              "per_sample": {s.id: s.dice for s in scored}})
+    distributed.barrier()
+
+
+def arm_config(cfg: RunConfig, arm: Arm, seed: int, prefix: Path) -> RunConfig:
+    arm_cfg = replace_nested(cfg, **dict(arm.overrides))
+    stages = (("mining",) if arm.remine else ()) + (arm.stage, "eval")
+    return dataclasses.replace(arm_cfg, seed=seed, start_model=str(model_dir(prefix / "dpo")), stages=stages)
+
+
+def _share_mining(prefix: Path, run_dir: Path) -> None:
+    """An arm with the prefix's mining settings reads the prefix's hard set instead of mining again."""
+    if distributed.is_main() and not (run_dir / "mining").exists():
+        run_dir.mkdir(parents=True, exist_ok=True)
+        shutil.copytree(prefix / "mining", run_dir / "mining")
+    distributed.barrier()
+
+
+def run_suite(cfg: RunConfig, suite_name: str, seeds: list[int], out: Path, *, reference: Path | None = None) -> dict:
+    """Run (or continue) the suite and write its results; returns results.json's content."""
+    from hsft.experiments.results import collect, write_results
+
+    distributed.init_distributed()
+    if not seeds or len(set(seeds)) != len(seeds):
+        raise SuiteError(f"--seeds: give one or more distinct seeds, got {seeds}")
+    suite, cfg = build_suite(suite_name, cfg)
+    cfg = _suite_config(cfg)
+    cfg.validate()
+    load_ds_config(cfg.deepspeed)  # a bad DeepSpeed file stops here, not after the first run
+    reference_table = read_reference(reference) if reference else None
+    out = Path(out)
+    record = {"suite": suite.name, "seeds": list(seeds), "config": json.loads(json.dumps(asdict(cfg), default=str))}
+    lock = hold_output_dir(out)
+    try:
+        _check_same_suite(out, record)
+        if distributed.is_main():
+            out.mkdir(parents=True, exist_ok=True)
+            write_json(out / "suite.json", record)
+        distributed.barrier()
+        arms = suite.arms()
+        progress = {"done": 0, "total": (1 if cfg.embedded_default else 0) + len(seeds) * (1 + len(arms)),
+                    "started": time.time()}
+        if cfg.embedded_default:
+            _run(dataclasses.replace(cfg, stages=("base",)), out / "base", "stage 0 (embedded default)", progress)
+            start = model_dir(out / "base" / "base")
+        else:
+            start = Path(cfg.start_model)
+        for seed in seeds:
+            prefix = out / f"seed{seed}" / "prefix"
+            _run(dataclasses.replace(cfg, seed=seed, start_model=str(start), stages=PREFIX_STAGES), prefix,
+                 f"seed {seed}: prefix ({', '.join(PREFIX_STAGES)})", progress)
+            if any(a.train_dice and a.same_as for t in suite.tables for a in t.arms):
+                measure_train_dice(cfg, model_dir(prefix / "hsft"), prefix / TRAIN_DICE_FILE)
+            for arm in arms:
+                run_dir = out / f"seed{seed}" / arm.name
+                if not arm.remine:
+                    _share_mining(prefix, run_dir)
+                _run(arm_config(cfg, arm, seed, prefix), run_dir, f"seed {seed}: {arm.label}", progress)
+                if arm.train_dice:
+                    measure_train_dice(cfg, model_dir(run_dir / arm.stage), run_dir / TRAIN_DICE_FILE)
+        results = collect(suite, seeds, out, cfg, reference=reference_table)
+        if distributed.is_main():
+            write_results(results, suite, out)
+            print(f"\n[experiments] results: {out / 'results.md'} ({(time.time() - progress['started']) / 60:.1f} min)")
+        distributed.barrier()
+        return results
+    finally:
+        lock.release()
+
+
+def read_reference(path: Path) -> dict:
+    """The paper's own numbers, for the labelled reference column: a JSON object
+    {table key: {row label or arm name: number}} (e.g. {"4.4.1": {"hsft": 0.83}})."""
+    path = Path(path)
+    if not path.is_file():
+        raise SuiteError(f"--reference {path}: no such file")
+    try:
+        table = json.loads(path.read_text())
+    except json.JSONDecodeError as err:
+        raise SuiteError(f"--reference {path}: not valid JSON ({err})") from None
+    if not isinstance(table, dict) or not all(isinstance(rows, dict) and all(isinstance(v, (int, float))
+                                                                            for v in rows.values())
+                                              for rows in table.values()):
+        raise SuiteError(f"--reference {path}: expected {{\"<table key>\": {{\"<row>\": <number>, ...}}, ...}}")
+    return table

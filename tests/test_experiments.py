@@ -1,0 +1,142 @@
+"""The experiment suites: what the paper suite holds, the statistics of a cell, the verdicts, and the real
+entry point `deepspeed launch/experiments.py --suite smoke` end to end, resumed and refused."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from hsft.config import replace_nested
+from hsft.eval.statistics import paired_bootstrap
+from hsft.experiments.results import _paired, verdict
+from hsft.experiments.suites import build_suite
+from hsft.recipes import recipe_config
+
+REPO = Path(__file__).resolve().parents[1]
+DEEPSPEED = shutil.which("deepspeed") or str(Path(sys.executable).with_name("deepspeed"))
+
+
+def test_the_paper_suite_holds_every_table_of_the_study():
+    suite, cfg = build_suite("paper", recipe_config("tiny"))
+    tables = {t.key: t for t in suite.tables}
+    assert set(tables) == {"4.4.1", "4.4.2", "4.4.3", "4.5.2", "4.5.3", "4.5.4", "5.1", "5.3", "5.3-tau"}
+    assert [a.value for a in tables["4.5.2"].arms] == [0.60, 0.70, 0.75, 0.80]
+    assert [a.value for a in tables["4.5.3"].arms] == [1, 3, 5, 7]
+    # The tiny recipe's HSFT lr is 10x the published 1e-5: the grid is scaled by that ratio, and says so.
+    assert [a.value for a in tables["4.5.4"].arms] == pytest.approx([1e-5, 5e-5, 1e-4, 5e-4])
+    assert "x 10" in tables["4.5.4"].title
+    assert {a.stage for a in tables["5.1"].arms if not a.same_as} == {"all_data", "curriculum", "anti_curriculum",
+                                                                      "loss_weighted"}
+    assert {a.same_as for a in tables["5.1"].arms if a.same_as} == {"hsft", "control"}
+    # Rows whose settings are the prefix's reuse its HSFT; the others run, with settings a run accepts.
+    assert [a.name for a in tables["4.5.2"].arms if a.same_as] == ["tau-0.75"]
+    assert [a.name for a in tables["4.5.3"].arms if a.same_as] == ["epochs-5"]
+    for arm in suite.arms():
+        replace_nested(cfg, **dict(arm.overrides)).validate()
+    assert all(a.remine for a in tables["4.5.2"].arms if not a.same_as)
+    paper_suite, _ = build_suite("paper", recipe_config("paper"))
+    assert [a.value for a in paper_suite.table("4.5.4").arms] == pytest.approx([1e-6, 5e-6, 1e-5, 5e-5])
+    assert "the published grid" in paper_suite.table("4.5.4").title
+    with pytest.raises(ValueError, match="--suite: unknown suite 'nope'"):
+        build_suite("nope", cfg)
+
+
+def test_a_cell_pools_the_paired_differences_over_seeds_and_lists_each_seed():
+    cfg = recipe_config("tiny")
+    rng = np.random.default_rng(0)
+    before = {s: {f"img{i}": (float(rng.uniform()), 0.0) for i in range(20)} for s in (0, 1)}
+    after = {s: {k: (v[0] + 0.05 * (s + 1), 0.0) for k, v in rows.items()} for s, rows in before.items()}
+    effect = _paired(before, after, cfg)
+    pooled = paired_bootstrap([before[s][f"img{i}"][0] for s in (0, 1) for i in sorted(range(20), key=str)],
+                              [after[s][f"img{i}"][0] for s in (0, 1) for i in sorted(range(20), key=str)],
+                              resamples=cfg.eval.bootstrap_resamples, seed=cfg.eval.bootstrap_seed)
+    assert effect["n"] == 40 and effect["mean"] == pytest.approx(0.075)
+    assert effect["per_seed"] == pytest.approx({"0": 0.05, "1": 0.10})
+    assert effect["low"] <= effect["mean"] <= effect["high"] and effect["mean"] == pytest.approx(pooled["mean"])
+    with pytest.raises(ValueError, match="different held-out images"):
+        _paired(before, {0: after[0], 1: {"other": (0.0, 0.0)}}, cfg)
+
+
+def _row(name, low, high, dice=0.5, hsft=None):
+    effect = {"mean": (low + high) / 2, "low": low, "high": high, "per_seed": {0: (low + high) / 2}}
+    return {"name": name, "row": name, "dice": {"mean": dice, "sd": 0.0}, "delta_start": effect, "delta_hsft": hsft}
+
+
+def test_the_verdict_says_which_way_each_interval_falls():
+    body = {"kind": "arms", "rows": [_row("up", 0.01, 0.03, dice=0.6), _row("down", -0.03, -0.01),
+                                     _row("flat", -0.01, 0.01, hsft={"low": -0.02, "high": -0.005})]}
+    text = verdict(body)
+    assert "rose with up and fell with down" in text and "Highest mean: up" in text
+    assert "worse than HSFT: flat" in text and "Better than HSFT: none" in text
+
+
+def _launch(args, tmp, check=True):
+    env = {**os.environ, "HSFT_CACHE": str(tmp / "cache"), "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"}
+    cmd = [DEEPSPEED, "--num_gpus", "1", "--master_port", str(29700 + os.getpid() % 200),
+           str(REPO / "launch" / "experiments.py"), "--deepspeed", str(REPO / "ds_configs" / "zero2.json"), *args]
+    proc = subprocess.run(cmd, cwd=tmp, env=env, capture_output=True, text=True, timeout=1200)
+    if check and proc.returncode != 0:
+        raise AssertionError(f"exit {proc.returncode}\nSTDOUT\n{proc.stdout[-5000:]}\nSTDERR\n{proc.stderr[-5000:]}")
+    return proc
+
+
+@pytest.fixture(scope="module")
+def smoke(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("experiments")
+    out = tmp / "exp"
+    proc = _launch(["--suite", "smoke", "--seeds", "0", "1", "--output-dir", str(out)], tmp)
+    return tmp, out, proc
+
+
+def test_the_smoke_suite_writes_every_table_with_its_statistics_and_plots(smoke):
+    tmp, out, proc = smoke
+    results = json.loads((out / "results.json").read_text())
+    assert results["seeds"] == [0, 1] and set(results["tables"]) == {"4.4.1", "4.4.3", "4.5.2", "5.1", "5.3-tau"}
+    for seed in (0, 1):
+        for run in ("prefix", "tau-0.70", "curriculum"):
+            assert (out / f"seed{seed}" / run / "report.json").is_file(), run
+    # An arm with the prefix's mining settings reused its hard set; the tau arm mined its own.
+    prefix_hard = json.loads((out / "seed0" / "prefix" / "mining" / "hard_samples.json").read_text())
+    assert json.loads((out / "seed0" / "curriculum" / "mining" / "hard_samples.json").read_text()) == prefix_hard
+    tau_report = json.loads((out / "seed0" / "tau-0.70" / "report.json").read_text())
+    assert tau_report["stages"] == ["mining", "hsft", "eval"] and "Dice < tau = 0.7" in tau_report["mining"]["rule"]
+    # Every cell is the mean over seeds of what the runs' own evaluations measured.
+    stages = {r["name"]: r for r in results["tables"]["4.4.1"]["rows"]}
+    per_seed = [json.loads((out / f"seed{s}" / "prefix" / "report.json").read_text())["evaluation"] for s in (0, 1)]
+    hsft_dice = [next(r["dice"] for r in rows if r["stage"] == "hsft") for rows in per_seed]
+    assert stages["hsft"]["dice"]["mean"] == pytest.approx(np.mean(hsft_dice))
+    assert stages["hsft"]["dice"]["sd"] == pytest.approx(np.std(hsft_dice, ddof=1))
+    assert stages["hsft"]["delta_prev"]["per_seed"]["1"] == pytest.approx(hsft_dice[1] - next(
+        r["dice"] for r in per_seed[1] if r["stage"] == "dpo"))
+    counts = results["tables"]["4.4.3"]["hsft"]["counts"]
+    assert sum(sum(c.values()) for c in counts.values()) == 2 * results["held_out_images"]
+    picked = results["tables"]["5.3-tau"]["rows"][0]
+    assert set(picked["picks"].values()) <= {"tau = 0.70", "tau = 0.75"}
+    md = (out / "results.md").read_text()
+    for key in results["tables"]:
+        assert f"## {key}:" in md
+    assert md.count("**Reading:**") == len(results["tables"])
+    assert (out / "plots" / "4.5.2.png").stat().st_size > 1000 and (out / "plots" / "4.4.3.png").is_file()
+    assert any((out / "tb").rglob("events.out.tfevents.*"))
+
+
+def test_a_finished_suite_is_kept_an_unfinished_run_is_finished_and_other_settings_are_refused(smoke):
+    tmp, out, _ = smoke
+    first = json.loads((out / "results.json").read_text())
+    (out / "seed1" / "curriculum" / "report.json").unlink()  # as if killed before its report
+    again = _launch(["--suite", "smoke", "--seeds", "0", "1", "--output-dir", str(out)], tmp)
+    assert again.stdout.count("finished earlier, kept") == 6
+    assert "seed 1: easy-to-hard curriculum over all data ->" in again.stdout
+    assert json.loads((out / "results.json").read_text())["tables"] == first["tables"]
+    refused = _launch(["--suite", "smoke", "--seeds", "0", "--hsft-lr", "0.5", "--output-dir", str(out)], tmp,
+                      check=False)
+    assert refused.returncode == 2
+    assert f"experiments: error: --output-dir {out} holds a suite run with other settings" in refused.stderr
+    assert "Traceback" not in refused.stderr
