@@ -3,8 +3,11 @@
 One sample renders as
 
     [<|im_start|>system\\n{system}<|im_end|>\\n]
-    <|im_start|>user\\n<img><IMG_CONTEXT> x N</img>\\n{instruction}<|im_end|>\\n
+    <|im_start|>user\\n<img><IMG_CONTEXT> x (tiles * N)</img>\\n{instruction}<|im_end|>\\n
     <|im_start|>assistant\\n{response}<|im_end|>
+
+where N is the image-token count of one VLM tile and `tiles` the sample's tile count (one, unless
+the model tiles its images: then it differs from image to image, and so do the sequence lengths).
 
 The part before the response (the prompt) and the response are tokenised separately and
 concatenated, so the prompt of a teacher-forced sequence is token for token the prompt that
@@ -67,7 +70,7 @@ class TokenBatch:
 
 @dataclass(frozen=True, eq=False)
 class ChatTemplate:
-    """Renders and tokenises conversations for one tokenizer and one image-token count."""
+    """Renders and tokenises conversations for one tokenizer and one image-token count per tile."""
 
     tokenizer: PreTrainedTokenizerBase
     image_context_token: str
@@ -81,18 +84,20 @@ class ChatTemplate:
         bos = self.bos_token or ""
         return bos if system is None else f"{bos}{IM_START}system\n{system}{IM_END}\n"
 
-    def _user_open(self, instruction: str) -> str:
+    def _user_open(self, instruction: str, tiles: int) -> str:
         """The user turn up to the end of the instruction: the image, then the text. A leading
         <image> in the instruction marks where the image goes (the text follows it directly, as in
-        the release's own code); otherwise a newline separates them."""
-        image = IMG_START + self.image_context_token * self.num_image_tokens + IMG_END
+        the release's own code); otherwise a newline separates them. All tiles share one
+        <img> ... </img> span, as in InternVL."""
+        image = IMG_START + self.image_context_token * (self.num_image_tokens * tiles) + IMG_END
         if instruction.startswith(IMAGE_PLACEHOLDER):
             return f"{IM_START}user\n{image}{instruction[len(IMAGE_PLACEHOLDER):]}"
         return f"{IM_START}user\n{image}\n{instruction}"
 
-    def render(self, form: str, instruction: str, response: str, system: str | None) -> tuple[str, str]:
+    def render(self, form: str, instruction: str, response: str, system: str | None, tiles: int = 1
+               ) -> tuple[str, str]:
         """(prompt text, target text) of one sample; the target is empty except for "response"."""
-        head = self._system_turn(system) + self._user_open(instruction)
+        head = self._system_turn(system) + self._user_open(instruction, tiles)
         if form == "response":
             return f"{head}{IM_END}\n{IM_START}assistant\n", f"{response}{IM_END}"
         if form == "prompt":
@@ -105,7 +110,8 @@ class ChatTemplate:
         return list(self.tokenizer.encode(text, add_special_tokens=False)) if text else []
 
     def batch(self, n: int, *, form: str, instruction: str | Sequence[str], response: str | Sequence[str],
-              system: str | None) -> TokenBatch:
+              system: str | None, tiles: Sequence[int] | None = None) -> TokenBatch:
+        """n left-padded conversations; tiles: each sample's VLM tile count (default one each)."""
         if form not in FORMS:
             raise ValueError(f"form: must be one of {', '.join(FORMS)}, got {form!r}")
         if not isinstance(n, int) or n < 1:
@@ -117,13 +123,16 @@ class ChatTemplate:
         if form == "response":
             for i, text in enumerate(responses):
                 validate_response(text, f"response[{i}]")
+        counts = [1] * n if tiles is None else list(tiles)
+        if len(counts) != n or not all(isinstance(c, int) and not isinstance(c, bool) and c >= 1 for c in counts):
+            raise ValueError(f"tiles: must be {n} positive integers (one tile count per sample), got {tiles!r}")
 
-        encoded: dict[tuple[str, str], tuple[list[int], list[int]]] = {}
+        encoded: dict[tuple[str, str, int], tuple[list[int], list[int]]] = {}
         rows: list[tuple[list[int], list[int]]] = []
-        for inst, resp in zip(instructions, responses):
-            key = (inst, resp if form == "response" else "")
+        for inst, resp, count in zip(instructions, responses, counts):
+            key = (inst, resp if form == "response" else "", count)
             if key not in encoded:
-                prompt_text, target_text = self.render(form, inst, resp, system)
+                prompt_text, target_text = self.render(form, inst, resp, system, count)
                 encoded[key] = (self._encode(prompt_text), self._encode(target_text))
             rows.append(encoded[key])
 
