@@ -94,18 +94,19 @@ def test_tiles_are_the_releases_preprocessing(thumbnail):
     rng = np.random.default_rng(3)
     images = [rng.integers(0, 256, size=(60, 130, 3), dtype=np.uint8),   # 2 x 1
               rng.integers(0, 256, size=(50, 52, 3), dtype=np.uint8),    # 1 x 1
-              rng.integers(0, 256, size=(200, 70, 3), dtype=np.uint8)]   # 1 x 3
+              rng.integers(0, 256, size=(200, 70, 3), dtype=np.uint8),   # 1 x 3
+              rng.integers(0, 256, size=(70, 100, 3), dtype=np.uint8)]   # 3 x 2
     batch = ImagePreprocessor(64, 128, resize="pil_bicubic", tiling=TileSettings(1, 12, thumbnail))(images)
     want = [torch.stack([ref.to_normalised(tile) for tile in ref.release_tiles(Image.fromarray(image), 1, 12, 64,
                                                                                  thumbnail)])
             for image in images]
-    assert batch.num_tiles == [len(w) for w in want] == ([3, 1, 4] if thumbnail else [2, 1, 3])
+    assert batch.num_tiles == [len(w) for w in want] == ([3, 1, 4, 7] if thumbnail else [2, 1, 3, 6])
     torch.testing.assert_close(batch.vlm_pixels, torch.cat(want), rtol=0, atol=1e-6)
-    assert batch.sam_pixels.shape == (3, 3, 128, 128) and len(batch) == 3
-    picked = batch.select([2, 0])
-    assert picked.num_tiles == [want[2].shape[0], want[0].shape[0]]
-    torch.testing.assert_close(picked.vlm_pixels, torch.cat([want[2], want[0]]), rtol=0, atol=1e-6)
-    assert picked.original_sizes == [(200, 70), (60, 130)]
+    assert batch.sam_pixels.shape == (4, 3, 128, 128) and len(batch) == 4
+    picked = batch.select([3, 0])
+    assert picked.num_tiles == [want[3].shape[0], want[0].shape[0]]
+    torch.testing.assert_close(picked.vlm_pixels, torch.cat([want[3], want[0]]), rtol=0, atol=1e-6)
+    assert picked.original_sizes == [(70, 100), (60, 130)]
 
 
 def test_image_batch_refuses_tile_counts_that_do_not_add_up():
@@ -152,7 +153,7 @@ def _answer_ids(model) -> list[int]:
     return model.tokenizer.encode(RESPONSE + "<|im_end|>", add_special_tokens=False)
 
 
-IMAGES = ((60, 130), (52, 50), (200, 70))  # (H, W): 2 x 1 + thumbnail, one tile, 1 x 3 + thumbnail
+IMAGES = ((60, 130), (52, 50), (70, 100))  # (H, W): 2 x 1 + thumbnail, one tile, 3 x 2 + thumbnail
 
 
 @pytest.mark.parametrize("family", ["qwen2", "internlm2"])
