@@ -191,12 +191,21 @@ def test_imported_model_predicts_what_the_releases_predict_forward_predicts(impo
             assert _dice(mask, want.mask) >= 0.99, (name, row)
 
 
-def test_generation_refuses_tokens_without_the_tiles(imported):
+def test_tokens_without_tile_counts_are_widened_to_the_images_tiles(imported):
+    """Token batches built for one tile each (tokenize without tiles=) give what tokens built with the
+    images' tile counts give; any other image-token count is refused."""
     model = load_model(str(imported["qwen2"][0]))
-    image = np.random.default_rng(6).integers(0, 256, size=(60, 130, 3), dtype=np.uint8)
-    batch = model.preprocess([image])
-    with pytest.raises(ValueError, match=r"do not match the images' tiles \[3\]"):
-        model.forward_seg(batch, model.tokenize(1))
+    rng = np.random.default_rng(6)
+    batch = model.preprocess([rng.integers(0, 256, size=(h, w, 3), dtype=np.uint8) for h, w in IMAGES])
+    instructions = ["Segment it.", "Please segment the blood vessel in this image.", "Segment."]
+    with torch.no_grad():
+        want = model.forward_seg(batch, model.tokenize(3, instruction=instructions, tiles=batch.num_tiles),
+                                 compute_lm_loss=True)
+        got = model.forward_seg(batch, model.tokenize(3, instruction=instructions), compute_lm_loss=True)
+    for name in ("mask_logits", "seg_hidden", "lm_logits", "lm_loss"):
+        torch.testing.assert_close(getattr(got, name), getattr(want, name), rtol=1e-5, atol=1e-5)
+    with pytest.raises(ValueError, match=r"row 0: 32 image tokens, neither one tile's \(16\) nor its image's 3"):
+        model.forward_seg(batch, model.tokenize(3, tiles=[2, 1, 1]))
 
 
 def _samples(sizes) -> list[Sample]:

@@ -157,6 +157,45 @@ class ChatTemplate:
         return TokenBatch(input_ids, attention_mask, labels, seg_positions)
 
 
+    def with_tiles(self, tokens: TokenBatch, tiles: Sequence[int]) -> TokenBatch:
+        """`tokens` with each row's image span widened from one tile's image tokens to `tiles[row]`
+        tiles' (rows already at their count are kept), left-padded again; labels and [SEG] positions
+        move with their tokens. For token batches built without the images' tile counts; any other
+        image-token count is refused."""
+        image_id = int(self.tokenizer.convert_tokens_to_ids(self.image_context_token))
+        per_tile = self.num_image_tokens
+        rows = []
+        for row, count in enumerate(tiles):
+            real = tokens.attention_mask[row].bool()
+            ids, labels = tokens.input_ids[row][real], tokens.labels[row][real]
+            first = int(real.long().argmax())  # left padding: the first real token
+            seg = int(tokens.seg_positions[row]) - first if int(tokens.seg_positions[row]) >= 0 else -1
+            span = (ids == image_id).nonzero().flatten()
+            if span.numel() == count * per_tile:
+                rows.append((ids, labels, seg))
+                continue
+            if span.numel() != per_tile:
+                raise ValueError(f"row {row}: {span.numel()} image tokens, neither one tile's ({per_tile}) nor its "
+                                 f"image's {count} tiles' ({count * per_tile}); tokenize with tiles=images.num_tiles")
+            at, extra = int(span[-1]) + 1, (count - 1) * per_tile
+            ids = torch.cat([ids[:at], ids.new_full((extra,), image_id), ids[at:]])
+            labels = torch.cat([labels[:at], labels.new_full((extra,), IGNORE_INDEX), labels[at:]])
+            rows.append((ids, labels, seg + extra if seg >= at else seg))
+        length = max(len(ids) for ids, _, _ in rows)
+        n = len(rows)
+        input_ids = torch.full((n, length), self.pad_token_id, dtype=torch.long)
+        attention_mask = torch.zeros((n, length), dtype=torch.long)
+        labels = torch.full((n, length), IGNORE_INDEX, dtype=torch.long)
+        seg_positions = torch.full((n,), -1, dtype=torch.long)
+        for row, (ids, row_labels, seg) in enumerate(rows):
+            start = length - len(ids)
+            input_ids[row, start:], labels[row, start:] = ids.cpu(), row_labels.cpu()
+            attention_mask[row, start:] = 1
+            if seg >= 0:
+                seg_positions[row] = start + seg
+        return TokenBatch(input_ids, attention_mask, labels, seg_positions).to(tokens.input_ids.device)
+
+
 def _per_sample(value: str | Sequence[str], n: int, name: str) -> list[str]:
     if isinstance(value, str):
         return [value] * n

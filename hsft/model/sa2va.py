@@ -199,14 +199,15 @@ class Sa2VAModel(nn.Module):
         )
 
     # ------------------------------------------------------------------ LLM side
-    def _check_batch(self, images: ImageBatch, tokens: TokenBatch) -> None:
+    def _check_batch(self, images: ImageBatch, tokens: TokenBatch) -> TokenBatch:
+        """`tokens`, with their image spans widened to the images' tiles where they were tokenized for
+        one tile each (tokenize without tiles=); refused when the counts disagree otherwise."""
         if len(images) != len(tokens):
             raise ValueError(f"batch mismatch: {len(images)} images but {len(tokens)} token sequences")
         have = (tokens.input_ids == self.image_token_id).sum(dim=1).tolist()
-        want = [n * self.num_image_tokens for n in images.num_tiles]
-        if have != want:
-            raise ValueError(f"image tokens per sequence {have} do not match the images' tiles {images.num_tiles} "
-                             f"x {self.num_image_tokens}; tokenize with tiles=images.num_tiles")
+        if have == [n * self.num_image_tokens for n in images.num_tiles]:
+            return tokens
+        return self.chat.with_tiles(tokens, images.num_tiles)
 
     def _require_one_seg(self, tokens: TokenBatch) -> None:
         counts = (tokens.input_ids == self.seg_token_id).sum(dim=1)
@@ -220,8 +221,8 @@ class Sa2VAModel(nn.Module):
             raise ValueError(f"tokens.seg_positions does not point at the {SEG_TOKEN} token of every row")
 
     def _llm_last_hidden(self, images: ImageBatch, tokens: TokenBatch) -> Tensor:
-        """(B, L, H) last-layer hidden states after the final norm, image tokens filled in."""
-        self._check_batch(images, tokens)
+        """(B, L, H) last-layer hidden states after the final norm, image tokens filled in (`tokens`
+        as _check_batch returns them)."""
         tokens = tokens.to(self.device)
         out = self.vlm.model(
             input_ids=tokens.input_ids,
@@ -239,6 +240,7 @@ class Sa2VAModel(nn.Module):
 
     def seg_hidden_states(self, images: ImageBatch, tokens: TokenBatch) -> Tensor:
         """(B, H) LLM last-layer hidden state at each row's [SEG] (the frozen-LLM cacheable half)."""
+        tokens = self._check_batch(images, tokens)
         self._require_one_seg(tokens)
         return self._gather(self._llm_last_hidden(images, tokens), tokens.seg_positions)
 
@@ -319,7 +321,10 @@ class Sa2VAModel(nn.Module):
     # ------------------------------------------------------------------ the two [SEG] paths
     def forward_seg(self, images: ImageBatch, tokens: TokenBatch, *, compute_lm_loss: bool = False
                     ) -> SegForwardOutput:
-        """Teacher-forced path; exactly one [SEG] per sequence. Differentiable."""
+        """Teacher-forced path; exactly one [SEG] per sequence. Differentiable. With tiled images,
+        `tokens` tokenized without the tile counts are widened to them (lm_logits then follow the
+        widened sequence)."""
+        tokens = self._check_batch(images, tokens)
         self._require_one_seg(tokens)
         hidden = self._llm_last_hidden(images, tokens)
         seg_hidden = self._gather(hidden, tokens.seg_positions)
