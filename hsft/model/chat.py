@@ -136,19 +136,12 @@ class ChatTemplate:
                 encoded[key] = (self._encode(prompt_text), self._encode(target_text))
             rows.append(encoded[key])
 
-        length = max(len(p) + len(t) for p, t in rows)
-        input_ids = torch.full((n, length), self.pad_token_id, dtype=torch.long)
-        attention_mask = torch.zeros((n, length), dtype=torch.long)
-        labels = torch.full((n, length), IGNORE_INDEX, dtype=torch.long)
+        sequences = [(torch.tensor(p + t, dtype=torch.long),
+                      torch.tensor([IGNORE_INDEX] * len(p) + t, dtype=torch.long)) for p, t in rows]
+        input_ids, attention_mask, labels, _ = self._left_padded(sequences)
         seg_positions = torch.full((n,), -1, dtype=torch.long)
-        for row, (prompt_ids, target_ids) in enumerate(rows):
-            ids = prompt_ids + target_ids
-            start = length - len(ids)  # left padding
-            input_ids[row, start:] = torch.tensor(ids, dtype=torch.long)
-            attention_mask[row, start:] = 1
-            if target_ids:
-                labels[row, start + len(prompt_ids):] = torch.tensor(target_ids, dtype=torch.long)
-            if form != "generate":
+        if form != "generate":
+            for row in range(n):
                 hits = (input_ids[row] == self.seg_token_id).nonzero().flatten()
                 if hits.numel() != 1:
                     raise ValueError(f"sample {row}: the {form!r} sequence must contain exactly one {SEG_TOKEN} "
@@ -156,6 +149,21 @@ class ChatTemplate:
                 seg_positions[row] = hits[0]
         return TokenBatch(input_ids, attention_mask, labels, seg_positions)
 
+    def _left_padded(self, sequences: list[tuple[Tensor, Tensor]]) -> tuple[Tensor, Tensor, Tensor, list[int]]:
+        """(input_ids, attention_mask, labels) of (ids, labels) rows padded on the left to the longest,
+        and where each row starts."""
+        length = max(len(ids) for ids, _ in sequences)
+        n = len(sequences)
+        input_ids = torch.full((n, length), self.pad_token_id, dtype=torch.long)
+        attention_mask = torch.zeros((n, length), dtype=torch.long)
+        labels = torch.full((n, length), IGNORE_INDEX, dtype=torch.long)
+        starts = []
+        for row, (ids, row_labels) in enumerate(sequences):
+            start = length - len(ids)
+            input_ids[row, start:], labels[row, start:] = ids, row_labels
+            attention_mask[row, start:] = 1
+            starts.append(start)
+        return input_ids, attention_mask, labels, starts
 
     def with_tiles(self, tokens: TokenBatch, tiles: Sequence[int]) -> TokenBatch:
         """`tokens` with each row's image span widened from one tile's image tokens to `tiles[row]`
@@ -181,18 +189,9 @@ class ChatTemplate:
             ids = torch.cat([ids[:at], ids.new_full((extra,), image_id), ids[at:]])
             labels = torch.cat([labels[:at], labels.new_full((extra,), IGNORE_INDEX), labels[at:]])
             rows.append((ids, labels, seg + extra if seg >= at else seg))
-        length = max(len(ids) for ids, _, _ in rows)
-        n = len(rows)
-        input_ids = torch.full((n, length), self.pad_token_id, dtype=torch.long)
-        attention_mask = torch.zeros((n, length), dtype=torch.long)
-        labels = torch.full((n, length), IGNORE_INDEX, dtype=torch.long)
-        seg_positions = torch.full((n,), -1, dtype=torch.long)
-        for row, (ids, row_labels, seg) in enumerate(rows):
-            start = length - len(ids)
-            input_ids[row, start:], labels[row, start:] = ids.cpu(), row_labels.cpu()
-            attention_mask[row, start:] = 1
-            if seg >= 0:
-                seg_positions[row] = start + seg
+        input_ids, attention_mask, labels, starts = self._left_padded([(ids.cpu(), lab.cpu()) for ids, lab, _ in rows])
+        seg_positions = torch.tensor([start + seg if seg >= 0 else -1 for start, (_, _, seg) in zip(starts, rows)],
+                                     dtype=torch.long)
         return TokenBatch(input_ids, attention_mask, labels, seg_positions).to(tokens.input_ids.device)
 
 
