@@ -1,14 +1,19 @@
 """Forward computations of a released Sa2VA's parts written directly from its raw tensors (release
 names, fused projections as stored), following the release's own module code: InternViT's block,
-InternVL's projector, the Qwen2 / InternLM2 decoder, text_hidden_fcs and SAM2's mask decoder. The
-import tests compare the imported hsft model against these."""
+InternVL's projector, the Qwen2 / InternLM2 decoder, text_hidden_fcs and SAM2's mask decoder; and
+the release's image inference (predict_forward) end to end: InternVL's dynamic tiling, the prompt,
+the [SEG] state, the language-prompted SAM2 call and the mask at the image's size. The import tests
+compare the imported hsft model against these."""
 
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
+import numpy as np
 import torch
 import torch.nn.functional as F
+from PIL import Image
 from torch import Tensor
 
 
@@ -53,12 +58,22 @@ def _rope(x: Tensor, theta: float) -> Tensor:
     return x * emb.cos() + half * emb.sin()
 
 
+def token_embeddings(ids: Tensor, t: dict, family: str) -> Tensor:
+    m = "language_model.model."
+    return t[m + ("embed_tokens.weight" if family == "qwen2" else "tok_embeddings.weight")][ids]
+
+
 def llm_hidden(ids: Tensor, t: dict, family: str, *, layers: int, heads: int, kv_heads: int,
                theta: float = 10000.0) -> Tensor:
     """Last-layer hidden states after the final norm, causal, positions 0..L-1."""
+    return llm_hidden_from_embeddings(token_embeddings(ids, t, family), t, family, layers=layers, heads=heads,
+                                      kv_heads=kv_heads, theta=theta)
+
+
+def llm_hidden_from_embeddings(x: Tensor, t: dict, family: str, *, layers: int, heads: int, kv_heads: int,
+                               theta: float = 10000.0) -> Tensor:
+    """llm_hidden on given input embeddings (B, L, hidden)."""
     m = "language_model.model."
-    embed = t[m + ("embed_tokens.weight" if family == "qwen2" else "tok_embeddings.weight")]
-    x = embed[ids]
     b, length, hidden = x.shape
     d = hidden // heads
     groups = heads // kv_heads
@@ -186,3 +201,117 @@ def sam2_masks(image_embedding: Tensor, feat_s0: Tensor, feat_s1: Tensor, prompt
     best = iou[:, 1:].argmax(dim=-1)
     chosen = masks[:, 1:][torch.arange(b), best]
     return torch.where(object_score[:, 0, None, None] > 0, chosen, torch.full_like(chosen, -1024.0)), object_score[:, 0]
+
+
+# ---------------------------------------------------------------- the release's image inference
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+def release_grid(width: int, height: int, min_num: int, max_num: int, size: int) -> tuple[int, int]:
+    """(columns, rows) as InternVL's dynamic_preprocess picks them: one pass over the grids i x j with
+    min_num <= i * j <= max_num in order of tile count, keeping the closest aspect ratio seen so far
+    and moving to an equally close later grid when the image's area exceeds half that grid's area."""
+    grids = sorted(((i, j) for i in range(1, max_num + 1) for j in range(1, max_num + 1)
+                    if min_num <= i * j <= max_num), key=lambda g: (g[0] * g[1], g[0]))
+    aspect = width / height
+    best, best_diff = (1, 1), float("inf")
+    for i, j in grids:
+        diff = abs(aspect - i / j)
+        if diff < best_diff:
+            best, best_diff = (i, j), diff
+        elif diff == best_diff and width * height > 0.5 * size * size * i * j:
+            best = (i, j)
+    return best
+
+
+def release_tiles(image: Image.Image, min_num: int, max_num: int, size: int, thumbnail: bool) -> list[Image.Image]:
+    """The tiles of dynamic_preprocess: the image resized (PIL's default, bicubic) to the grid, cropped
+    left to right, top to bottom, then the whole image as one more tile when there are several."""
+    columns, rows = release_grid(image.width, image.height, min_num, max_num, size)
+    resized = image.resize((columns * size, rows * size))
+    tiles = []
+    for k in range(columns * rows):
+        left, top = (k % columns) * size, (k // columns) * size
+        tiles.append(resized.crop((left, top, left + size, top + size)))
+    if thumbnail and len(tiles) > 1:
+        tiles.append(image.resize((size, size)))
+    return tiles
+
+
+def to_normalised(image: Image.Image) -> Tensor:
+    """ToTensor + Normalize(ImageNet): (3, H, W) float32."""
+    pixels = torch.from_numpy(np.asarray(image, dtype=np.float32) / 255.0).permute(2, 0, 1)
+    return (pixels - torch.tensor(IMAGENET_MEAN)[:, None, None]) / torch.tensor(IMAGENET_STD)[:, None, None]
+
+
+def vision_features(pixels: Tensor, t: dict, *, layers: int, heads: int, patch: int) -> Tensor:
+    """(tiles, tokens, llm width): InternViT's last layer without its class token, InternVL's pixel
+    shuffle (each 2 x 2 block of patches -> one token, channels ordered (0,0), (0,1), (1,0), (1,1) by
+    (row, column) offset), then mlp1."""
+    e = "vision_model.embeddings."
+    x = F.conv2d(pixels, t[e + "patch_embedding.weight"], t[e + "patch_embedding.bias"], stride=patch)
+    n, c, rows, columns = x.shape
+    x = x.flatten(2).transpose(1, 2)
+    x = torch.cat([t[e + "class_embedding"].expand(n, 1, c), x], dim=1) + t[e + "position_embedding"]
+    for layer in range(layers):
+        x = vision_block(x, t, layer, heads)
+    grid = x[:, 1:].reshape(n, rows, columns, c)
+    shuffled = torch.cat([grid[:, 0::2, 0::2], grid[:, 0::2, 1::2], grid[:, 1::2, 0::2], grid[:, 1::2, 1::2]], dim=-1)
+    return projector(shuffled.reshape(n, -1, 4 * c), t)
+
+
+@dataclass
+class ReleasePrediction:
+    num_tiles: int
+    seg_hidden: Tensor  # (llm width,) last-layer state where [SEG] is the input token
+    prompt_embedding: Tensor  # (sam width,) text_hidden_fcs of it
+    low_res: Tensor  # (h, w) SAM2 mask logits
+    mask: Tensor  # (H, W) bool at the image's size
+
+
+def predict_forward(image: np.ndarray, instruction: str, answer_ids: list[int], t: dict, tokenizer, *, family: str,
+                    sizes, theta: float, tiling: tuple[int, int, bool], sam_features, bos: bool = False
+                    ) -> ReleasePrediction:
+    """The release's predict_forward for one (H, W, 3) uint8 image, in float32, with the answer it
+    generated given as `answer_ids` (generation is greedy, and the state at the [SEG] step is the
+    state of the whole sequence up to [SEG]).
+
+    The text: <image> in the instruction replaced by <img> + tiles x tokens-per-tile <IMG_CONTEXT> +
+    </img>, in the chat template's user turn. SAM2 reads the image resized (PIL bicubic) to its input
+    size and ImageNet-normalised; `sam_features(pixels)` stands in for SAM2's Hiera image encoder
+    and FPN neck (the levels, highest resolution first), which tiling does not touch. The [SEG]
+    state goes through text_hidden_fcs and prompts the mask decoder with no points; the mask is
+    sigmoid > 0.5 of the low-res logits bilinearly resized to (H, W)."""
+    picture = Image.fromarray(image)
+    min_num, max_num, thumbnail = tiling
+    tiles = release_tiles(picture, min_num, max_num, sizes.image, thumbnail)
+    pixels = torch.stack([to_normalised(tile) for tile in tiles])
+    features = vision_features(pixels, t, layers=sizes.vision_layers, heads=sizes.vision_heads, patch=sizes.patch)
+    per_tile = features.shape[1]
+    image_text = "<img>" + "<IMG_CONTEXT>" * (per_tile * len(tiles)) + "</img>"
+    text = instruction.replace("<image>", image_text)
+    prompt = f"<|im_start|>user\n{text}<|im_end|>\n<|im_start|>assistant\n"
+    seg_id = tokenizer.convert_tokens_to_ids("[SEG]")
+    answer = answer_ids[: answer_ids.index(seg_id) + 1]
+    start = [tokenizer.bos_token_id] if bos else []  # the InternLM2 tokenizer's encode adds BOS
+    ids = torch.tensor(start + tokenizer.encode(prompt, add_special_tokens=False) + answer)
+    x = token_embeddings(ids[None], t, family)
+    image_rows = (ids == tokenizer.convert_tokens_to_ids("<IMG_CONTEXT>")).nonzero().flatten()
+    assert image_rows.numel() == features.shape[0] * per_tile
+    x[0, image_rows] = features.reshape(-1, features.shape[-1])
+    hidden = llm_hidden_from_embeddings(x, t, family, layers=sizes.llm_layers, heads=sizes.heads,
+                                        kv_heads=sizes.kv_heads, theta=theta)[0, -1]
+    prompt_embedding = text_hidden_fcs(hidden, t)
+
+    sam_input = to_normalised(picture.resize((sizes.sam_image, sizes.sam_image)))[None]
+    levels = list(sam_features(sam_input))
+    dec = S + "sam_mask_decoder."
+    feat_s0 = F.conv2d(levels[0], t[dec + "conv_s0.weight"], t[dec + "conv_s0.bias"])
+    feat_s1 = F.conv2d(levels[1], t[dec + "conv_s1.weight"], t[dec + "conv_s1.bias"])
+    embedding = levels[2] + t[S + "no_mem_embed"].reshape(1, -1, 1, 1)
+    low_res, _ = sam2_masks(embedding, feat_s0, feat_s1, prompt_embedding[None], t, sizes.decoder_heads)
+    height, width = image.shape[:2]
+    full = F.interpolate(low_res[:, None], size=(height, width), mode="bilinear", align_corners=False)[0, 0]
+    return ReleasePrediction(len(tiles), hidden, prompt_embedding, low_res[0], full.sigmoid() > 0.5)

@@ -51,7 +51,7 @@ def run_paths(model, images: Sequence, *, max_new_tokens: int, logits_processor=
     n = len(batch)
     logits, hidden, embedding = {}, {}, {}
     for path, form in (("forward", "response"), ("prompt", "prompt")):
-        out = model.forward_seg(batch, model.tokenize(n, form=form))
+        out = model.forward_seg(batch, model.tokenize(n, form=form, tiles=batch.num_tiles))
         logits[path], hidden[path], embedding[path] = out.mask_logits, out.seg_hidden, out.seg_embedding
     generated = model.generate_seg(batch, max_new_tokens=max_new_tokens,
                                    logits_processor=as_processor_list(logits_processor))

@@ -12,6 +12,7 @@ import os
 from dataclasses import dataclass, field, fields
 
 from hsft.model.presets import PRESETS
+from hsft.model.tiling import TileSettings
 
 __all__ = ["ModelConfig", "PromptConfig", "Conventions", "SEG_TOKEN", "IMAGE_PLACEHOLDER", "CHAT_TOKENS", "DTYPES"]
 
@@ -99,6 +100,10 @@ class Conventions:
         PIL's bicubic resize of the uint8 image, both for the VLM tile and SAM2's input).
     bos_token: prepend the tokenizer's BOS token to the conversation (release InternLM2 models,
         whose tokenizer adds it).
+    dynamic_image_size, min_dynamic_patch, max_dynamic_patch, use_thumbnail: InternVL's dynamic
+        tiling (hsft.model.tiling), under the release config's names. False (hsft): every image is
+        one VLM tile. True (release): the image is cut into a grid of min..max tiles with the
+        closest aspect ratio, plus a thumbnail tile when use_thumbnail and the grid has more than one.
     """
 
     fcs_activation: str = "gelu"
@@ -107,11 +112,26 @@ class Conventions:
     object_gate: bool = False
     image_resize: str = "bilinear"
     bos_token: bool = False
+    dynamic_image_size: bool = False
+    min_dynamic_patch: int = 1
+    max_dynamic_patch: int = 12
+    use_thumbnail: bool = True
 
     @classmethod
-    def release(cls, *, bos_token: bool = False) -> Conventions:
+    def release(cls, *, bos_token: bool = False, dynamic_image_size: bool = True, min_dynamic_patch: int = 1,
+                max_dynamic_patch: int = 12, use_thumbnail: bool = True) -> Conventions:
+        """The release's conventions; the tiling defaults are those its predict_forward uses."""
         return cls(fcs_activation="relu", decoder_prompt="padded", mask_output="best_iou", object_gate=True,
-                   image_resize="pil_bicubic", bos_token=bos_token)
+                   image_resize="pil_bicubic", bos_token=bos_token, dynamic_image_size=dynamic_image_size,
+                   min_dynamic_patch=min_dynamic_patch, max_dynamic_patch=max_dynamic_patch,
+                   use_thumbnail=use_thumbnail)
+
+    @property
+    def tiling(self) -> TileSettings | None:
+        """The VLM's tiling, None for one tile per image."""
+        if not self.dynamic_image_size:
+            return None
+        return TileSettings(self.min_dynamic_patch, self.max_dynamic_patch, self.use_thumbnail)
 
     @classmethod
     def from_dict(cls, data: dict | None) -> Conventions:
@@ -129,8 +149,14 @@ class Conventions:
         for name, allowed in choices.items():
             value = getattr(self, name)
             _check(value in allowed, f"{prefix}.{name}", f"must be one of {', '.join(allowed)}, got {value!r}")
-        for name in ("object_gate", "bos_token"):
+        for name in ("object_gate", "bos_token", "dynamic_image_size", "use_thumbnail"):
             _check(isinstance(getattr(self, name), bool), f"{prefix}.{name}", "must be true or false")
+        for name in ("min_dynamic_patch", "max_dynamic_patch"):
+            value = getattr(self, name)
+            _check(isinstance(value, int) and not isinstance(value, bool) and value >= 1, f"{prefix}.{name}",
+                   f"must be a positive integer, got {value!r}")
+        _check(self.max_dynamic_patch >= self.min_dynamic_patch, f"{prefix}.max_dynamic_patch",
+               f"must be >= min_dynamic_patch ({self.min_dynamic_patch}), got {self.max_dynamic_patch}")
 
 
 @dataclass

@@ -87,7 +87,7 @@ class Sa2VAModel(nn.Module):
 
     Attributes: vlm, sam2, text_hidden_fcs, tokenizer, seg_token_id, prompt, hidden_size (LLM),
     prompt_width (C, SAM2 prompt/decoder width), fcs_hidden, mask_size (h, w) of the low-res logits,
-    vlm_image_size, sam_image_size, num_image_tokens.
+    vlm_image_size, sam_image_size, num_image_tokens (per VLM tile).
     """
 
     def __init__(
@@ -163,7 +163,8 @@ class Sa2VAModel(nn.Module):
         self.chat = ChatTemplate(tokenizer, image_context, self.num_image_tokens, self.seg_token_id,
                                  self.pad_token_id, bos_token=bos)
         self.preprocessor = ImagePreprocessor(self.vlm_image_size, self.sam_image_size, vlm_norm, sam_norm,
-                                              resize=conventions.image_resize)
+                                              resize=conventions.image_resize, tiling=conventions.tiling)
+        self.image_token_id = int(vlm.config.image_token_id)
         self.trainable_groups()  # fails now, not mid-training, if a parameter has no part
 
     # ------------------------------------------------------------------ basics
@@ -180,25 +181,33 @@ class Sa2VAModel(nn.Module):
         return self.preprocessor(images)
 
     def tokenize(self, n: int, *, form: str = "response", instruction: str | Sequence[str] | None = None,
-                 response: str | Sequence[str] | None = None) -> TokenBatch:
+                 response: str | Sequence[str] | None = None, tiles: Sequence[int] | None = None) -> TokenBatch:
         """n conversations, left padded (see hsft.model.chat for the template).
 
         form "response": prompt + response with [SEG] (teacher forcing; labels on the response and
         its end token); "prompt": [SEG] appended to the user's instruction, no answer (labels all
         ignored); "generate": the prompt up to the assistant header. instruction / response default
-        to the PromptConfig's and may be one string or one per sample.
+        to the PromptConfig's and may be one string or one per sample. tiles: each sample's VLM tile
+        count, `ImageBatch.num_tiles` of the images the tokens go with (default one each, which is
+        what a model without tiling always has).
         """
         return self.chat.batch(
             n, form=form,
             instruction=self.prompt.instruction if instruction is None else instruction,
             response=self.prompt.response if response is None else response,
-            system=self.prompt.system,
+            system=self.prompt.system, tiles=tiles,
         )
 
     # ------------------------------------------------------------------ LLM side
-    def _check_batch(self, images: ImageBatch, tokens: TokenBatch) -> None:
+    def _check_batch(self, images: ImageBatch, tokens: TokenBatch) -> TokenBatch:
+        """`tokens`, with their image spans widened to the images' tiles where they were tokenized for
+        one tile each (tokenize without tiles=); refused when the counts disagree otherwise."""
         if len(images) != len(tokens):
             raise ValueError(f"batch mismatch: {len(images)} images but {len(tokens)} token sequences")
+        have = (tokens.input_ids == self.image_token_id).sum(dim=1).tolist()
+        if have == [n * self.num_image_tokens for n in images.num_tiles]:
+            return tokens
+        return self.chat.with_tiles(tokens, images.num_tiles)
 
     def _require_one_seg(self, tokens: TokenBatch) -> None:
         counts = (tokens.input_ids == self.seg_token_id).sum(dim=1)
@@ -212,8 +221,8 @@ class Sa2VAModel(nn.Module):
             raise ValueError(f"tokens.seg_positions does not point at the {SEG_TOKEN} token of every row")
 
     def _llm_last_hidden(self, images: ImageBatch, tokens: TokenBatch) -> Tensor:
-        """(B, L, H) last-layer hidden states after the final norm, image tokens filled in."""
-        self._check_batch(images, tokens)
+        """(B, L, H) last-layer hidden states after the final norm, image tokens filled in (`tokens`
+        as _check_batch returns them)."""
         tokens = tokens.to(self.device)
         out = self.vlm.model(
             input_ids=tokens.input_ids,
@@ -231,6 +240,7 @@ class Sa2VAModel(nn.Module):
 
     def seg_hidden_states(self, images: ImageBatch, tokens: TokenBatch) -> Tensor:
         """(B, H) LLM last-layer hidden state at each row's [SEG] (the frozen-LLM cacheable half)."""
+        tokens = self._check_batch(images, tokens)
         self._require_one_seg(tokens)
         return self._gather(self._llm_last_hidden(images, tokens), tokens.seg_positions)
 
@@ -311,7 +321,10 @@ class Sa2VAModel(nn.Module):
     # ------------------------------------------------------------------ the two [SEG] paths
     def forward_seg(self, images: ImageBatch, tokens: TokenBatch, *, compute_lm_loss: bool = False
                     ) -> SegForwardOutput:
-        """Teacher-forced path; exactly one [SEG] per sequence. Differentiable."""
+        """Teacher-forced path; exactly one [SEG] per sequence. Differentiable. With tiled images,
+        `tokens` tokenized without the tile counts are widened to them (lm_logits then follow the
+        widened sequence)."""
+        tokens = self._check_batch(images, tokens)
         self._require_one_seg(tokens)
         hidden = self._llm_last_hidden(images, tokens)
         seg_hidden = self._gather(hidden, tokens.seg_positions)
@@ -353,7 +366,8 @@ class Sa2VAModel(nn.Module):
                       logits_processor: LogitsProcessorList | Iterable[LogitsProcessor] | None
                       ) -> SegGenerateOutput:
         batch = len(images)
-        tokens = self.tokenize(batch, form="generate", instruction=instruction).to(self.device)
+        tokens = self.tokenize(batch, form="generate", instruction=instruction, tiles=images.num_tiles)
+        tokens = tokens.to(self.device)
         processors = None
         if logits_processor is not None:
             processors = (logits_processor if isinstance(logits_processor, LogitsProcessorList)

@@ -25,7 +25,7 @@ def make_seg_batch(model, samples: list[Sample], *, form: str, dtype: torch.dtyp
     """The teacher-forced micro-batch of `samples`, every tensor on `device` (the rank's accelerator),
     pixels in `dtype`."""
     images = model.preprocess([s.image for s in samples]).to(device=device, dtype=dtype)
-    tokens = model.tokenize(len(samples), form=form).to(device)
+    tokens = model.tokenize(len(samples), form=form, tiles=images.num_tiles).to(device)
     return SegBatch(ids=[s.id for s in samples], images=images, tokens=tokens, masks=masks_on(samples, device),
                     fovs=fovs_on(samples, device))
 

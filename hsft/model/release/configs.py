@@ -11,7 +11,12 @@ from transformers import InternVLConfig, LlamaConfig, Qwen2Config, Sam2Config, S
 from hsft.model.release.plan import LlmHeads
 from hsft.model.release.source import ReleaseError, ReleaseSource
 
-__all__ = ["internvl_config", "sam2_config", "hiera_large_config", "llm_heads"]
+__all__ = ["internvl_config", "sam2_config", "hiera_large_config", "llm_heads", "TILING_FIELDS", "tiling_fields",
+           "config_with_tiling"]
+
+# The release config's tiling fields and the values its predict_forward uses (which the published
+# config.json files also record); a missing field means that value.
+TILING_FIELDS = {"dynamic_image_size": True, "min_dynamic_patch": 1, "max_dynamic_patch": 12, "use_thumbnail": True}
 
 # Keys of the release's llm_config that belong to its training set-up, not to the architecture.
 _LLM_DROP = ("architectures", "auto_map", "_name_or_path", "torch_dtype", "dtype", "transformers_version",
@@ -128,3 +133,33 @@ def llm_heads(config: InternVLConfig) -> LlmHeads:
     heads = int(text.num_attention_heads)
     head_dim = getattr(text, "head_dim", None) or text.hidden_size // heads
     return LlmHeads(heads, int(text.num_key_value_heads or heads), int(head_dim))
+
+
+def tiling_fields(config: dict, where: Path) -> dict:
+    """The four tiling fields of a release config (defaults: TILING_FIELDS), checked; the names are
+    those of hsft.model.config.Conventions."""
+    values = {}
+    for name, default in TILING_FIELDS.items():
+        value = config.get(name, default)
+        if isinstance(default, bool):
+            if not isinstance(value, bool):
+                raise ReleaseError(f"{where}: {name} must be true or false, got {value!r}")
+        elif isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise ReleaseError(f"{where}: {name} must be a positive integer, got {value!r}")
+        values[name] = value
+    if values["max_dynamic_patch"] < values["min_dynamic_patch"]:
+        raise ReleaseError(f"{where}: max_dynamic_patch ({values['max_dynamic_patch']}) is below "
+                           f"min_dynamic_patch ({values['min_dynamic_patch']})")
+    return values
+
+
+def config_with_tiling(text: str, conventions: dict) -> str:
+    """The release config.json `text` with the model's tiling (`conventions`: Conventions as a dict)
+    written into it. Unchanged, byte for byte, when the config already says the same (a field it
+    leaves out counts as its TILING_FIELDS value)."""
+    config = json.loads(text)
+    wanted = {name: conventions[name] for name in TILING_FIELDS}
+    if all(config.get(name, default) == wanted[name] for name, default in TILING_FIELDS.items()):
+        return text
+    config.update(wanted)
+    return json.dumps(config, indent=2) + "\n"

@@ -12,13 +12,14 @@ from __future__ import annotations
 import json
 import os
 import shutil
+from dataclasses import asdict
 from pathlib import Path
 
 import torch
 from safetensors.torch import save_file
 
 from hsft.model.checkpoint import is_model_directory, load_model
-from hsft.model.release.configs import llm_heads
+from hsft.model.release.configs import config_with_tiling, llm_heads
 from hsft.model.release.importer import FILES_DIR, KEPT_FILE, LAYOUT_FILE
 from hsft.model.release.plan import Entry, to_release
 from hsft.model.release.source import ReleaseError
@@ -86,4 +87,11 @@ def export_sa2va(model_dir: str | os.PathLike, output_dir: str | os.PathLike, *,
     for path in sorted((model_dir / "release" / FILES_DIR).iterdir()):
         if path.is_file():
             shutil.copy2(path, output / path.name)
+    # The tiling the model was trained and evaluated with goes back into the release's config.
+    config = output / "config.json"
+    if config.is_file():
+        text = config.read_text(encoding="utf-8")
+        updated = config_with_tiling(text, asdict(model.conventions))
+        if updated != text:
+            config.write_text(updated, encoding="utf-8")
     return output

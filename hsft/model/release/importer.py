@@ -30,7 +30,7 @@ from transformers import AutoTokenizer, InternVLForConditionalGeneration, Sam2Mo
 
 from hsft.model.checkpoint import save_model
 from hsft.model.config import SEG_TOKEN, Conventions, PromptConfig
-from hsft.model.release.configs import internvl_config, llm_heads, sam2_config
+from hsft.model.release.configs import internvl_config, llm_heads, sam2_config, tiling_fields
 from hsft.model.release.keys import (
     internlm2_renamer,
     is_sam2_unused,
@@ -195,6 +195,7 @@ def import_sa2va(source_dir: str | os.PathLike, output_dir: str | os.PathLike, *
     """
     source = read_release(source_dir)
     tokenizer = _load_tokenizer(source)
+    tiling = tiling_fields(source.config, source.directory / "config.json")
     if dtype is not None and dtype not in ("float32", "bfloat16", "float16"):
         raise ReleaseError(f"dtype: must be float32, bfloat16 or float16, got {dtype!r}")
     sam_cfg = sam2_config(sam2_config_file)
@@ -227,7 +228,7 @@ def import_sa2va(source_dir: str | os.PathLike, output_dir: str | os.PathLike, *
     _load_strict(sam2, sam_state, False, source)
     vlm.generation_config.eos_token_id = single_token_id(tokenizer, IM_END)
     vlm.generation_config.pad_token_id = int(tokenizer.pad_token_id)
-    conventions = Conventions.release(bos_token=source.template == "internlm2_chat")
+    conventions = Conventions.release(bos_token=source.template == "internlm2_chat", **tiling)
     model = Sa2VAModel(vlm, sam2, tokenizer, prompt or PromptConfig(), fcs_hidden=fcs, conventions=conventions)
     model.text_hidden_fcs.load_state_dict(fcs_state, strict=True)
     model = model.to(target).eval()
