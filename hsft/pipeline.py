@@ -231,16 +231,22 @@ def _run_locked(cfg: RunConfig, ds_file_config: dict, out: Path) -> dict:
     return report
 
 
-def main(cfg: RunConfig) -> int:
-    """Run the pipeline; bad input ends with one clear line (HSFT_DEBUG=1 shows the traceback)."""
+def exit_code(prog: str, action: Callable[[], object]) -> int:
+    """Run `action` as a command named `prog`: 0 when it finishes; bad input ends with one clear line and
+    exit code 2, a run stopped by non-finite values with 3 (HSFT_DEBUG=1 shows the traceback)."""
     try:
-        run_pipeline(cfg)
+        action()
     except NonFiniteTrainingError as err:
-        print(f"hsft: stopped: {err}", file=sys.stderr)
+        print(f"{prog}: stopped: {err}", file=sys.stderr)
         return 3
     except (PipelineError, DeepSpeedConfigError, OutputDirInUse, ValueError, FileNotFoundError) as err:
         if os.environ.get("HSFT_DEBUG"):
             raise
-        print(f"hsft: error: {err}", file=sys.stderr)
+        print(f"{prog}: error: {err}", file=sys.stderr)
         return 2
     return 0
+
+
+def main(cfg: RunConfig) -> int:
+    """Run the pipeline; bad input ends with one clear line (HSFT_DEBUG=1 shows the traceback)."""
+    return exit_code("hsft", lambda: run_pipeline(cfg))

@@ -81,7 +81,9 @@ printf 'Wheel-Version: 1.0\nGenerator: hsft\nRoot-Is-Purelib: true\nTag: py3-non
 : > "$stub/RECORD"
 (cd "$work/stub" && "$PYTHON" -m zipfile -c "$work/torch-$TARGET_TORCH+installed-py3-none-any.whl" \
   "torch-$TARGET_TORCH+installed.dist-info")
-# The package's own dependencies (pyproject.toml), deepspeed's, and pytest for the device tests.
+# The package's own dependencies (pyproject.toml), deepspeed's, and pytest for the device tests;
+# not matplotlib (with its dependencies it would push the bundle past what travels): the GPU check's
+# experiments run without it and say that their plots were not drawn.
 "$PYTHON" - "$work/requirements.in" "$TARGET_TORCH" "$DEEPSPEED_VERSION" <<'PY'
 import sys
 import tomllib
@@ -89,7 +91,7 @@ from pathlib import Path
 
 out, torch_version, ds_version = sys.argv[1:]
 deps = tomllib.loads(Path("pyproject.toml").read_text())["project"]["dependencies"]
-lines = [d for d in deps if not d.replace(" ", "").startswith(("torch>", "torch=", "deepspeed"))]
+lines = [d for d in deps if not d.replace(" ", "").startswith(("torch>", "torch=", "deepspeed", "matplotlib"))]
 lines += [f"torch=={torch_version}+installed", f"deepspeed=={ds_version}", "pytest>=8"]
 Path(out).write_text("\n".join(lines) + "\n")
 PY

@@ -40,7 +40,7 @@ LOGS="$WORK/logs"
 STEPS=()
 FAILED=0
 # HSFT_CHECK_ONLY="install bench_step" runs only the named steps (default: every step but bench_step).
-ONLY="${HSFT_CHECK_ONLY:-install build ops ops_without_crash bench main}"
+ONLY="${HSFT_CHECK_ONLY:-install build ops ops_without_crash bench main experiments}"
 CAP_SCALE=1
 [ "$CPU" = 0 ] || CAP_SCALE=10
 
@@ -153,6 +153,11 @@ run_step bench 70 "$PY" launch/bench_kernels.py --device "$DEVICE" "${BENCH_ARGS
 run_step main "${HSFT_CHECK_MAIN_SECONDS:-200}" env HSFT_CACHE="$PWD/.hsft_cache" "$(dirname "$(command -v "$PY")")/deepspeed" --num_gpus 1 \
   launch/hsft.py --deepspeed ds_configs/zero2.json --precision "$PRECISION" --output-dir "$WORK/run" "${MAIN_ARGS[@]}"
 
+# The experiments runner on the accelerator: the smoke suite, one seed (every kind of run it makes).
+run_step experiments "${HSFT_CHECK_EXPERIMENTS_SECONDS:-150}" env HSFT_CACHE="$PWD/.hsft_cache" \
+  "$(dirname "$(command -v "$PY")")/deepspeed" --num_gpus 1 launch/experiments.py --deepspeed ds_configs/zero2.json \
+  --suite smoke --seeds 0 --output-dir "$WORK/experiments"
+
 # The real-shape step benchmark (random weights at Sa2VA-1B's sizes): LoRA and HSFT, cached and not.
 run_step bench_step 150 "$PY" launch/bench_step.py --shape sa2va-1b --stage lora,hsft --device "$DEVICE" \
   --dtype bfloat16 --steps 3 --warmup 1 --out "$WORK/bench_step"
@@ -181,13 +186,18 @@ run_step bench_step 150 "$PY" launch/bench_step.py --shape sa2va-1b --stage lora
   echo
   echo "## main command"
   if [ -f "$WORK/run/report.md" ]; then cat "$WORK/run/report.md"; else tail -n 20 "$LOGS/main.log" 2>/dev/null; fi
+  echo
+  echo "## experiments (smoke suite)"
+  if [ -f "$WORK/experiments/results.md" ]; then sed -n '/^## 4.4.1/,/^\*\*Reading/p' "$WORK/experiments/results.md"
+  else tail -n 20 "$LOGS/experiments.log" 2>/dev/null; fi
 } > "$OUT/summary.md"
 cp "$WORK"/bench/*.json "$OUT/bench_kernels.json" 2>/dev/null
 cp "$WORK"/bench/*.csv "$OUT/bench_kernels.csv" 2>/dev/null
 cp "$WORK/run/report.md" "$OUT/report.md" 2>/dev/null
 cp "$WORK"/bench_step/*.json "$OUT/" 2>/dev/null
+cp "$WORK/experiments/results.md" "$OUT/experiments_results.md" 2>/dev/null
 # Logs and results; no weights or checkpoints (they would not fit what comes back).
 tar -czf "$OUT/all.tar.gz" --exclude='*.pt' --exclude='*.safetensors' --exclude='global_step*' \
-  -C "$WORK" logs bench $(cd "$WORK" && ls -d run bench_step 2>/dev/null)
+  -C "$WORK" logs bench $(cd "$WORK" && ls -d run bench_step experiments/results.json 2>/dev/null)
 cat "$OUT/summary.md"
 exit "$FAILED"

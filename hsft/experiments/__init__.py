@@ -5,8 +5,6 @@ the plots (hsft.experiments.plots)."""
 
 from __future__ import annotations
 
-import os
-import sys
 from pathlib import Path
 
 __all__ = ["main"]
@@ -14,20 +12,7 @@ __all__ = ["main"]
 
 def main(cfg, suite: str, seeds: list[int], output_dir: Path, reference: Path | None = None) -> int:
     """Run the suite; bad input ends with one clear line (HSFT_DEBUG=1 shows the traceback)."""
-    from hsft.engine.ds_config import DeepSpeedConfigError
-    from hsft.engine.loop import NonFiniteTrainingError
-    from hsft.engine.output_lock import OutputDirInUse
     from hsft.experiments.runner import run_suite
-    from hsft.pipeline import PipelineError
+    from hsft.pipeline import exit_code
 
-    try:
-        run_suite(cfg, suite, seeds, output_dir, reference=reference)
-    except NonFiniteTrainingError as err:
-        print(f"experiments: stopped: {err}", file=sys.stderr)
-        return 3
-    except (PipelineError, DeepSpeedConfigError, OutputDirInUse, ValueError, FileNotFoundError) as err:
-        if os.environ.get("HSFT_DEBUG"):
-            raise
-        print(f"experiments: error: {err}", file=sys.stderr)
-        return 2
-    return 0
+    return exit_code("experiments", lambda: run_suite(cfg, suite, seeds, output_dir, reference=reference))

@@ -89,7 +89,14 @@ def draw_per_sample(body: dict, path: Path) -> None:
 
 
 def draw_plots(results: dict, suite: Suite, out_dir: Path) -> list[Path]:
-    """One PNG per grid table and one for the per-sample table; returns the files written."""
+    """One PNG per grid table and one for the per-sample table; returns the files written (none, with a
+    note, where matplotlib is missing: a GPU machine given only the wheels that travel)."""
+    try:
+        _pyplot()
+    except ImportError:
+        print("[experiments] plots not drawn: matplotlib is not installed (pip install matplotlib); the tables "
+              "and results.json are complete")
+        return []
     written = []
     for table in suite.tables:
         body = results["tables"][table.key]
