@@ -9,19 +9,27 @@ directory is untouched; a left-over partial directory is removed by the next sav
 Frozen parameters are not written (`exclude_frozen_parameters`): they are the input model's, which
 the stage reloads anyway, and for a large model they are nearly all of the bytes. Only the newest
 `keep` complete checkpoints of a stage are kept.
+
+A checkpoint resumes on any number of ranks. ZeRO-2 gives each rank one slice of the flattened
+optimizer state (fp32 master weights, AdamW moments), so DeepSpeed's ordinary load needs the number
+of ranks that wrote it. When that number differs, rank 0 converts the checkpoint once into DeepSpeed's
+universal format (one file per parameter and state, not partitioned) in `.universal-<tag>` beside it,
+written under a `.partial-` name and renamed when whole, the original untouched; every rank then
+loads its own new slice from it (`hsft.engine.universal`).
 """
 
 from __future__ import annotations
 
 import os
 import shutil
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 
-
-from hsft.engine import distributed, rng_state
+from hsft.engine import distributed, rng_state, universal, zero_state
+from hsft.engine.files import fsync_dir
 
 MARKER = "COMPLETE"
 PARTIAL_PREFIX = ".partial-"
@@ -47,25 +55,16 @@ def save(engine, ckpt_dir: Path, tag: str, client_state: dict[str, Any], keep: i
             # Only an incomplete leftover can sit here: COMPLETE never names a tag that is saved again.
             shutil.rmtree(final)
         os.replace(ckpt_dir / partial, final)
-        _fsync_dir(ckpt_dir)
+        fsync_dir(ckpt_dir)
         tmp = ckpt_dir / f".{MARKER}.tmp"
         with open(tmp, "w", encoding="utf-8") as handle:
             handle.write(tag + "\n")
             handle.flush()
             os.fsync(handle.fileno())
         os.replace(tmp, ckpt_dir / MARKER)
-        _fsync_dir(ckpt_dir)
+        fsync_dir(ckpt_dir)
         prune(ckpt_dir, keep)
     distributed.barrier()
-
-
-def _fsync_dir(path: Path) -> None:
-    # Makes the renames themselves durable, not only the files' contents.
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def prune(ckpt_dir: Path, keep: int) -> list[Path]:
@@ -79,6 +78,9 @@ def prune(ckpt_dir: Path, keep: int) -> list[Path]:
         tags = [p for p in tags if p.name <= current]
     removed = [p for p in tags[:max(0, len(tags) - keep)] if p.name != current]
     removed += [p for p in ckpt_dir.iterdir() if p.is_dir() and p.name.startswith(PARTIAL_PREFIX)]
+    # A universal copy only serves resuming from the checkpoint COMPLETE names, on another number of ranks.
+    removed += [p for p in ckpt_dir.iterdir()
+                if p.is_dir() and p.name.startswith(universal.PREFIX) and p.name != universal.PREFIX + str(current)]
     for path in removed:
         shutil.rmtree(path)
     return removed
@@ -93,25 +95,62 @@ def latest_tag(ckpt_dir: Path) -> str | None:
     return tag if tag and (Path(ckpt_dir) / tag).is_dir() else None
 
 
-def load(engine, ckpt_dir: Path, tag: str) -> dict[str, Any]:
+@dataclass(frozen=True)
+class ResumePoint:
+    """The newest complete checkpoint of a stage, and how many ranks wrote it and now run."""
+
+    ckpt_dir: Path
+    tag: str
+    saved_world: int | None  # None: no ZeRO optimizer state in it (nothing partitioned by rank)
+    world: int
+
+    @property
+    def path(self) -> Path:
+        return self.ckpt_dir / self.tag
+
+    @property
+    def ranks_changed(self) -> bool:
+        return self.saved_world is not None and self.saved_world != self.world
+
+
+def resume_point(ckpt_dir: Path, world: int) -> ResumePoint | None:
+    """Where `load` would resume from, or None when the stage has no complete checkpoint. Known before
+    the engine is built, because DeepSpeed must be told at initialize to read a universal checkpoint."""
+    tag = latest_tag(ckpt_dir)
+    if tag is None:
+        return None
+    return ResumePoint(Path(ckpt_dir), tag, saved_world_size(Path(ckpt_dir) / tag), world)
+
+
+def ds_config_for(point: ResumePoint | None, ds_config: dict[str, Any]) -> dict[str, Any]:
+    """The DeepSpeed config to build the engine with for resuming from `point`."""
+    if point is None or not point.ranks_changed:
+        return ds_config
+    return {**ds_config, "checkpoint": {**ds_config.get("checkpoint", {}), "load_universal": True}}
+
+
+def load(engine, point: ResumePoint) -> dict[str, Any]:
     """Restore model, optimizer and scheduler state and this rank's RNG state; return the client state.
 
-    The module state holds only the trainable parameters (frozen ones are excluded when saving), hence
-    the non-strict module load; the trainable ones are checked against it by name.
+    The engine must have been built with `ds_config_for(point, ...)`. The module state holds only the
+    trainable parameters (frozen ones are excluded when saving), hence the non-strict module load; the
+    trainable ones are checked against it by name. On another number of ranks the trainable parameters
+    and their optimizer state come from the universal copy (DeepSpeed sets the module's weights from
+    the fp32 master weights there); the client state, scheduler and RNG files from the original.
     """
-    path = Path(ckpt_dir) / tag
-    saved_world = saved_world_size(path)
-    if saved_world not in (None, distributed.world_size()):
-        # DeepSpeed partitions ZeRO optimizer state by rank and cannot re-partition it on load.
-        raise ValueError(f"{path}: written by {saved_world} rank(s), this run has {distributed.world_size()}; "
-                         f"resuming on another number of ranks is not supported: resume with {saved_world} rank(s)")
-    loaded, client_state = engine.load_checkpoint(str(ckpt_dir), tag=tag, load_optimizer_states=True,
+    path = point.path
+    load_dir, tag = point.ckpt_dir, point.tag
+    if point.ranks_changed:
+        load_dir = universal.ensure_converted(path)
+    loaded, client_state = engine.load_checkpoint(str(load_dir), tag=tag, load_optimizer_states=True,
                                                   load_lr_scheduler_states=True, load_module_strict=False)
     if loaded is None:
         raise RuntimeError(f"could not load the DeepSpeed checkpoint {path}")
+    if point.ranks_changed:
+        _load_buffers(engine.module, path)
     saved = client_state.pop("hsft_trainable", None)
     if saved is not None:
-        now = sorted(n for n, p in engine.module.named_parameters() if p.requires_grad)
+        now = trainable_names(engine)
         if now != saved:
             missing = sorted(set(now) - set(saved))[:3]
             extra = sorted(set(saved) - set(now))[:3]
@@ -122,6 +161,14 @@ def load(engine, ckpt_dir: Path, tag: str) -> dict[str, Any]:
         rng_state.restore(state)
     client_state["hsft_rng_restored"] = state is not None
     return client_state
+
+
+def _load_buffers(module: torch.nn.Module, tag_dir: Path) -> None:
+    # DeepSpeed's universal load skips the saved module state, which also holds the module's buffers (running
+    # statistics, if a module keeps any): restore them as the ordinary load does.
+    saved = torch.load(tag_dir / "mp_rank_00_model_states.pt", map_location="cpu", weights_only=False)["module"]
+    buffers = {name for name, _ in module.named_buffers()}
+    module.load_state_dict({name: value for name, value in saved.items() if name in buffers}, strict=False)
 
 
 def fp32_weights(ckpt_dir: Path) -> dict[str, torch.Tensor]:
@@ -138,10 +185,11 @@ def fp32_weights(ckpt_dir: Path) -> dict[str, torch.Tensor]:
         raise RuntimeError(f"no complete checkpoint under {ckpt_dir}")
     state = get_fp32_state_dict_from_zero_checkpoint(str(ckpt_dir), tag=tag)
     return {k: v.float() for k, v in state.items()}
+
+
 def saved_world_size(tag_dir: Path) -> int | None:
     """How many ranks wrote a checkpoint: one ZeRO optimizer-state file each (None: not a ZeRO checkpoint)."""
-    files = list(Path(tag_dir).glob("*zero_pp_rank_*_mp_rank_00_optim_states.pt"))
-    return len(files) or None
+    return len(zero_state.optimizer_files(tag_dir)) or None
 
 
 def trainable_names(engine) -> list[str]:

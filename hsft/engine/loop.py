@@ -20,9 +20,9 @@ from torch import nn
 from tqdm import tqdm
 
 from hsft.config import TrainConfig
-from hsft.engine import checkpoint, distributed
+from hsft.engine import checkpoint, distributed, rng_state
 from hsft.engine.ds_config import stage_ds_config
-from hsft.engine.schedule import build_scheduler
+from hsft.engine.schedule import build_scheduler, move_to_step
 from hsft.engine.context import RunContext
 from hsft.engine.tensorboard import TBWriter
 
@@ -112,6 +112,29 @@ def _seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
+def _rank_change_note(stage: str, point: checkpoint.ResumePoint, state: dict[str, Any], global_batch: int,
+                      saved_steps_per_epoch: int, steps_per_epoch: int, new_ranks: bool) -> str:
+    """What resuming on another number of ranks restores exactly and what it cannot reproduce."""
+    saved_batch = state.get("global_batch", "?")
+    lines = [f"[{stage}] the checkpoint was written by {point.saved_world} rank(s), this run has {point.world}: "
+             f"the trained weights, their fp32 master copies, the AdamW moments and the schedule's step are "
+             f"restored exactly (re-partitioned from the universal copy {point.ckpt_dir}/.universal-{point.tag}).",
+             f"[{stage}] from here the run is not bit for bit what it would have been on {point.saved_world} "
+             f"rank(s): every epoch visits the samples in the same seeded order, but each step's samples are split "
+             f"over the ranks differently, so the random draws (dropout masks) differ and the gradient average is "
+             f"rounded differently."]
+    if new_ranks:
+        lines.append(f"[{stage}] rank(s) the checkpoint has no RNG state for start from a seed derived from the "
+                     f"run seed, the rank and the epoch (the same on every resume).")
+    if saved_steps_per_epoch != steps_per_epoch:
+        lines.append(f"[{stage}] the global batch is {global_batch} (micro-batch x accumulation x ranks), it was "
+                     f"{saved_batch}: the optimizer steps see other groups of samples, an epoch takes "
+                     f"{steps_per_epoch} step(s) instead of {saved_steps_per_epoch}, and the learning-rate schedule, "
+                     f"laid over the new step count, continues from this epoch boundary's place in it. Keep the "
+                     f"global batch (e.g. double the micro-batch when halving the ranks) to keep the steps the same.")
+    return "\n".join(lines)
+
+
 def sample_ids(task: TrainTask, indices: list[int]) -> list[str]:
     """The ids of these training-set indices, for log lines that must point at the data."""
     named = getattr(task, "sample_ids", None)
@@ -143,33 +166,39 @@ def train(task: TrainTask, cfg: TrainConfig, ctx: RunContext, *, stage_dir: Path
     _seed_everything(seed)
     optimizer = torch.optim.AdamW(param_groups(task.module, cfg.weight_decay), lr=cfg.lr, betas=cfg.betas)
     scheduler = build_scheduler(optimizer, total_steps, warmup_steps, cfg.lr, cfg.min_lr)
+    point = checkpoint.resume_point(ckpt_dir, world) if resume else None
     engine, _, _, _ = deepspeed.initialize(model=task.module, optimizer=optimizer, lr_scheduler=scheduler,
-                                           config=stage_ds_config(ctx.ds_config, cfg))
+                                           config=checkpoint.ds_config_for(point, stage_ds_config(ctx.ds_config, cfg)))
     dtype = next(p for p in engine.module.parameters()).dtype
     device = engine.device  # the batch follows the model onto this rank's accelerator
 
     # --- resume -----------------------------------------------------------------------------------
     first_epoch, global_step, stage_steps, skipped_total = 0, step_offset, 0, 0
     resumed_from = None
-    if resume and (tag := checkpoint.latest_tag(ckpt_dir)) is not None:
-        loaded = checkpoint.load(engine, ckpt_dir, tag)
+    if point is not None:
+        loaded = checkpoint.load(engine, point)
         state = loaded["hsft"]
         if state.get("stage") != task.name or state.get("seed") != seed:
-            raise ValueError(f"{ckpt_dir / tag}: checkpoint of stage {state.get('stage')!r} seed {state.get('seed')}, "
+            raise ValueError(f"{point.path}: checkpoint of stage {state.get('stage')!r} seed {state.get('seed')}, "
                              f"cannot resume stage {task.name!r} seed {seed}")
         first_epoch, global_step = state["epoch"], state["global_step"]
         stage_steps, skipped_total = state["stage_steps"], state["skipped_steps"]
-        resumed_from = str(ckpt_dir / tag)
+        resumed_from = str(point.path)
         if not loaded["hsft_rng_restored"]:
-            # Written by fewer ranks than now run: this rank continues on its own fresh stream, so its dropout
-            # masks (not the data order, which is seeded per epoch) differ from an uninterrupted run.
-            _seed_everything(seed + 1000003 * (rank + 1) + first_epoch)
-        rng_note = ("; no saved RNG state for some rank(s): their dropout draws differ from an uninterrupted run"
-                    if distributed.any_rank(not loaded["hsft_rng_restored"]) else "")
+            # A rank the checkpoint has no RNG state for (it was written by fewer ranks) starts a fresh stream
+            # derived from the run seed, its rank and the epoch: see rng_state.seed_for_new_rank.
+            _seed_everything(rng_state.seed_for_new_rank(seed, rank, first_epoch))
+        new_ranks = distributed.any_rank(not loaded["hsft_rng_restored"])
+        # The schedule counts optimizer steps; with another global batch an epoch has another number of them,
+        # so the schedule continues from this epoch boundary's place in the new count.
+        saved_steps_per_epoch = stage_steps // first_epoch if first_epoch else steps_per_epoch
+        if saved_steps_per_epoch != steps_per_epoch:
+            move_to_step(scheduler, first_epoch * steps_per_epoch)
         if distributed.is_main():
-            saved_world = state.get("world_size", world)
-            ranks = f", written by {saved_world} rank(s), now {world}" if saved_world != world else ""
-            print(f"[{task.name}] resumed from {resumed_from} (epoch {first_epoch}, step {global_step}{ranks}){rng_note}")
+            print(f"[{task.name}] resumed from {resumed_from} (epoch {first_epoch}, step {global_step})")
+            if point.ranks_changed or new_ranks:
+                print(_rank_change_note(task.name, point, state, global_batch, saved_steps_per_epoch,
+                                        steps_per_epoch, new_ranks))
 
     trainable = checkpoint.trainable_names(engine)
 
@@ -177,14 +206,14 @@ def train(task: TrainTask, cfg: TrainConfig, ctx: RunContext, *, stage_dir: Path
         # Namespaced: DeepSpeed keeps keys such as skipped_steps / global_steps for itself.
         return {"hsft": {"stage": task.name, "epoch": epoch_done, "global_step": global_step,
                          "stage_steps": stage_steps, "skipped_steps": skipped_total, "seed": seed,
-                         "world_size": world, **task.client_state()},
+                         "world_size": world, "global_batch": global_batch, **task.client_state()},
                 "hsft_trainable": trainable}
 
     result = TrainResult(global_step=global_step, optimizer_steps=stage_steps, skipped_steps=skipped_total,
                          resumed_from=resumed_from)
     consecutive_skips = 0
-    progress = tqdm(total=total_steps, initial=stage_steps, desc=f"{task.name}", unit="step",
-                    disable=not distributed.is_main(), dynamic_ncols=True)
+    progress = tqdm(total=total_steps, initial=first_epoch * steps_per_epoch, desc=f"{task.name}",
+                    unit="step", disable=not distributed.is_main(), dynamic_ncols=True)
 
     for epoch in range(first_epoch, cfg.epochs):
         engine.train()

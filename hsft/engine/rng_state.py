@@ -15,7 +15,7 @@ from typing import Any
 import numpy as np
 import torch
 
-__all__ = ["capture", "file_for_rank", "load", "restore", "save"]
+__all__ = ["capture", "file_for_rank", "load", "restore", "save", "seed_for_new_rank"]
 
 FORMAT_VERSION = 1
 
@@ -67,3 +67,15 @@ def load(tag_dir: Path, rank: int) -> dict[str, Any] | None:
         return None
     # The file holds numpy arrays and tuples besides tensors, and was written by this module.
     return torch.load(path, weights_only=False)
+
+
+def seed_for_new_rank(seed: int, rank: int, epoch: int) -> int:
+    """The seed of a rank that resumes from a checkpoint holding no RNG state for it (written by fewer ranks).
+
+    Ranks the checkpoint has a state for restore it; there is no state that "would have been" this
+    rank's, so it gets one derived from (run seed, rank, epoch of the resume point) through numpy's
+    SeedSequence: deterministic (resuming again on the same ranks draws the same masks), different
+    for every rank (no two ranks share dropout masks) and for every resume epoch, and unrelated to the
+    streams seeded from the run seed itself.
+    """
+    return int(np.random.SeedSequence([seed, rank, epoch]).generate_state(1, dtype=np.uint32)[0])

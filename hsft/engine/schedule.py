@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import warnings
 
 import torch
 
@@ -22,3 +23,12 @@ def build_scheduler(optimizer: torch.optim.Optimizer, total_steps: int, warmup_s
     return torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda step: cosine_with_warmup(step, total_steps, warmup_steps, peak, floor) / peak
     )
+
+
+def move_to_step(scheduler: torch.optim.lr_scheduler.LambdaLR, step: int) -> None:
+    """Put the schedule where it is after `step` optimizer steps, learning rates included."""
+    scheduler.last_epoch = step - 1
+    with warnings.catch_warnings():
+        # "lr_scheduler.step() before optimizer.step()": no optimizer step is being skipped here.
+        warnings.simplefilter("ignore", UserWarning)
+        scheduler.step()
