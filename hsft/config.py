@@ -302,6 +302,11 @@ class EvalConfig:
         metadata={"help": "paired-bootstrap resamples for the 95 percent interval of a mean Dice difference"},
     )
     bootstrap_seed: int = field(default=0, metadata={"help": "seed of the paired bootstrap"})
+    evaluate_start: bool = field(
+        default=True,
+        metadata={"help": "also evaluate the model the first stage started from (off: only the models the run "
+                          "trained, e.g. when the starting model was evaluated already)"},
+    )
 
     def validate(self) -> None:
         _check(self.batch_size >= 1, "eval.batch_size", "must be >= 1")

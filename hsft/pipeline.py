@@ -181,7 +181,7 @@ def _run_locked(cfg: RunConfig, ds_file_config: dict, out: Path) -> dict:
     if cfg.stages[0] != STAGE_ORDER[0]:
         _continue_global_step(ctx, STAGE_ORDER[STAGE_ORDER.index(cfg.stages[0]) - 1])
     current, start_label = _starting_model(ctx)
-    if current is not None:
+    if current is not None and cfg.eval.evaluate_start:
         ctx.models.append(("start", current))
     results: dict[str, StageResult] = {}
     written: dict[str, str] = {}

@@ -104,7 +104,9 @@ def measure_train_dice(cfg: RunConfig, model: Path, out_file: Path) -> None:
 
 
 def arm_config(cfg: RunConfig, arm: Arm, seed: int, prefix: Path) -> RunConfig:
-    arm_cfg = replace_nested(cfg, **dict(arm.overrides))
+    # The DPO model was evaluated in the prefix, with overlays: an arm evaluates only what it trained.
+    arm_cfg = replace_nested(cfg, **{"eval.evaluate_start": False, "eval.overlays": 0, "eval.fixed_overlays": 0,
+                                     **dict(arm.overrides)})
     stages = (("mining",) if arm.remine else ()) + (arm.stage, "eval")
     return dataclasses.replace(arm_cfg, seed=seed, start_model=str(model_dir(prefix / "dpo")), stages=stages)
 
