@@ -131,6 +131,12 @@ class LoraStageConfig:
                           "text_hidden_fcs gets no gradient and stays frozen)"},
     )
 
+    train_mask_decoder: bool = field(
+        default=False,
+        metadata={"help": "also train the SAM2 mask decoder with its prompt encoder (not conv_s0/conv_s1) on the mask "
+                          "loss, as Sa2VA's own fine-tuning does (published recipe: off, CE alone; needs "
+                          "--lora-mask-loss-weight > 0)"},
+    )
     seg_rows: bool | None = field(
         default=None,
         metadata={"help": "also train the [SEG] rows of the input embedding and the LM head, as Sa2VA does "
@@ -143,6 +149,8 @@ class LoraStageConfig:
         _check(self.alpha > 0, "lora.alpha", f"must be > 0, got {self.alpha}")
         _check(0 <= self.dropout < 1, "lora.dropout", f"must lie in [0, 1), got {self.dropout}")
         _check(self.mask_loss_weight >= 0, "lora.mask_loss_weight", "must be >= 0")
+        _check(not self.train_mask_decoder or self.mask_loss_weight > 0, "lora.train_mask_decoder",
+               "the mask decoder only gets a gradient from the mask loss: set --lora-mask-loss-weight > 0")
 
 
 DPO_LOSSES = ("sigmoid", "ipo", "hinge", "robust")
