@@ -94,6 +94,12 @@ class BaseStageConfig:
         metadata={"help": "pre-training domain: 'other-style' (desaturated, clean images: not the target domain) or "
                           "'target' (the target distribution itself)"},
     )
+    referring: bool = field(
+        default=True,
+        metadata={"help": "ask three questions of every pool image (vessels, optic disc, field of view, each worded "
+                          "unlike the target's question), so the mask decoder must read the [SEG] state; false: "
+                          "the target's question alone"},
+    )
     mask_loss_weight: float = field(default=1.0, metadata={"help": "weight of Dice+BCE next to the LM loss"})
     cache_dir: str | None = field(
         default=None, metadata={"help": "where the pre-trained base is cached (default: $HSFT_CACHE or ~/.cache/hsft)"}
