@@ -85,17 +85,17 @@ class BaseStageConfig:
 
     train: TrainConfig = field(
         default_factory=lambda: TrainConfig(
-            epochs=30, micro_batch=8, grad_accum=1, lr=3e-3, min_lr=3e-5, warmup_ratio=0.05, weight_decay=0.01
+            epochs=8, micro_batch=8, grad_accum=1, lr=3e-3, min_lr=3e-5, warmup_ratio=0.05, weight_decay=0.01
         )
     )
-    pool_size: int = field(default=192, metadata={"help": "synthetic images in the pre-training pool"})
+    pool_size: int = field(default=96, metadata={"help": "synthetic images in the pre-training pool"})
     source: str = field(
         default="other-style",
         metadata={"help": "pre-training domain: 'other-style' (desaturated, clean images: not the target domain) or "
                           "'target' (the target distribution itself)"},
     )
     referring: bool = field(
-        default=True,
+        default=False,
         metadata={"help": "ask three questions of every pool image (vessels, optic disc, field of view, each worded "
                           "unlike the target's question), so the mask decoder must read the [SEG] state; false: "
                           "the target's question alone"},

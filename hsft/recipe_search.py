@@ -33,9 +33,9 @@ __all__ = ["DEFAULT_GRID", "SearchPoint", "search_recipe", "format_table"]
 # values tried. Each stage's grid is the product of its settings' values.
 SEARCH_STAGES = {"lora": ("lora",), "dpo": ("dpo",), "hsft": ("mining", "hsft")}
 DEFAULT_GRID: dict[str, dict[str, list]] = {
-    "lora": {"lora.train.lr": [3e-4, 1e-3, 3e-3], "lora.train.epochs": [2, 3]},
-    "dpo": {"dpo.train.lr": [3e-5, 1e-4, 3e-4]},
-    "hsft": {"hsft.train.lr": [3e-5, 1e-4, 3e-4]},
+    "lora": {"lora.train.lr": [1e-3, 3e-3, 1e-2], "lora.train.epochs": [2, 3]},
+    "dpo": {"dpo.train.lr": [1e-4, 3e-4, 1e-3]},
+    "hsft": {"hsft.train.lr": [1e-4, 3e-4, 1e-3]},
 }
 
 
