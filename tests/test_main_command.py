@@ -104,6 +104,22 @@ def test_the_control_beside_hsft_and_each_stages_effect_with_an_interval(full_ru
     assert "| control |" in text and "hsft - control" in text and "loss over the hard set" in text
 
 
+def test_lora_changes_the_held_out_masks(full_run):
+    """Regression: with LoRA training nothing on the mask path of a decoder that ignores the [SEG] prompt,
+    every held-out image kept stage 0's Dice exactly. The tiny recipe trains the mask decoder in LoRA, so
+    its masks must differ from stage 0's on a good part of the held-out images."""
+    import csv
+
+    tmp, _ = full_run
+    dice = {}
+    for stage in ("base", "lora"):
+        with open(tmp / "run" / "eval" / stage / "per_sample.csv", newline="") as handle:
+            dice[stage] = {row["id"]: float(row["generate_dice"]) for row in csv.DictReader(handle)}
+    assert dice["base"].keys() == dice["lora"].keys()
+    changed = [i for i in dice["base"] if abs(dice["lora"][i] - dice["base"][i]) > 1e-3]
+    assert len(changed) >= len(dice["base"]) // 3, f"LoRA changed the Dice of only {len(changed)} held-out images"
+
+
 @pytest.mark.parametrize("stage", ["lora", "dpo", "hsft", "control"])
 def test_a_stage_that_changes_its_weights_logs_a_nonzero_grad_norm(full_run, stage):
     tmp, _ = full_run
