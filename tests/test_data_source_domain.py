@@ -72,7 +72,7 @@ def test_stage_0_asks_each_pool_sample_its_own_question(tiny_model):
     from hsft.stages.base import BaseTask, pool_for
     from hsft.stages.training import Validation
 
-    cfg = BaseStageConfig(pool_size=8)
+    cfg = BaseStageConfig(pool_size=8, referring=True)
     pool, held, questions = pool_for(cfg, DataConfig(synthetic_size=48), 0)
     assert len(pool) == 24 and len(held) == 4 and set(questions) == {s.id for s in pool}
     task = BaseTask(tiny_model, pool, cfg, Validation([], 1, 1), questions)
@@ -82,6 +82,6 @@ def test_stage_0_asks_each_pool_sample_its_own_question(tiny_model):
     for text, sample in zip(texts, pool[:3]):
         assert questions[sample.id] in text
     assert [m.sum().item() for m in batch.masks] == [int(s.mask.sum()) for s in pool[:3]]
-    # Without referring, the pool is the plain images, asked the default question.
-    plain, _, none = pool_for(BaseStageConfig(pool_size=8, referring=False), DataConfig(synthetic_size=48), 0)
+    # Without referring (the default), the pool is the plain images, asked the default question.
+    plain, _, none = pool_for(BaseStageConfig(pool_size=8), DataConfig(synthetic_size=48), 0)
     assert len(plain) == 8 and none == {}
