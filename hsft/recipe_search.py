@@ -63,15 +63,22 @@ def _label(values: dict[str, object]) -> str:
     return "-".join(f"{key.split('.')[-1]}{value}" for key, value in values.items())
 
 
-def _validation_dice(cfg: RunConfig, model_dir: Path, splits) -> float:
-    """The validation Dice of a model directory, measured as the stages' epoch validation measures it."""
+def _precision(cfg: RunConfig) -> str:
+    """The precision a run of `cfg` trains in on this machine."""
     from hsft.engine import distributed
-    from hsft.engine.context import DTYPES, run_precision
+    from hsft.engine.context import run_precision
     from hsft.engine.ds_config import load_ds_config
 
-    device = distributed.local_device()
-    dtype = DTYPES[run_precision(cfg, load_ds_config(cfg.deepspeed), device)]
-    model = load_model(model_dir, device=device, dtype=dtype)
+    return run_precision(cfg, load_ds_config(cfg.deepspeed), distributed.local_device())
+
+
+def _validation_dice(cfg: RunConfig, model_dir: Path, splits) -> float:
+    """The validation Dice of a model directory, measured as the stages' epoch validation measures it
+    (in the run's precision, which `cfg` holds)."""
+    from hsft.engine import distributed
+    from hsft.engine.context import DTYPES
+
+    model = load_model(model_dir, device=distributed.local_device(), dtype=DTYPES[cfg.precision])
     return validation_metrics(model, splits.val, batch_size=cfg.mining.batch_size,
                               max_new_tokens=cfg.mining.max_new_tokens)["val_dice"]
 
@@ -85,6 +92,10 @@ def search_recipe(out_dir: Path, *, base: RunConfig | None = None, grid: dict[st
 
     out_dir = Path(out_dir)
     cfg = base or recipe_config("tiny")
+    # Every point starts from a saved model (--model), which would make it follow the DeepSpeed config's
+    # precision; pin the precision the embedded default run itself trains in, so the grid scores what
+    # the default run does.
+    cfg = replace(cfg, precision=_precision(cfg))
     grid = DEFAULT_GRID if grid is None else grid
     unknown = set(grid) - set(SEARCH_STAGES)
     if unknown:
