@@ -91,15 +91,15 @@ def search_recipe(out_dir: Path, *, base: RunConfig | None = None, grid: dict[st
     from hsft.pipeline import run_pipeline
 
     out_dir = Path(out_dir)
+    grid = DEFAULT_GRID if grid is None else grid
+    unknown = set(grid) - set(SEARCH_STAGES)
+    if unknown:
+        raise ValueError(f"grid: unknown stage(s) {sorted(unknown)}; searchable stages are {', '.join(SEARCH_STAGES)}")
     cfg = base or recipe_config("tiny")
     # Every point starts from a saved model (--model), which would make it follow the DeepSpeed config's
     # precision; pin the precision the embedded default run itself trains in, so the grid scores what
     # the default run does.
     cfg = replace(cfg, precision=_precision(cfg))
-    grid = DEFAULT_GRID if grid is None else grid
-    unknown = set(grid) - set(SEARCH_STAGES)
-    if unknown:
-        raise ValueError(f"grid: unknown stage(s) {sorted(unknown)}; searchable stages are {', '.join(SEARCH_STAGES)}")
     splits = load_splits(cfg.data)
     if not splits.val:
         raise ValueError("data.val_fraction: the search scores on the validation split, which is empty")
