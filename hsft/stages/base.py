@@ -6,10 +6,11 @@ desaturated colours, clean easy images), so later stages start from a model that
 "Sure, [SEG]." and segments the target moderately well, with a domain to adapt to and real hard
 samples for HSFT. `source` "target" pre-trains on the target distribution itself.
 
-With `referring` (the default) every pool image is asked three questions whose masks differ (the
+With `referring` (off by default) every pool image is asked three questions whose masks differ (the
 vessels, the optic disc, the field of view; hsft.data.source_domain.REFERRING_QUESTIONS), so the mask
-decoder must read the [SEG] state, and the target's own question is new to the model: LoRA, which
-adapts the language model, then has a path to the masks.
+decoder must read the [SEG] state, and the target's own question is new to the model. Measured (README
+"Recipes"): stage 0 then answers the target question with about the whole field of view, and LoRA does
+not move that, so the default pre-trains on the target's question alone.
 
 The result is cached under $HSFT_CACHE (default ~/.cache/hsft) keyed by everything that shapes it,
 so later runs reuse it.
