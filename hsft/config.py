@@ -91,14 +91,20 @@ class BaseStageConfig:
 
     train: TrainConfig = field(
         default_factory=lambda: TrainConfig(
-            epochs=30, micro_batch=8, grad_accum=1, lr=3e-3, min_lr=3e-5, warmup_ratio=0.05, weight_decay=0.01
+            epochs=8, micro_batch=8, grad_accum=1, lr=3e-3, min_lr=3e-5, warmup_ratio=0.05, weight_decay=0.01
         )
     )
-    pool_size: int = field(default=192, metadata={"help": "synthetic images in the pre-training pool"})
+    pool_size: int = field(default=96, metadata={"help": "synthetic images in the pre-training pool"})
     source: str = field(
         default="other-style",
         metadata={"help": "pre-training domain: 'other-style' (desaturated, clean images: not the target domain) or "
                           "'target' (the target distribution itself)"},
+    )
+    referring: bool = field(
+        default=False,
+        metadata={"help": "ask three questions of every pool image (vessels, optic disc, field of view, each worded "
+                          "unlike the target's question), so the mask decoder must read the [SEG] state; false: "
+                          "the target's question alone"},
     )
     mask_loss_weight: float = field(default=1.0, metadata={"help": "weight of Dice+BCE next to the LM loss"})
     cache_dir: str | None = field(
@@ -137,6 +143,12 @@ class LoraStageConfig:
                           "text_hidden_fcs gets no gradient and stays frozen)"},
     )
 
+    train_mask_decoder: bool = field(
+        default=False,
+        metadata={"help": "also train the SAM2 mask decoder with its prompt encoder (not conv_s0/conv_s1) on the mask "
+                          "loss, as Sa2VA's own fine-tuning does (published recipe: off, CE alone; needs "
+                          "--lora-mask-loss-weight > 0)"},
+    )
     seg_rows: bool | None = field(
         default=None,
         metadata={"help": "also train the [SEG] rows of the input embedding and the LM head, as Sa2VA does "
@@ -149,6 +161,8 @@ class LoraStageConfig:
         _check(self.alpha > 0, "lora.alpha", f"must be > 0, got {self.alpha}")
         _check(0 <= self.dropout < 1, "lora.dropout", f"must lie in [0, 1), got {self.dropout}")
         _check(self.mask_loss_weight >= 0, "lora.mask_loss_weight", "must be >= 0")
+        _check(not self.train_mask_decoder or self.mask_loss_weight > 0, "lora.train_mask_decoder",
+               "the mask decoder only gets a gradient from the mask loss: set --lora-mask-loss-weight > 0")
 
 
 DPO_LOSSES = ("sigmoid", "ipo", "hinge", "robust")

@@ -35,3 +35,53 @@ def test_source_style_is_another_colour_and_population_with_the_same_annotation(
     assert red_over_green(target) > 1.5 and red_over_green(restyled) < 1.2
     assert red_over_green(source) < red_over_green(make_fundus(POOL_SEED_BASE, 64, difficulty=SOURCE_DIFFICULTY))
     assert 0 < MIN_STRENGTH < 1
+
+
+def test_every_pool_image_is_asked_three_questions_whose_masks_differ():
+    from hsft.data.source_domain import REFERRING_QUESTIONS, pool_seeds, referring_source_pool
+    from hsft.data.synthetic import optic_disc_mask
+    from hsft.model.config import PromptConfig
+
+    items = referring_source_pool(2, seed=0, size=64)
+    images = source_domain_pool(2, seed=0, size=64)
+    assert [item.instruction for item in items] == [q for _ in images for _, q in REFERRING_QUESTIONS]
+    # The target's own question is none of them: it is new to stage 0.
+    assert PromptConfig().instruction not in {q for _, q in REFERRING_QUESTIONS}
+    for k, image in enumerate(images):
+        vessels, disc, fov = (item.sample for item in items[3 * k:3 * k + 3])
+        assert all(np.array_equal(s.image, image.image) for s in (vessels, disc, fov))
+        assert np.array_equal(vessels.mask, image.mask) and np.array_equal(fov.mask, image.fov)
+        # The disc is a compact blob inside the field of view, unlike the vessels and the aperture.
+        assert 0.005 < disc.mask.sum() / image.fov.sum() < 0.05 and not (disc.mask & ~image.fov).any()
+        assert len({vessels.mask.tobytes(), disc.mask.tobytes(), fov.mask.tobytes()}) == 3
+        # Asked for the field of view, every pixel counts (inside it the answer would be trivial).
+        assert fov.fov is None and vessels.fov is not None and disc.fov is not None
+    assert len({item.sample.id for item in items}) == len(items)
+    # The disc mask is the disc that was drawn: it is the brightest part of the image.
+    seed = pool_seeds(1)[0]
+    sample = make_fundus(seed, 64)
+    disc = optic_disc_mask(seed, 64)
+    brightness = sample.image.astype(float).sum(-1)
+    assert brightness[disc].mean() > brightness[sample.fov & ~disc].mean() + 100
+
+
+def test_stage_0_asks_each_pool_sample_its_own_question(tiny_model):
+    import torch
+
+    from hsft.config import BaseStageConfig
+    from hsft.stages.base import BaseTask, pool_for
+    from hsft.stages.training import Validation
+
+    cfg = BaseStageConfig(pool_size=8, referring=True)
+    pool, held, questions = pool_for(cfg, DataConfig(synthetic_size=48), 0)
+    assert len(pool) == 24 and len(held) == 4 and set(questions) == {s.id for s in pool}
+    task = BaseTask(tiny_model, pool, cfg, Validation([], 1, 1), questions)
+    batch = task.make_batch([0, 1, 2], torch.float32, torch.device("cpu"))
+    texts = [tiny_model.chat.tokenizer.decode(ids) for ids in batch.tokens.input_ids]
+    assert [q for q in questions.values()][:3] == [questions[s.id] for s in pool[:3]]
+    for text, sample in zip(texts, pool[:3]):
+        assert questions[sample.id] in text
+    assert [m.sum().item() for m in batch.masks] == [int(s.mask.sum()) for s in pool[:3]]
+    # Without referring (the default), the pool is the plain images, asked the default question.
+    plain, _, none = pool_for(BaseStageConfig(pool_size=8), DataConfig(synthetic_size=48), 0)
+    assert len(plain) == 8 and none == {}

@@ -22,10 +22,13 @@ def test_the_embedded_default_starts_from_tiny_and_a_real_checkpoint_from_paper(
     assert tiny.recipe == "tiny"
     assert tiny.lora.train.lr == RECIPES["tiny"]["lora.train.lr"] and tiny.dpo.normalisation == "disagree"
     assert tiny.hsft.train.lr == RECIPES["tiny"]["hsft.train.lr"] and tiny.lora.mask_loss_weight == 1.0
+    # The tiny recipe's LoRA stage also trains the mask decoder (as Sa2VA's own fine-tuning does).
+    assert tiny.lora.train_mask_decoder is True
     paper = parse(["--model", "some/dir"])
     assert paper.recipe == "paper"
     # The published settings: LoRA with the cross-entropy loss alone, DPO lr 1e-6, HSFT lr 1e-5.
     assert paper.lora.mask_loss_weight == 0.0 and paper.lora.rank == 64 and paper.lora.train.lr == 2e-4
+    assert paper.lora.train_mask_decoder is False and paper.lora.train.epochs == 3
     assert paper.dpo.train.lr == 1e-6 and paper.dpo.normalisation == "mean" and paper.hsft.train.lr == 1e-5
     assert parse(["--model-vlm", "v", "--model-sam2", "s"]).recipe == "paper"
 

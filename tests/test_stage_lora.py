@@ -134,3 +134,28 @@ def test_the_seg_rows_train_and_go_into_the_merged_model(tmp_path, tiny_model_di
     assert torch.equal(table_before[others], table_after[others])  # no other row moved
     saved = load_file(str(tmp_path / "run" / "lora" / lora.NON_LORA_FILE))
     assert torch.equal(saved["seg_rows.input_rows"][0], table_after[seg].float())
+
+
+def test_the_mask_decoder_trains_with_the_adapters_when_asked_and_goes_into_the_merged_model(
+        tmp_path, tiny_model_dir, make_context):
+    start = tiny_model_dir
+    samples = [make_fundus(seed=410 + i, size=64) for i in range(2)]
+    cfg = LoraStageConfig(train=TrainConfig(epochs=1, micro_batch=2, grad_accum=1, lr=5e-3, min_lr=5e-3),
+                          rank=4, alpha=8.0, dropout=0.0, mask_loss_weight=1.0, train_mask_decoder=True)
+    ctx = make_context(SimpleNamespace(train=samples, val=[], test=[]))
+    result = lora.run(ctx, cfg, start)
+    assert "mask decoder" in result.notes[0] and result.summary["train_mask_decoder"] is True
+    non_lora = load_file(str(tmp_path / "run" / "lora" / lora.NON_LORA_FILE))
+    decoder = {k for k in non_lora if k.startswith("sam2.mask_decoder.")}
+    # The decoder trains, except conv_s0/conv_s1 (they belong to the image features, frozen here as in HSFT).
+    assert decoder and not any(".conv_s0." in k or ".conv_s1." in k for k in decoder)
+    before, after = load_model(start).state_dict(), load_model(result.model_dir).state_dict()
+    moved = [k for k in decoder if not torch.equal(before[k], after[k])]
+    assert moved, "no decoder weight changed"
+    torch.testing.assert_close(after[moved[0]], non_lora[moved[0]])
+    assert torch.equal(before["sam2.mask_decoder.conv_s0.weight"], after["sam2.mask_decoder.conv_s0.weight"])
+
+
+def test_training_the_mask_decoder_needs_the_mask_loss():
+    with pytest.raises(ValueError, match="lora.train_mask_decoder: .*--lora-mask-loss-weight"):
+        LoraStageConfig(train_mask_decoder=True).validate()

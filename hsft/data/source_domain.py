@@ -10,6 +10,12 @@ What differs from the target domain (hsft.data.synthetic with its drawn difficul
   artefacts), where the target has a tail of faint, thin, noisy vessels.
 The anatomy (disc, macula, vessel trees) and the annotation convention are the same, so what stage 0
 learns transfers, imperfectly.
+
+Referring segmentation (`referring_source_pool`): each source image is asked three questions whose
+masks differ on the same image, the vessels, the optic disc and the field of view, each in its own
+words (REFERRING_QUESTIONS). A model trained on them must read the question, i.e. its mask decoder
+must use the [SEG] state. None of the questions is the target's ("Please segment the blood vessel."),
+so the target question is new to stage 0 as the target colours are.
 """
 
 from __future__ import annotations
@@ -17,9 +23,12 @@ from __future__ import annotations
 import numpy as np
 
 from hsft.data.sample import Sample
-from hsft.data.synthetic import Difficulty, POOL_SEED_BASE, SEEDS_PER_RANGE, make_fundus
+from dataclasses import dataclass
 
-__all__ = ["SOURCE_DIFFICULTY", "RED_FREE", "to_source_style", "source_domain_pool"]
+from hsft.data.synthetic import Difficulty, POOL_SEED_BASE, SEEDS_PER_RANGE, make_fundus, optic_disc_mask
+
+__all__ = ["SOURCE_DIFFICULTY", "RED_FREE", "REFERRING_QUESTIONS", "ReferringSample", "to_source_style",
+           "source_domain_pool", "pool_seeds", "ask_referring_questions", "referring_source_pool"]
 
 # Each source image is the desaturated rendering blended with the colour photograph by a strength drawn
 # from [MIN_STRENGTH, 1]: a range of cameras that does not reach the target's.
@@ -27,6 +36,21 @@ MIN_STRENGTH = 0.3
 SOURCE_DIFFICULTY = Difficulty(hardness=0.0, contrast=1.1, noise=0.004, vessel_width=1.2, artefacts=0.05)
 # Rows: output R, G, B as mixtures of the input channels, mostly the green one (where vessels show).
 RED_FREE = np.array([[0.25, 0.65, 0.10], [0.10, 0.85, 0.05], [0.10, 0.60, 0.30]], dtype=np.float32)
+# What stage 0 is asked about each source image: (target, the question). The vessel question is worded
+# unlike the target data's default instruction on purpose.
+REFERRING_QUESTIONS = (
+    ("vessels", "Where are the retinal vessels?"),
+    ("disc", "Where is the optic disc?"),
+    ("fov", "Where is the field of view?"),
+)
+
+
+@dataclass
+class ReferringSample:
+    """A source image with the mask of one referred target and the question that asks for it."""
+
+    sample: Sample  # its mask is the referred target's
+    instruction: str
 
 
 def to_source_style(sample: Sample, strength: float = 1.0) -> Sample:
@@ -42,9 +66,36 @@ def to_source_style(sample: Sample, strength: float = 1.0) -> Sample:
 
 def source_domain_pool(n: int, seed: int = 0, size: int = 128) -> list[Sample]:
     """`n` source-domain samples from the pre-training seed range (disjoint from every split)."""
+    seeds = pool_seeds(n, seed)
+    strengths = np.random.default_rng([seed, n]).uniform(MIN_STRENGTH, 1.0, size=n)
+    return [to_source_style(make_fundus(s, size, difficulty=SOURCE_DIFFICULTY), float(strengths[i]))
+            for i, s in enumerate(seeds)]
+
+
+def pool_seeds(n: int, seed: int = 0) -> list[int]:
+    """The generator seeds of pre-training pool `seed`'s first `n` images (as hsft.data.synthetic_pool
+    and source_domain_pool draw them)."""
     if not 0 <= n <= SEEDS_PER_RANGE:
         raise ValueError(f"n must lie in [0, {SEEDS_PER_RANGE}], got {n}")
-    base = POOL_SEED_BASE + seed * SEEDS_PER_RANGE
-    strengths = np.random.default_rng([seed, n]).uniform(MIN_STRENGTH, 1.0, size=n)
-    return [to_source_style(make_fundus(base + i, size, difficulty=SOURCE_DIFFICULTY), float(strengths[i]))
-            for i in range(n)]
+    return [POOL_SEED_BASE + seed * SEEDS_PER_RANGE + i for i in range(n)]
+
+
+def ask_referring_questions(samples: list[Sample], image_seeds: list[int]) -> list[ReferringSample]:
+    """Each pool image (made by make_fundus from its seed in `image_seeds`, in any style) once per
+    REFERRING_QUESTIONS entry, image by image: the vessel mask, the optic disc, the field of view."""
+    items = []
+    for image_seed, sample in zip(image_seeds, samples, strict=True):
+        masks = {"vessels": sample.mask, "disc": optic_disc_mask(image_seed, sample.size[0]), "fov": sample.fov.copy()}
+        for target, question in REFERRING_QUESTIONS:
+            # The loss counts the pixels inside the field of view; asked for the field of view itself, every
+            # pixel counts, or the answer would be trivially "everything".
+            fov = None if target == "fov" else sample.fov
+            referred = Sample(id=f"{sample.id}_{target}", image=sample.image, mask=masks[target], fov=fov,
+                              source=f"{sample.source};target={target}")
+            items.append(ReferringSample(referred, question))
+    return items
+
+
+def referring_source_pool(n: int, seed: int = 0, size: int = 128) -> list[ReferringSample]:
+    """The `n` images of `source_domain_pool(n, seed, size)`, each asked every referring question (3n items)."""
+    return ask_referring_questions(source_domain_pool(n, seed=seed, size=size), pool_seeds(n, seed))

@@ -39,6 +39,7 @@ __all__ = [
     "Difficulty",
     "draw_difficulty",
     "make_fundus",
+    "optic_disc_mask",
     "MIN_SIZE",
     "SEEDS_PER_RANGE",
     "TRAIN_SEED_BASE",
@@ -309,3 +310,15 @@ def make_fundus(seed: int, size: int = 128, difficulty: Difficulty | None = None
     image = jpeg_like(image, quality=int(round(92 - 50 * artefacts)))
     rgb = np.round(image * 255.0).astype(np.uint8)
     return Sample(id=f"synth_{seed:07d}", image=rgb, mask=vessels, fov=fov, source=f"synthetic:seed={seed}")
+
+
+def optic_disc_mask(seed: int, size: int = 128) -> np.ndarray:
+    """(size, size) bool: the optic disc of `make_fundus(seed, size)` (the pixels whose centre lies within
+    the disc radius, inside the field of view). The scene has its own random stream, so the disc is the
+    same at every difficulty."""
+    _, scene_seq, _, _ = np.random.SeedSequence(int(seed)).spawn(4)
+    scene = _draw_scene(np.random.default_rng(scene_seq), int(size))
+    coords = np.arange(scene.size, dtype=np.float32)
+    xx, yy = coords[None, :], coords[:, None]
+    fov = np.hypot(xx - scene.fov_cx, yy - scene.fov_cy) <= scene.fov_r
+    return (np.hypot(xx - scene.disc_x, yy - scene.disc_y) <= scene.disc_r) & fov

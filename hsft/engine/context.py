@@ -34,6 +34,20 @@ if TYPE_CHECKING:
     from hsft.data import DataSplits
 
 DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}
+# The embedded default on a machine without an accelerator trains in fp32 unless --precision says
+# otherwise: CPUs run bf16 3-4x slower than fp32, and that run is there to show every stage at work
+# within minutes; the bf16 path is tested on its own, and GPUs follow the DeepSpeed config.
+CPU_EMBEDDED_DEFAULT_PRECISION = "fp32"
+
+
+def run_precision(cfg: RunConfig, ds_file_config: dict, device: torch.device) -> str:
+    """The precision a run trains and infers in: --precision, else fp32 for the embedded default on a
+    CPU, else the DeepSpeed config's."""
+    if cfg.precision:
+        return cfg.precision
+    if cfg.embedded_default and device.type == "cpu":
+        return CPU_EMBEDDED_DEFAULT_PRECISION
+    return precision_of(ds_file_config)
 
 
 @dataclass
@@ -54,13 +68,14 @@ class RunContext:
     @classmethod
     def build(cls, cfg: RunConfig, ds_file_config: dict, splits: DataSplits | None = None) -> RunContext:
         """The context of one run: `ds_file_config` is the --deepspeed file as loaded; `cfg.precision`,
-        when set, overrides its precision."""
-        precision = cfg.precision or precision_of(ds_file_config)
+        when set, overrides its precision (the embedded default on a CPU: fp32 unless set)."""
+        device = distributed.local_device()
+        precision = run_precision(cfg, ds_file_config, device)
         if precision not in DTYPES:
             raise DeepSpeedConfigError(f"--deepspeed {cfg.deepspeed}: {precision} is not supported (no loss scaling "
                                        "here); enable bf16 or neither, or pass --precision bf16|fp32")
         return cls(cfg=cfg, out_dir=Path(cfg.output_dir), ds_config=apply_precision(ds_file_config, precision),
-                   precision=precision, device=distributed.local_device(), splits=splits)
+                   precision=precision, device=device, splits=splits)
 
     @property
     def seed(self) -> int:

@@ -6,6 +6,12 @@ desaturated colours, clean easy images), so later stages start from a model that
 "Sure, [SEG]." and segments the target moderately well, with a domain to adapt to and real hard
 samples for HSFT. `source` "target" pre-trains on the target distribution itself.
 
+With `referring` (off by default) every pool image is asked three questions whose masks differ (the
+vessels, the optic disc, the field of view; hsft.data.source_domain.REFERRING_QUESTIONS), so the mask
+decoder must read the [SEG] state, and the target's own question is new to the model. Measured (README
+"Recipes"): stage 0 then answers the target question with about the whole field of view, and LoRA does
+not move that, so the default pre-trains on the target's question alone.
+
 The result is cached under $HSFT_CACHE (default ~/.cache/hsft) keyed by everything that shapes it,
 so later runs reuse it.
 """
@@ -23,15 +29,16 @@ import torch
 
 from hsft.config import BaseStageConfig, DataConfig, ModelConfig
 from hsft.data import Sample, synthetic_pool
-from hsft.data.source_domain import source_domain_pool
+from hsft.data.source_domain import ask_referring_questions, pool_seeds, source_domain_pool
 from hsft.engine import distributed
 from hsft.engine.context import RunContext
 from hsft.engine.tensorboard import TBWriter
 from hsft.model import build_model
+from hsft.stages.batching import SegBatch, fovs_on, masks_on
 from hsft.stages.objective import SegObjective, SegTask
 from hsft.stages.training import StageResult, Validation, is_complete, model_dir, train_stage
 
-CACHE_FORMAT = 3
+CACHE_FORMAT = 4
 
 
 def cache_root(cfg: BaseStageConfig) -> Path:
@@ -48,21 +55,40 @@ def cache_key(cfg: BaseStageConfig, model_cfg: ModelConfig, data_cfg: DataConfig
 
 
 class BaseTask(SegTask):
+    """Every module on CE + Dice/BCE over the pool; `questions` (sample id -> instruction) replaces the
+    model's default question for the samples it names."""
+
     name = "base"
 
-    def __init__(self, model, pool: list[Sample], cfg: BaseStageConfig, validation: Validation):
+    def __init__(self, model, pool: list[Sample], cfg: BaseStageConfig, validation: Validation,
+                 questions: dict[str, str] | None = None):
         super().__init__(model, pool, validation)
         self.cfg = cfg
+        self.questions = questions or {}
         model.set_trainable({"vision", "projector", "llm", "text_hidden_fcs", "sam2_encoder", "mask_decoder"})
         self.module = SegObjective(model, lm_weight=1.0, mask_weight=cfg.mask_loss_weight)
 
+    def make_batch(self, indices: list[int], dtype: torch.dtype, device: torch.device) -> SegBatch:
+        samples = [self.samples[i] for i in indices]
+        default = self.model.prompt.instruction
+        tokens = self.model.tokenize(len(samples), form=self.form,
+                                     instruction=[self.questions.get(s.id, default) for s in samples])
+        images = self.model.preprocess([s.image for s in samples]).to(device=device, dtype=dtype)
+        return SegBatch(ids=[s.id for s in samples], images=images, tokens=tokens.to(device),
+                        masks=masks_on(samples, device), fovs=fovs_on(samples, device))
 
-def pool_for(cfg: BaseStageConfig, data_cfg: DataConfig, seed: int) -> tuple[list[Sample], list[Sample]]:
-    """(training pool, a small held-aside part of the pool for the epoch Dice), both disjoint from the
-    fine-tuning splits by construction of the synthetic seed ranges."""
+
+def pool_for(cfg: BaseStageConfig, data_cfg: DataConfig, seed: int) -> tuple[list[Sample], list[Sample], dict[str, str]]:
+    """(training pool, a small held-aside part of the pool for the epoch Dice, the question of each pool
+    sample that is not asked the default one), disjoint from the fine-tuning splits by construction of the
+    synthetic seed ranges. The held-aside images are asked the target's own question about the vessels."""
     make = source_domain_pool if cfg.source == "other-style" else synthetic_pool
-    pool = make(cfg.pool_size + max(4, cfg.pool_size // 16), seed=seed, size=data_cfg.synthetic_size)
-    return pool[:cfg.pool_size], pool[cfg.pool_size:]
+    held_out = max(4, cfg.pool_size // 16)
+    pool = make(cfg.pool_size + held_out, seed=seed, size=data_cfg.synthetic_size)
+    if not cfg.referring:
+        return pool[:cfg.pool_size], pool[cfg.pool_size:], {}
+    referring = ask_referring_questions(pool[:cfg.pool_size], pool_seeds(cfg.pool_size, seed))
+    return [r.sample for r in referring], pool[cfg.pool_size:], {r.sample.id: r.instruction for r in referring}
 
 
 def run(ctx: RunContext, cfg: BaseStageConfig, start: Path | None) -> StageResult:
@@ -76,10 +102,10 @@ def run(ctx: RunContext, cfg: BaseStageConfig, start: Path | None) -> StageResul
     if not is_complete(cached):
         if distributed.is_main():
             print(f"[base] pre-training the embedded tiny model (cached afterwards under {cached})")
-        pool, held = pool_for(cfg, run_cfg.data, ctx.seed)
+        pool, held, questions = pool_for(cfg, run_cfg.data, ctx.seed)
         torch.manual_seed(ctx.seed)
         task = BaseTask(build_model(run_cfg.model, seed=ctx.seed), pool, cfg,
-                        Validation(held, run_cfg.mining.batch_size, run_cfg.mining.max_new_tokens))
+                        Validation(held, run_cfg.mining.batch_size, run_cfg.mining.max_new_tokens), questions)
         # Train inside the cache directory itself, so an interrupted pre-training resumes with --resume; the
         # run-wide step starts at 0 there, so every run that reuses the cache continues from the same step.
         base_ctx.global_step = 0
@@ -91,7 +117,9 @@ def run(ctx: RunContext, cfg: BaseStageConfig, start: Path | None) -> StageResul
         print(f"[base] reusing the pre-trained embedded model cached at {cached}")
     note = (f"- base: stand-in pre-training of every module of the tiny preset (CE + Dice/BCE) on {cfg.pool_size} "
             + ("source-domain images (desaturated colours, clean and easy; not the target domain)"
-               if cfg.source == "other-style" else "images of the target distribution") + f"; cached at `{cached}`")
+               if cfg.source == "other-style" else "images of the target distribution")
+            + ("; each asked for its vessels, its optic disc and its field of view, in words unlike the target's "
+               "question (referring segmentation)" if cfg.referring else "") + f"; cached at `{cached}`")
     stage_dir = ctx.stage_dir("base")
     if distributed.is_main():
         if stage_dir.exists():

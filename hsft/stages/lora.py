@@ -1,7 +1,8 @@
 """Stage 1, LoRA: adapt the language model's attention projections (q/k/v/o) with peft LoRA, and train
 `text_hidden_fcs` with it, on next-token cross-entropy over the response (prompt masked, [SEG]
 included) plus the Dice + BCE mask loss through the forward path (weight `mask_loss_weight`; 0 is
-the published CE-only recipe).
+the published CE-only recipe). With `train_mask_decoder` the SAM2 mask decoder trains on that mask
+loss too, as Sa2VA's own fine-tuning does (the tiny recipe; off in the published one).
 
 Only the language model is adapted: the vision tower and the SAM2 attention blocks also have layers
 named q_proj/k_proj/v_proj, so the targets are given as a pattern anchored at the language model,
@@ -10,7 +11,8 @@ and the modules that received an adapter are checked against that list.
 The stage directory `<out>/lora/` holds, next to what every training stage writes:
     adapter/                            the standard peft adapter directory (adapter_config.json,
                                         adapter_model.safetensors), for the input model's VLM
-    non_lora_trainable.safetensors      the other weights this stage trained (text_hidden_fcs and, with
+    non_lora_trainable.safetensors      the other weights this stage trained (text_hidden_fcs, the mask
+                                        decoder with --lora-train-mask-decoder and, with
                                         --lora-seg-rows, the [SEG] rows of the input embedding and the
                                         LM head as seg_rows.*), keyed as in the Sa2VA model
     model/                              the merged export: LoRA folded into the weights, a plain
@@ -98,12 +100,20 @@ def adapted_modules(module: torch.nn.Module) -> list[str]:
     return [name for name, sub in module.named_modules() if isinstance(sub, LoraLayer)]
 
 
+def lora_trained_parts(cfg: LoraStageConfig) -> set[str]:
+    """The model parts (hsft.model PARTS) stage 1 trains besides the adapters."""
+    # text_hidden_fcs only sits on the mask path: with the CE-only recipe (weight 0) no gradient
+    # reaches it and training it would only apply weight decay, so it stays frozen then.
+    parts = {"text_hidden_fcs"} if cfg.mask_loss_weight > 0 else set()
+    if cfg.train_mask_decoder:
+        parts.add("mask_decoder")
+    return parts
+
+
 def prepare_for_lora(model: Sa2VAModel, cfg: LoraStageConfig, seg_rows: bool):
     """Freeze what stage 1 does not train, attach the adapters (and, with `seg_rows`, trainable copies of
     the [SEG] rows of the input embedding and the LM head); returns the peft wrapper."""
-    # text_hidden_fcs only sits on the mask path: with the CE-only recipe (weight 0) no gradient
-    # reaches it and training it would only apply weight decay, so it stays frozen then.
-    model.set_trainable({"text_hidden_fcs"} if cfg.mask_loss_weight > 0 else set())
+    model.set_trainable(lora_trained_parts(cfg))
     wrapper = attach_lora(model, cfg)
     if seg_rows:
         attach_seg_rows(model)
@@ -182,6 +192,7 @@ def run(ctx: RunContext, cfg: LoraStageConfig, start: Path | None) -> StageResul
         "rank": cfg.rank,
         "alpha": cfg.alpha,
         "mask_loss_weight": cfg.mask_loss_weight,
+        "train_mask_decoder": cfg.train_mask_decoder,
         "seg_rows": seg_rows,
         "adapter": str(stage_dir / ADAPTER_DIR),
         "optimizer_steps": result.optimizer_steps,
@@ -189,7 +200,9 @@ def run(ctx: RunContext, cfg: LoraStageConfig, start: Path | None) -> StageResul
     }
     trains = (f"LoRA adapters (r {cfg.rank}, alpha {cfg.alpha}) on {summary['adapted_modules']} language-model "
               "projections (attention q/k/v/o)")
-    trains += (f" and text_hidden_fcs, on CE + {cfg.mask_loss_weight} x Dice/BCE" if cfg.mask_loss_weight > 0
+    decoder = (", text_hidden_fcs and the SAM2 mask decoder with its prompt encoder (conv_s0/conv_s1 frozen)"
+               if cfg.train_mask_decoder else " and text_hidden_fcs")
+    trains += (f"{decoder}, on CE + {cfg.mask_loss_weight} x Dice/BCE" if cfg.mask_loss_weight > 0
                else ", on CE alone (text_hidden_fcs gets no gradient and stays frozen)")
     note = (f"- LoRA: {result.optimizer_steps} optimizer steps on {len(task)} samples; trains {trains}; "
             "everything else frozen")
