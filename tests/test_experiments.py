@@ -29,9 +29,12 @@ def test_the_paper_suite_holds_every_table_of_the_study():
     assert set(tables) == {"4.4.1", "4.4.2", "4.4.3", "4.5.2", "4.5.3", "4.5.4", "5.1", "5.3", "5.3-tau"}
     assert [a.value for a in tables["4.5.2"].arms] == [0.60, 0.70, 0.75, 0.80]
     assert [a.value for a in tables["4.5.3"].arms] == [1, 3, 5, 7]
-    # The tiny recipe's HSFT lr is 10x the published 1e-5: the grid is scaled by that ratio, and says so.
-    assert [a.value for a in tables["4.5.4"].arms] == pytest.approx([1e-5, 5e-5, 1e-4, 5e-4])
-    assert "x 10" in tables["4.5.4"].title
+    # The tiny recipe's HSFT lr is a multiple of the published 1e-5: the grid is scaled by that ratio, and says so.
+    scale = cfg.hsft.train.lr / 1e-5
+    assert scale != 1 and [a.value for a in tables["4.5.4"].arms] == pytest.approx([s * scale for s in
+                                                                                    (1e-6, 5e-6, 1e-5, 5e-5)])
+    assert f"x {scale:g}" in tables["4.5.4"].title
+    assert [a.name for a in tables["4.5.4"].arms if a.same_as] == [f"lr-{cfg.hsft.train.lr:.0e}"]
     assert {a.stage for a in tables["5.1"].arms if not a.same_as} == {"all_data", "curriculum", "anti_curriculum",
                                                                       "loss_weighted"}
     assert {a.same_as for a in tables["5.1"].arms if a.same_as} == {"hsft", "control"}

@@ -26,7 +26,7 @@ from pathlib import Path
 from hsft.config import RunConfig, replace_nested
 from hsft.data import load_splits
 from hsft.engine import distributed
-from hsft.engine.context import RunContext
+from hsft.engine.context import RunContext, run_precision
 from hsft.engine.ds_config import load_ds_config
 from hsft.engine.files import write_json
 from hsft.engine.output_lock import hold_output_dir
@@ -83,9 +83,11 @@ def _check_same_suite(out: Path, record: dict) -> None:
 
 def _suite_config(cfg: RunConfig) -> RunConfig:
     """What every run of the suite shares. The per-seed runs start from a model directory even for the
-    embedded default, so the defaults that follow "is this a real checkpoint?" are fixed here."""
+    embedded default, so the defaults that follow "is this a real checkpoint?" (the [SEG] rows, the
+    precision) are fixed here, as the main command would resolve them."""
     seg_rows = cfg.lora.seg_rows if cfg.lora.seg_rows is not None else not cfg.embedded_default
-    return replace_nested(cfg, **{"lora.seg_rows": seg_rows})
+    precision = cfg.precision or run_precision(cfg, load_ds_config(cfg.deepspeed), distributed.local_device())
+    return replace_nested(cfg, precision=precision, **{"lora.seg_rows": seg_rows})
 
 
 def measure_train_dice(cfg: RunConfig, model: Path, out_file: Path) -> None:
@@ -127,9 +129,8 @@ def run_suite(cfg: RunConfig, suite_name: str, seeds: list[int], out: Path, *, r
     if not seeds or len(set(seeds)) != len(seeds):
         raise SuiteError(f"--seeds: give one or more distinct seeds, got {seeds}")
     suite, cfg = build_suite(suite_name, cfg)
-    cfg = _suite_config(cfg)
     cfg.validate()
-    load_ds_config(cfg.deepspeed)  # a bad DeepSpeed file stops here, not after the first run
+    cfg = _suite_config(cfg)  # reads the DeepSpeed file: a bad one stops here, not after the first run
     reference_table = read_reference(reference) if reference else None
     out = Path(out)
     record = {"suite": suite.name, "seeds": list(seeds), "config": json.loads(json.dumps(asdict(cfg), default=str))}
