@@ -143,3 +143,40 @@ def test_a_finished_suite_is_kept_an_unfinished_run_is_finished_and_other_settin
     assert refused.returncode == 2
     assert f"experiments: error: --output-dir {out} holds a suite run with other settings" in refused.stderr
     assert "Traceback" not in refused.stderr
+
+
+def test_the_runner_starts_from_a_given_model_and_shares_the_prefix(monkeypatch, tmp_path, tiny_model_dir):
+    """With --model, no stage 0 runs: each seed's prefix starts from that model, every arm from the prefix's
+    DPO model; arms with the prefix's mining settings get its hard set, the others mine again."""
+    from hsft.experiments import runner
+
+    calls = []
+
+    def fake_pipeline(cfg):
+        calls.append(cfg)
+        out = Path(cfg.output_dir)
+        for stage in cfg.stages:
+            (out / stage).mkdir(parents=True, exist_ok=True)
+        (out / "report.json").write_text("{}")
+
+    monkeypatch.setattr(runner, "run_pipeline", fake_pipeline)
+    monkeypatch.setattr(runner, "measure_train_dice", lambda cfg, model, out_file: None)
+    monkeypatch.setattr("hsft.experiments.results.collect", lambda *a, **k: {})
+    monkeypatch.setattr("hsft.experiments.results.write_results", lambda *a, **k: None)
+    cfg = replace_nested(recipe_config("paper"), start_model=str(tiny_model_dir))
+    runner.run_suite(cfg, "paper", [3], tmp_path / "exp")
+    prefix, arms = calls[0], calls[1:]
+    assert prefix.stages == runner.PREFIX_STAGES and prefix.start_model == str(tiny_model_dir) and prefix.seed == 3
+    assert prefix.lora.seg_rows is True  # a real checkpoint's default, fixed for every run of the suite
+    assert len(arms) == len(build_suite("paper", cfg)[0].arms())
+    dpo = str(tmp_path / "exp" / "seed3" / "prefix" / "dpo" / "model")
+    assert all(a.start_model == dpo and a.seed == 3 and a.stages[-1] == "eval" for a in arms)
+    assert not any(a.eval.evaluate_start for a in arms)
+    remined = {Path(a.output_dir).name for a in arms if a.stages[0] == "mining"}
+    assert remined == {"tau-0.60", "tau-0.70", "tau-0.80", "quantile-0.25"}
+    assert all((Path(a.output_dir) / "mining").is_dir() for a in arms)
+    assert {Path(a.output_dir).name: a.stages[0] for a in arms}["curriculum"] == "curriculum"
+    # Finished runs are kept: running the suite again starts nothing.
+    calls.clear()
+    runner.run_suite(cfg, "paper", [3], tmp_path / "exp")
+    assert calls == []

@@ -129,6 +129,8 @@ def run_suite(cfg: RunConfig, suite_name: str, seeds: list[int], out: Path, *, r
     if not seeds or len(set(seeds)) != len(seeds):
         raise SuiteError(f"--seeds: give one or more distinct seeds, got {seeds}")
     suite, cfg = build_suite(suite_name, cfg)
+    # The suite decides the stages of every run; validated as the whole study's stage list.
+    cfg = dataclasses.replace(cfg, stages=(("base",) if cfg.embedded_default else ()) + PREFIX_STAGES)
     cfg.validate()
     cfg = _suite_config(cfg)  # reads the DeepSpeed file: a bad one stops here, not after the first run
     reference_table = read_reference(reference) if reference else None
