@@ -180,3 +180,21 @@ def test_the_runner_starts_from_a_given_model_and_shares_the_prefix(monkeypatch,
     calls.clear()
     runner.run_suite(cfg, "paper", [3], tmp_path / "exp")
     assert calls == []
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--seeds", "0", "0"], "--seeds: give one or more distinct seeds, got [0, 0]"),
+    (["--reference", "nowhere.json"], "--reference nowhere.json: no such file"),
+    (["--reference", "bad.json"], "--reference bad.json: expected"),
+    (["--hsft-hard-fraction", "0"], "hsft.hard_fraction: must lie in (0, 1], got 0.0"),
+])
+def test_bad_input_to_the_experiments_command_is_one_line_before_any_run(args, message, tmp_path, capsys, monkeypatch):
+    from tests.launch_scripts import launch_main
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "bad.json").write_text(json.dumps({"4.4.1": {"hsft": "high"}}))
+    code = launch_main("experiments")(["--deepspeed", str(REPO / "ds_configs" / "zero2.json"), "--suite", "smoke",
+                                       "--output-dir", str(tmp_path / "exp"), *args])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and len(err) == 1 and err[0].startswith("experiments: error: ") and message in err[0]
+    assert not (tmp_path / "exp" / "base").exists()
