@@ -132,12 +132,11 @@ class _Study:
             samples = self.samples(arm)
             per_seed = {}
             for seed in self.seeds:
-                reader, label = self.run_of(arm, seed)
-                stage = label
-                mining_reader = reader if arm.remine or not arm.same_as else self.prefix[seed]
+                # The arm's own run directory (or the prefix's) holds its mining result, copied or mined.
+                reader, stage = self.run_of(arm, seed)
                 metrics = reader.stage_metrics(stage)
                 per_seed[str(seed)] = {"val_dice": reader.val_dice(stage), "steps": metrics.get("optimizer_steps"),
-                                  "hard": mining_reader.hard_count(),
+                                  "hard": reader.hard_count(),
                                   "train_dice": reader.train_dice("train_dice.json") if arm.train_dice else None}
             vals = [v["val_dice"] for v in per_seed.values() if v["val_dice"] is not None]
             trains = [v["train_dice"] for v in per_seed.values() if v["train_dice"] is not None]
@@ -170,7 +169,7 @@ class _Study:
             result[label] = {"counts": counts, "rows": rows}
         return result
 
-    def picked(self, table: Table, arms_results: dict) -> dict:
+    def picked(self, table: Table) -> dict:
         source = self.suite.table(table.picks_from)
         start = self.prefix_samples("dpo")
         chosen, samples = {}, {}
@@ -203,7 +202,7 @@ def collect(suite: Suite, seeds: list[int], out: Path, cfg: RunConfig, *, refere
         elif table.kind == "arms":
             body = study.arms(table)
         elif table.kind == "picked":
-            body = study.picked(table, tables)
+            body = study.picked(table)
         else:
             raise ValueError(f"table {table.key}: unknown kind {table.kind!r}")
         body.update(key=table.key, title=table.title, kind=table.kind, note=table.note,

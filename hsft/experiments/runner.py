@@ -31,7 +31,7 @@ from hsft.engine.ds_config import load_ds_config
 from hsft.engine.files import write_json
 from hsft.engine.output_lock import hold_output_dir
 from hsft.eval.inference import generate_and_score
-from hsft.experiments.suites import Arm, Suite, build_suite
+from hsft.experiments.suites import Arm, build_suite
 from hsft.model import load_model
 from hsft.pipeline import run_pipeline
 from hsft.stages.training import model_dir
