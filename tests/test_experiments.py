@@ -120,6 +120,8 @@ def test_the_smoke_suite_writes_every_table_with_its_statistics_and_plots(smoke)
         r["dice"] for r in per_seed[1] if r["stage"] == "dpo"))
     counts = results["tables"]["4.4.3"]["hsft"]["counts"]
     assert sum(sum(c.values()) for c in counts.values()) == 2 * results["held_out_images"]
+    rows = (out / "per_sample_4.4.3.csv").read_text().splitlines()
+    assert rows[0].startswith("model,seed,sample") and len(rows) == 1 + 2 * 2 * results["held_out_images"]
     picked = results["tables"]["5.3-tau"]["rows"][0]
     assert set(picked["picks"].values()) <= {"tau = 0.70", "tau = 0.75"}
     md = (out / "results.md").read_text()

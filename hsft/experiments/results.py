@@ -8,6 +8,7 @@ reads the held-out split to choose anything: the picked-tau row chooses by valid
 
 from __future__ import annotations
 
+import csv
 import json
 from pathlib import Path
 
@@ -19,7 +20,7 @@ from hsft.eval.compare import CHANGES, DIFFICULTIES, categorise
 from hsft.eval.statistics import paired_bootstrap
 from hsft.experiments.suites import Arm, Suite, Table
 
-__all__ = ["collect", "write_results", "format_results", "RunReader"]
+__all__ = ["collect", "write_results", "format_results", "write_per_sample_csv", "RunReader"]
 
 STAGE_ROWS = (("start", "starting model"), ("lora", "LoRA"), ("dpo", "DPO"), ("hsft", "HSFT"))
 
@@ -314,7 +315,7 @@ def format_table(body: dict) -> list[str]:
             for difficulty in DIFFICULTIES:
                 c = body[label]["counts"][difficulty]
                 lines.append(f"| {label} | {difficulty} | {c['Better']} | {c['Stable']} | {c['Worse']} |")
-        lines += ["", "The per-sample table (every seed and image): `results.json`, tables.4.4.3.{hsft,control}.rows."]
+        lines += ["", f"The per-sample table (every seed and image): `per_sample_{body['key']}.csv`."]
     else:
         extra = any(r.get("train_dice") for r in body["rows"])
         lines += ["| run | held-out Dice | Δ vs DPO [95% CI] | per-seed Δ | Δ vs HSFT [95% CI] | val Dice | hard set | "
@@ -345,6 +346,17 @@ def format_results(results: dict) -> str:
     return "\n".join(lines)
 
 
+def write_per_sample_csv(body: dict, path: Path) -> None:
+    """The per-sample table, every seed and held-out image, HSFT's and the control's rows."""
+    with path.open("w", newline="") as handle:
+        writer = csv.writer(handle)
+        writer.writerow(["model", "seed", "sample", "dice_dpo", "dice_after", "delta", "difficulty", "change"])
+        for label in ("hsft", "control"):
+            for row in body[label]["rows"]:
+                writer.writerow([label, row["seed"], row["id"], f"{row['before']:.6f}", f"{row['after']:.6f}",
+                                 f"{row['delta']:.6f}", row["difficulty"], row["change"]])
+
+
 def write_results(results: dict, suite: Suite, out: Path) -> None:
     """results.json, results.md, plots/*.png and TensorBoard hparams under `out`."""
     from hsft.experiments.plots import draw_plots, log_hparams
@@ -352,5 +364,8 @@ def write_results(results: dict, suite: Suite, out: Path) -> None:
     out = Path(out)
     write_json(out / "results.json", results)
     (out / "results.md").write_text(format_results(results))
+    for body in results["tables"].values():
+        if body["kind"] == "per_sample":
+            write_per_sample_csv(body, out / f"per_sample_{body['key']}.csv")
     draw_plots(results, suite, out / "plots")
     log_hparams(results, suite, out / "tb")
