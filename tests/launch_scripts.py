@@ -1,12 +1,19 @@
-"""Loading a launch/ script's main() in-process (the scripts are files, not an importable package)."""
+"""Running launch/ scripts in tests: a script's main() in-process (the scripts are files, not an importable
+package), or the real script under the `deepspeed` launcher in a subprocess."""
 
 from __future__ import annotations
 
 import importlib.util
+import os
+import shutil
+import subprocess
 import sys
 from pathlib import Path
 
-LAUNCH = Path(__file__).resolve().parents[1] / "launch"
+REPO = Path(__file__).resolve().parents[1]
+LAUNCH = REPO / "launch"
+DEEPSPEED = shutil.which("deepspeed") or str(Path(sys.executable).with_name("deepspeed"))
+ZERO2 = REPO / "ds_configs" / "zero2.json"
 
 
 def launch_module(name: str):
@@ -26,3 +33,16 @@ def launch_module(name: str):
 def launch_main(name: str):
     """main(argv) of launch/<name>.py (see launch_module)."""
     return launch_module(name).main
+
+
+def run_deepspeed(script: str, args: list[str], tmp: Path, *, ranks: int = 1, port: int, check: bool = True,
+                  timeout: int = 1500) -> subprocess.CompletedProcess:
+    """`deepspeed --num_gpus RANKS launch/<script>.py --deepspeed ds_configs/zero2.json ARGS` in `tmp`, with the
+    stage-0 cache in `tmp/cache` and one thread per rank; fails with the output's tail unless `check` is off."""
+    env = {**os.environ, "HSFT_CACHE": str(tmp / "cache"), "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"}
+    cmd = [DEEPSPEED, "--num_gpus", str(ranks), "--master_port", str(port), str(LAUNCH / f"{script}.py"),
+           "--deepspeed", str(ZERO2), *args]
+    proc = subprocess.run(cmd, cwd=tmp, env=env, capture_output=True, text=True, timeout=timeout)
+    if check and proc.returncode != 0:
+        raise AssertionError(f"exit {proc.returncode}\nSTDOUT\n{proc.stdout[-6000:]}\nSTDERR\n{proc.stderr[-6000:]}")
+    return proc

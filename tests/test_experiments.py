@@ -5,9 +5,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -19,8 +16,7 @@ from hsft.experiments.results import _paired, verdict
 from hsft.experiments.suites import build_suite
 from hsft.recipes import recipe_config
 
-REPO = Path(__file__).resolve().parents[1]
-DEEPSPEED = shutil.which("deepspeed") or str(Path(sys.executable).with_name("deepspeed"))
+from tests.launch_scripts import REPO, run_deepspeed
 
 
 def test_the_paper_suite_holds_every_table_of_the_study():
@@ -81,13 +77,7 @@ def test_the_verdict_says_which_way_each_interval_falls():
 
 
 def _launch(args, tmp, check=True):
-    env = {**os.environ, "HSFT_CACHE": str(tmp / "cache"), "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"}
-    cmd = [DEEPSPEED, "--num_gpus", "1", "--master_port", str(29700 + os.getpid() % 200),
-           str(REPO / "launch" / "experiments.py"), "--deepspeed", str(REPO / "ds_configs" / "zero2.json"), *args]
-    proc = subprocess.run(cmd, cwd=tmp, env=env, capture_output=True, text=True, timeout=1200)
-    if check and proc.returncode != 0:
-        raise AssertionError(f"exit {proc.returncode}\nSTDOUT\n{proc.stdout[-5000:]}\nSTDERR\n{proc.stderr[-5000:]}")
-    return proc
+    return run_deepspeed("experiments", args, tmp, port=29700 + os.getpid() % 200, check=check, timeout=1200)
 
 
 @pytest.fixture(scope="module")

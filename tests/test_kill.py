@@ -7,10 +7,8 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import signal
 import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -22,8 +20,7 @@ from hsft.model import save_model
 from hsft.engine import checkpoint
 from hsft.engine.output_lock import LOCK_FILE
 
-REPO = Path(__file__).resolve().parents[1]
-DEEPSPEED = shutil.which("deepspeed") or str(Path(sys.executable).with_name("deepspeed"))
+from tests.launch_scripts import DEEPSPEED, REPO
 SAMPLES, EPOCHS = 16, 2
 
 

@@ -14,8 +14,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-REPO = Path(__file__).resolve().parents[1]
-DEEPSPEED = shutil.which("deepspeed") or str(Path(sys.executable).with_name("deepspeed"))
+from tests.launch_scripts import REPO, run_deepspeed
 
 # Smaller than the defaults so the suite stays quick (stage 0 as in the default run); the stage logic is
 # the same.
@@ -24,13 +23,7 @@ SMALL = ["--data-synthetic-train", "24", "--data-synthetic-test", "12", "--data-
 
 
 def launch(args: list[str], tmp: Path, ranks: int = 1, check: bool = True) -> subprocess.CompletedProcess:
-    env = {**os.environ, "HSFT_CACHE": str(tmp / "cache"), "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"}
-    cmd = [DEEPSPEED, "--num_gpus", str(ranks), "--master_port", str(29500 + os.getpid() % 1000 + ranks),
-           str(REPO / "launch" / "hsft.py"), "--deepspeed", str(REPO / "ds_configs" / "zero2.json"), *args]
-    proc = subprocess.run(cmd, cwd=tmp, env=env, capture_output=True, text=True, timeout=1500)
-    if check and proc.returncode != 0:
-        raise AssertionError(f"exit {proc.returncode}\nSTDOUT\n{proc.stdout[-6000:]}\nSTDERR\n{proc.stderr[-6000:]}")
-    return proc
+    return run_deepspeed("hsft", args, tmp, ranks=ranks, port=29500 + os.getpid() % 1000 + ranks, check=check)
 
 
 @pytest.fixture(scope="module")

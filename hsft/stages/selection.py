@@ -12,6 +12,7 @@ The difficulty a plan orders or weights by is the mining stage's per-sample Dice
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -31,7 +32,7 @@ class TrainingPlan:
     pool: list[Sample]
     per_epoch: int
     describe: str
-    _order: object = field(repr=False, default=None)  # (epoch, seed) -> list[int]
+    _order: Callable[[int, int], list[int]] = field(repr=False, default=lambda epoch, seed: [])
 
     def epoch_indices(self, epoch: int, seed: int) -> list[int]:
         indices = self._order(epoch, seed)
