@@ -12,7 +12,7 @@ from pathlib import Path
 
 import _import_hsft  # noqa: F401  (first: makes `import hsft` find the package)
 
-from hsft.bench.step import SHAPES, STAGES, format_summary, run
+from hsft.bench.step import COMPILE_MODES, SHAPES, STAGES, format_summary, run
 
 
 def main(argv=None) -> int:
@@ -27,11 +27,17 @@ def main(argv=None) -> int:
     parser.add_argument("--micro-batch", type=int, default=1)
     parser.add_argument("--image-size", type=int, default=584, help="synthetic fundus image side (DRIVE-like)")
     parser.add_argument("--out", default="results/bench_step", help="where the JSON goes")
+    parser.add_argument("--profile", action="store_true",
+                        help="also profile the cached HSFT step (operators, device kernels, host time per step)")
+    parser.add_argument("--compile", default="", metavar="MODES",
+                        help=f"also time the cached HSFT step with the decoder compiled, comma-separated torch.compile "
+                             f"modes: {', '.join(COMPILE_MODES)}")
     args = parser.parse_args(argv)
     try:
         summary = run(shape=args.shape, stages=[s for s in args.stage.split(",") if s], device=args.device,
                       dtype=args.dtype, steps=args.steps, warmup=args.warmup, micro_batch=args.micro_batch,
-                      image_size=args.image_size, out=Path(args.out), echo=lambda line: print(line, flush=True))
+                      image_size=args.image_size, out=Path(args.out), echo=lambda line: print(line, flush=True),
+                      profile=args.profile, compile_modes=tuple(m for m in args.compile.split(",") if m))
     except ValueError as error:
         print(f"launch/bench_step.py: error: {error}", file=sys.stderr)
         return 2

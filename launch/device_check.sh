@@ -150,8 +150,11 @@ if [ "$CPU" = 1 ]; then
              --data-synthetic-size 64 --lora-epochs 1 --lora-rank 8 --hsft-epochs 1)
 fi
 run_step bench 70 "$PY" launch/bench_kernels.py --device "$DEVICE" "${BENCH_ARGS[@]}" --out "$WORK/bench"
+# HSFT_CHECK_MAIN_ARGS: extra options of the main command (e.g. "--hsft-compile default").
+read -r -a EXTRA_MAIN_ARGS <<< "${HSFT_CHECK_MAIN_ARGS:-}"
 run_step main "${HSFT_CHECK_MAIN_SECONDS:-200}" env HSFT_CACHE="$PWD/.hsft_cache" "$(dirname "$(command -v "$PY")")/deepspeed" --num_gpus 1 \
-  launch/hsft.py --deepspeed ds_configs/zero2.json --precision "$PRECISION" --output-dir "$WORK/run" "${MAIN_ARGS[@]}"
+  launch/hsft.py --deepspeed ds_configs/zero2.json --precision "$PRECISION" --output-dir "$WORK/run" "${MAIN_ARGS[@]}" \
+  "${EXTRA_MAIN_ARGS[@]}"
 
 # The experiments runner on the accelerator: the smoke suite, one seed (every kind of run it makes).
 run_step experiments "${HSFT_CHECK_EXPERIMENTS_SECONDS:-150}" env HSFT_CACHE="$PWD/.hsft_cache" \
@@ -159,8 +162,11 @@ run_step experiments "${HSFT_CHECK_EXPERIMENTS_SECONDS:-150}" env HSFT_CACHE="$P
   --suite smoke --seeds 0 --output-dir "$WORK/experiments"
 
 # The real-shape step benchmark (random weights at Sa2VA-1B's sizes): LoRA and HSFT, cached and not.
-run_step bench_step 150 "$PY" launch/bench_step.py --shape sa2va-1b --stage lora,hsft --device "$DEVICE" \
-  --dtype bfloat16 --steps 3 --warmup 1 --out "$WORK/bench_step"
+# HSFT_CHECK_BENCH_STEP_ARGS replaces its options after --device (e.g. "--stage hsft --steps 10 --warmup 3
+# --profile --compile default,reduce-overhead").
+read -r -a BENCH_STEP_ARGS <<< "${HSFT_CHECK_BENCH_STEP_ARGS:---shape sa2va-1b --stage lora,hsft --dtype bfloat16 --steps 3 --warmup 1}"
+run_step bench_step "${HSFT_CHECK_BENCH_STEP_SECONDS:-150}" "$PY" launch/bench_step.py --device "$DEVICE" \
+  "${BENCH_STEP_ARGS[@]}" --out "$WORK/bench_step"
 
 # ---- summary -------------------------------------------------------------------------------
 {
@@ -186,6 +192,9 @@ run_step bench_step 150 "$PY" launch/bench_step.py --shape sa2va-1b --stage lora
   echo
   echo "## main command"
   if [ -f "$WORK/run/report.md" ]; then cat "$WORK/run/report.md"; else tail -n 20 "$LOGS/main.log" 2>/dev/null; fi
+  echo
+  echo "## real-shape step (bench_step)"
+  sed -n '/ on .* threads), /,$p' "$LOGS/bench_step.log" 2>/dev/null
   echo
   echo "## experiments (smoke suite)"
   if [ -f "$WORK/experiments/results.md" ]; then sed -n '/^## 4.4.1/,/^\*\*Reading/p' "$WORK/experiments/results.md"

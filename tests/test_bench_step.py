@@ -10,6 +10,7 @@ from launch_scripts import launch_main
 @pytest.mark.parametrize("argv,message", [
     (["--stage", "lora,warp"], "--stage: unknown ['warp']"),
     (["--steps", "0"], "--steps and --micro-batch must be >= 1"),
+    (["--compile", "default,turbo"], "--compile: unknown mode(s) ['turbo']"),
     pytest.param(["--device", "cuda"], "--device cuda: no CUDA device is available",
                  marks=pytest.mark.skipif(torch.cuda.is_available(), reason="a CUDA device is present")),
 ])
@@ -23,3 +24,24 @@ def test_bad_arguments_stop_before_the_model_is_built(argv, message, capsys, mon
     assert launch_main("bench_step")(argv) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and message in err[0]
+
+
+def test_cached_step_rows_with_profile_and_compile(tmp_path, monkeypatch):
+    """The HSFT rows on a small stand-in model: uncached, cached, its profile, and the compiled decoder."""
+    import json
+
+    import hsft.bench.step as step
+    from hsft.model import ModelConfig, build_model
+
+    monkeypatch.setattr(step, "build_real_model",
+                        lambda shape, device, dtype: build_model(ModelConfig(preset="tiny"), seed=0).to(device, dtype))
+    summary = step.run(shape="sa2va-1b", stages=["hsft"], device="cpu", dtype="float32", steps=2, warmup=1,
+                       micro_batch=1, image_size=64, out=tmp_path, profile=True, compile_modes=("default",))
+    rows = {row["config"]: row for row in summary["rows"]}
+    assert list(rows) == ["hsft uncached", "hsft cached", "hsft cached, compiled (default)"]
+    profile = rows["hsft cached"]["profile"]
+    assert profile["aten_ops_per_step"] > 10 and profile["top_host_self_ms_per_step"]
+    assert rows["hsft cached, compiled (default)"]["compile_s"] > 0
+    assert set(summary["hsft_cache_speedup_by_config"]) == {"hsft cached", "hsft cached, compiled (default)"}
+    assert json.loads((tmp_path / "step_sa2va-1b_cpu.json").read_text())["rows"][2]["config"].endswith("(default)")
+    assert "aten ops" in step.format_summary(summary)

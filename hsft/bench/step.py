@@ -25,7 +25,7 @@ from pathlib import Path
 
 import torch
 
-__all__ = ["SHAPES", "RealShape", "build_real_model", "run", "format_summary"]
+__all__ = ["COMPILE_MODES", "SHAPES", "RealShape", "build_real_model", "run", "format_summary"]
 
 
 @dataclass(frozen=True)
@@ -46,6 +46,8 @@ SHAPES = {
     "sa2va-4b": RealShape(llm_hidden=2048, llm_layers=36, llm_heads=16, llm_kv_heads=2, llm_intermediate=11008),
 }
 STAGES = ("lora", "hsft")
+# torch.compile modes the cached HSFT step can be measured in (--compile).
+COMPILE_MODES = ("default", "reduce-overhead", "max-autotune-no-cudagraphs")
 
 
 def build_real_model(shape: str, *, device: torch.device, dtype: torch.dtype, seed: int = 0):
@@ -120,7 +122,7 @@ def _row(name: str, seconds: list[float], micro_batch: int, device: torch.device
             "samples_per_s": micro_batch / median, **_peak_memory(device), **extra}
 
 
-def _lora_rows(model, images, targets, steps, warmup, micro_batch, device) -> list[dict]:
+def _lora_rows(model, images, targets, steps, warmup, micro_batch, device, **_hsft_only) -> list[dict]:
     from peft import LoraConfig, inject_adapter_in_model
 
     from hsft.ops import dice_bce_loss
@@ -146,7 +148,8 @@ def _lora_rows(model, images, targets, steps, warmup, micro_batch, device) -> li
     return [_row("lora", seconds, micro_batch, device, trainable_params=sum(p.numel() for p in trainable))]
 
 
-def _hsft_rows(model, images, targets, steps, warmup, micro_batch, device) -> list[dict]:
+def _hsft_rows(model, images, targets, steps, warmup, micro_batch, device, *, profile: bool = False,
+               compile_modes: tuple[str, ...] = ()) -> list[dict]:
     from hsft.ops import dice_bce_loss
 
     model.set_trainable({"text_hidden_fcs", "mask_decoder"})
@@ -171,22 +174,61 @@ def _hsft_rows(model, images, targets, steps, warmup, micro_batch, device) -> li
         _sync(device)
         fill = time.perf_counter() - start
 
+    decode = model.decode_masks
+
     def cached():
-        loss = dice_bce_loss(model.decode_masks(feats, hidden).float(), targets)
+        loss = dice_bce_loss(decode(feats, hidden).float(), targets)
         loss.backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
 
     rows.append(_row("hsft cached", _time_steps(cached, steps, warmup, device), micro_batch, device,
-                     cache_fill_s=fill, trainable_params=sum(p.numel() for p in trainable)))
+                     cache_fill_s=fill, trainable_params=sum(p.numel() for p in trainable),
+                     **({"profile": _profile(cached, device)} if profile else {})))
+    for mode in compile_modes:
+        # The decoder compiled as the HSFT stage's --hsft-compile does; a fresh compilation per mode.
+        torch._dynamo.reset()
+        decode = torch.compile(model.decode_masks, mode=mode)
+        start = time.perf_counter()
+        cached()  # the first call compiles
+        _sync(device)
+        compile_s = time.perf_counter() - start
+        rows.append(_row(f"hsft cached, compiled ({mode})", _time_steps(cached, steps, warmup, device), micro_batch,
+                         device, compile_s=compile_s, trainable_params=sum(p.numel() for p in trainable)))
     return rows
 
 
+def _profile(step, device: torch.device, steps: int = 3) -> dict:
+    """Where one step's time goes: operator calls and device kernels per step, and the slowest operators
+    by self time on the host (which is what a launch-bound step spends)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    step()
+    _sync(device)
+    with profile(activities=activities) as prof:
+        for _ in range(steps):
+            step()
+        _sync(device)
+    events = prof.key_averages()
+    ops = sum(e.count for e in events if e.key.startswith("aten::"))
+    kernels = sum(e.count for e in events if e.device_type == torch.autograd.DeviceType.CUDA)
+    device_us = sum(e.self_device_time_total for e in events if e.device_type == torch.autograd.DeviceType.CUDA)
+    slowest = sorted(events, key=lambda e: e.self_cpu_time_total, reverse=True)[:12]
+    return {"aten_ops_per_step": ops / steps, "device_kernels_per_step": kernels / steps,
+            "device_busy_ms_per_step": device_us / 1e3 / steps,
+            "top_host_self_ms_per_step": {e.key: round(e.self_cpu_time_total / 1e3 / steps, 3) for e in slowest}}
+
+
 def run(*, shape: str, stages: list[str], device: str, dtype: str, steps: int, warmup: int, micro_batch: int,
-        image_size: int, out: Path | None, echo=None) -> dict:
+        image_size: int, out: Path | None, echo=None, profile: bool = False,
+        compile_modes: tuple[str, ...] = ()) -> dict:
     target = torch.device(device)
     if target.type == "cuda" and not torch.cuda.is_available():
         raise ValueError("--device cuda: no CUDA device is available")
+    bad_modes = [m for m in compile_modes if m not in COMPILE_MODES]
+    if bad_modes:
+        raise ValueError(f"--compile: unknown mode(s) {bad_modes}; choose from {', '.join(COMPILE_MODES)}")
     unknown = [s for s in stages if s not in STAGES]
     if unknown:
         raise ValueError(f"--stage: unknown {unknown}; choose from {', '.join(STAGES)}")
@@ -204,7 +246,8 @@ def run(*, shape: str, stages: list[str], device: str, dtype: str, steps: int, w
         if target.type == "cuda":
             torch.cuda.reset_peak_memory_stats(target)
         fn = _lora_rows if stage == "lora" else _hsft_rows
-        for row in fn(model, images, targets, steps, warmup, micro_batch, target):
+        for row in fn(model, images, targets, steps, warmup, micro_batch, target, profile=profile,
+                      compile_modes=compile_modes):
             rows.append(row)
             if echo is not None:
                 echo(f"{row['config']}: step seconds {', '.join(f'{x:.2f}' for x in row['step_seconds'])}")
@@ -220,6 +263,9 @@ def run(*, shape: str, stages: list[str], device: str, dtype: str, steps: int, w
     by_name = {row["config"]: row for row in rows}
     if "hsft uncached" in by_name and "hsft cached" in by_name:
         summary["hsft_cache_speedup"] = by_name["hsft uncached"]["median_s"] / by_name["hsft cached"]["median_s"]
+        summary["hsft_cache_speedup_by_config"] = {
+            name: by_name["hsft uncached"]["median_s"] / row["median_s"]
+            for name, row in by_name.items() if name.startswith("hsft cached")}
     if out is not None:
         out.mkdir(parents=True, exist_ok=True)
         (out / f"step_{shape}_{target.type}.json").write_text(json.dumps(summary, indent=2) + "\n")
@@ -235,6 +281,12 @@ def format_summary(summary: dict) -> str:
         peak = row.get("peak_gpu_gib", row.get("peak_rss_gib"))
         lines.append(f"| {row['config']} | {row['median_s']:.3f} | {row['spread_s']:.3f} | "
                      f"{row['samples_per_s']:.3f} | {peak:.2f} |")
-    if "hsft_cache_speedup" in summary:
-        lines.append(f"HSFT cached step {summary['hsft_cache_speedup']:.1f}x faster than uncached")
+    for name, speedup in summary.get("hsft_cache_speedup_by_config", {}).items():
+        lines.append(f"{name}: {speedup:.1f}x faster than hsft uncached")
+    for row in summary["rows"]:
+        if "profile" in row:
+            p = row["profile"]
+            lines.append(f"{row['config']} profile: {p['aten_ops_per_step']:.0f} aten ops and "
+                         f"{p['device_kernels_per_step']:.0f} device kernels per step, device busy "
+                         f"{p['device_busy_ms_per_step']:.2f} ms of a {row['median_s'] * 1e3:.2f} ms step")
     return "\n".join(lines)
