@@ -227,8 +227,6 @@ class MiningConfig:
 # in the response (as generated) or in the prompt, or the generate path itself ("generate": the state
 # inference uses, so training and inference see the same prompt; needs the feature cache).
 SEG_FORMS = ("response", "prompt", "generate")
-# torch.compile modes of the cached HSFT step (hsft.stages.objective.SegObjective).
-COMPILE_MODES = ("off", "default", "reduce-overhead")
 
 
 @dataclass
@@ -260,14 +258,6 @@ class HSFTStageConfig:
         metadata={"help": "keep the feature cache in accelerator memory (default: pinned host memory, copied per "
                           "micro-batch)"},
     )
-    compile: str = field(
-        default="off",
-        metadata={"help": "torch.compile the cached step's decoder (text_hidden_fcs -> SAM2 mask decoder): 'off', "
-                          "'default' (fused kernels) or 'reduce-overhead' (also CUDA graphs); the first steps "
-                          "compile; needs the feature cache; the decoder's IoU and object-score heads and the unused "
-                          "prompt embeddings, which the loss never reaches, are then frozen instead of only "
-                          "weight-decayed"},
-    )
     max_hard: int | None = field(
         default=None, metadata={"help": "train on the k hardest samples of the hard set only (none: all of it)"}
     )
@@ -289,9 +279,6 @@ class HSFTStageConfig:
         _check(self.seg_form != "generate" or self.cache_features, "hsft.seg_form",
                "'generate' takes the [SEG] state from one generate pass per sample, which needs the feature cache "
                "(--hsft-cache-features true)")
-        _check(self.compile in COMPILE_MODES, "hsft.compile", f"must be one of {COMPILE_MODES}, got {self.compile!r}")
-        _check(self.compile == "off" or self.cache_features, "hsft.compile",
-               "compiles the cached step's decoder, which needs the feature cache (--hsft-cache-features true)")
         if self.max_hard is not None:
             _check(self.max_hard >= 1, "hsft.max_hard", f"must be >= 1, got {self.max_hard}")
         _check(0 < self.hard_fraction <= 1, "hsft.hard_fraction", f"must lie in (0, 1], got {self.hard_fraction}")

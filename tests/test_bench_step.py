@@ -45,3 +45,24 @@ def test_cached_step_rows_with_profile_and_compile(tmp_path, monkeypatch):
     assert set(summary["hsft_cache_speedup_by_config"]) == {"hsft cached", "hsft cached, compiled (default)"}
     assert json.loads((tmp_path / "step_sa2va-1b_cpu.json").read_text())["rows"][2]["config"].endswith("(default)")
     assert "aten ops" in step.format_summary(summary)
+
+
+def test_a_compiler_failure_is_a_row_not_a_crash(tmp_path, monkeypatch):
+    import hsft.bench.step as step
+    from hsft.model import ModelConfig, build_model
+
+    def broken(fn, options):
+        def decode(*args):
+            raise AssertionError("expected size 256==256, stride 4096==1 at dim=1\nmore detail")
+        return decode
+
+    monkeypatch.setattr(step, "build_real_model",
+                        lambda shape, device, dtype: build_model(ModelConfig(preset="tiny"), seed=0).to(device, dtype))
+    monkeypatch.setattr(torch, "compile", broken)
+    summary = step.run(shape="sa2va-1b", stages=["hsft"], device="cpu", dtype="float32", steps=1, warmup=0,
+                       micro_batch=1, image_size=64, out=None, compile_modes=("default",))
+    failed = summary["rows"][-1]
+    assert failed == {"config": "hsft cached, compiled (default)",
+                      "error": "AssertionError: expected size 256==256, stride 4096==1 at dim=1"}
+    assert "failed: AssertionError" in step.format_summary(summary)
+    assert set(summary["hsft_cache_speedup_by_config"]) == {"hsft cached"}

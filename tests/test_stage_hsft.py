@@ -10,7 +10,7 @@ from hsft.data import make_fundus
 from hsft.engine.loop import train
 from hsft.engine.tensorboard import TBWriter
 from hsft.model import ModelConfig, build_model
-from hsft.stages.hsft import NOT_A_POINT, UNREACHED_BY_THE_LOSS, HSFTTask, hard_set, random_subset
+from hsft.stages.hsft import HSFTTask, hard_set, random_subset
 from hsft.stages.training import Validation
 
 
@@ -29,11 +29,11 @@ def test_hard_set_and_the_controls_random_subset(samples):
         hard_set(samples, ["nope"])
 
 
-def _hsft_losses(samples, tmp_path, context, cache: bool, micro_batch: int = 1, compile: str = "off"):
+def _hsft_losses(samples, tmp_path, context, cache: bool, micro_batch: int = 1):
     torch.manual_seed(0)
     model = build_model(ModelConfig(preset="tiny"), seed=0)
     cfg = HSFTStageConfig(train=TrainConfig(epochs=2, micro_batch=micro_batch, grad_accum=2, lr=1e-3, min_lr=1e-5),
-                          cache_features=cache, compile=compile)
+                          cache_features=cache)
     before = {n: p.detach().clone() for n, p in model.named_parameters()}
     task = HSFTTask(model, samples[:4], cfg, Validation([], 1, 1))
     task.before = before
@@ -55,27 +55,3 @@ def test_cached_features_give_the_uncached_losses(samples, tmp_path, make_contex
     assert changed <= trainable
     assert any(n.startswith("text_hidden_fcs") for n in changed)
     assert any(n.startswith("sam2.mask_decoder") for n in changed)
-
-
-def test_the_compiled_cached_step_trains_as_the_eager_one(samples, tmp_path, make_context):
-    eager, eager_task = _hsft_losses(samples, tmp_path / "eager", make_context, cache=True)
-    compiled, task = _hsft_losses(samples, tmp_path / "compiled", make_context, cache=True, compile="default")
-    assert task.module._decode_cached is not task.model.decode_masks  # the compiled function is what ran
-    assert compiled.losses == pytest.approx(eager.losses, rel=1e-4, abs=1e-6)
-    unreached = {n for n, p in eager_task.model.named_parameters() if p.requires_grad} - {
-        n for n, p in task.model.named_parameters() if p.requires_grad}
-    assert unreached and all(n.startswith(UNREACHED_BY_THE_LOSS + (NOT_A_POINT,)) for n in unreached)
-    for (name, a), (_, b) in zip(eager_task.model.named_parameters(), task.model.named_parameters()):
-        if name in unreached:  # frozen when compiled; eager training only weight-decays them
-            torch.testing.assert_close(b, task.before[name], rtol=0, atol=0, msg=name)
-        else:
-            torch.testing.assert_close(b, a, rtol=1e-4, atol=1e-5, msg=name)
-
-
-@pytest.mark.parametrize("changes,message", [
-    ({"compile": "fast"}, "hsft.compile: must be one of"),
-    ({"compile": "default", "cache_features": False}, "needs the feature cache"),
-])
-def test_compile_settings_are_checked(changes, message):
-    with pytest.raises(ValueError, match=message):
-        HSFTStageConfig(**changes).validate()

@@ -41,15 +41,6 @@ TRAINS = ("text_hidden_fcs and the SAM2 mask decoder with its prompt encoder, ex
 FEATURE_CONVS = ("sam2.mask_decoder.conv_s0.", "sam2.mask_decoder.conv_s1.")
 SEG_SOURCES = {"response": "teacher-forced input, [SEG] in the response", "prompt": "teacher-forced input, [SEG] "
                "in the prompt", "generate": "generate path (as inference computes it)"}
-# Trainable parts of the mask decoder that the mask loss never reaches: the IoU and object-score heads
-# only pick or gate a mask (argmax, a comparison), and the point and mask prompt embeddings are unused
-# (no points, no mask prompt). Eager training leaves their gradients empty (DeepSpeed zero-fills them, so
-# only weight decay moves them); a compiled step cannot leave a trainable parameter without a gradient,
-# so --hsft-compile freezes them.
-UNREACHED_BY_THE_LOSS = ("sam2.mask_decoder.iou_prediction_head.", "sam2.mask_decoder.pred_obj_score_head.",
-                         "sam2.prompt_encoder.mask_embed.", "sam2.prompt_encoder.point_embed.")
-# ... and SAM2's not-a-point embedding, unless the model's convention pads the prompt with it.
-NOT_A_POINT = "sam2.prompt_encoder.not_a_point_embed."
 # Samples per forward when the loss over a whole set is measured (no gradients).
 PROBE_BATCH = 8
 
@@ -76,13 +67,7 @@ class HSFTTask(SegTask):
             for param_name, param in model.named_parameters():
                 if param_name.startswith(FEATURE_CONVS):
                     param.requires_grad_(True)
-        if cfg.compile != "off":
-            unreached = UNREACHED_BY_THE_LOSS + (() if model.conventions.decoder_prompt == "padded" else (NOT_A_POINT,))
-            for param_name, param in model.named_parameters():
-                if param_name.startswith(unreached):
-                    param.requires_grad_(False)
-        self.module = SegObjective(model, lm_weight=0.0, mask_weight=1.0, bce_weight=cfg.bce_weight, eps=cfg.dice_eps,
-                                   compile_mode=cfg.compile)
+        self.module = SegObjective(model, lm_weight=0.0, mask_weight=1.0, bce_weight=cfg.bce_weight, eps=cfg.dice_eps)
         self.cache = (FeatureCache(model, cfg.seg_form, on_device=cfg.cache_on_device,
                                    max_new_tokens=validation.max_new_tokens) if cfg.cache_features else None)
 

@@ -61,21 +61,16 @@ class CachedSegBatch:
 
 class SegObjective(nn.Module):
     def __init__(self, model: nn.Module, *, lm_weight: float, mask_weight: float, bce_weight: float = 0.5,
-                 eps: float = 1e-8, compile_mode: str = "off"):
+                 eps: float = 1e-8):
         super().__init__()
         self.model = model
         self.lm_weight, self.mask_weight = lm_weight, mask_weight
         self.bce_weight, self.eps = bce_weight, eps
-        # The cached step runs only the small decoder, so on a GPU it is bound by kernel launches, not
-        # arithmetic: compiling it fuses its many small kernels (and "reduce-overhead" replays them as a
-        # CUDA graph). Inference and the uncached path stay eager.
-        self._decode_cached = (model.decode_masks if compile_mode == "off"
-                               else torch.compile(model.decode_masks, mode=compile_mode))
 
     def forward(self, batch: SegBatch | CachedSegBatch) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         lm_loss = None
         if isinstance(batch, CachedSegBatch):
-            logits = self._decode_cached(batch.sam_features, batch.seg_hidden)
+            logits = self.model.decode_masks(batch.sam_features, batch.seg_hidden)
         else:
             out = self.model.forward_seg(batch.images, batch.tokens, compute_lm_loss=self.lm_weight > 0)
             logits, lm_loss = out.mask_logits, out.lm_loss
