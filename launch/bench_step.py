@@ -32,12 +32,16 @@ def main(argv=None) -> int:
     parser.add_argument("--compile", default="", metavar="MODES",
                         help=f"also time the cached HSFT step with the decoder compiled, comma-separated torch.compile "
                              f"modes: {', '.join(COMPILE_MODES)}")
+    parser.add_argument("--cuda-graph", action="store_true",
+                        help="also time both HSFT steps with the fused AdamW, and the cached one with the decoder "
+                             "captured as CUDA graphs (what removing the cached step's launches would buy)")
     args = parser.parse_args(argv)
     try:
         summary = run(shape=args.shape, stages=[s for s in args.stage.split(",") if s], device=args.device,
                       dtype=args.dtype, steps=args.steps, warmup=args.warmup, micro_batch=args.micro_batch,
                       image_size=args.image_size, out=Path(args.out), echo=lambda line: print(line, flush=True),
-                      profile=args.profile, compile_modes=tuple(m for m in args.compile.split(",") if m))
+                      profile=args.profile, compile_modes=tuple(m for m in args.compile.split(",") if m),
+                      cuda_graph=args.cuda_graph)
     except ValueError as error:
         print(f"launch/bench_step.py: error: {error}", file=sys.stderr)
         return 2

@@ -66,3 +66,20 @@ def test_a_compiler_failure_is_a_row_not_a_crash(tmp_path, monkeypatch):
                       "error": "AssertionError: expected size 256==256, stride 4096==1 at dim=1"}
     assert "failed: AssertionError" in step.format_summary(summary)
     assert set(summary["hsft_cache_speedup_by_config"]) == {"hsft cached"}
+
+
+def test_launch_bound_rows_on_the_cpu(monkeypatch):
+    """--cuda-graph: the fused-AdamW rows run anywhere; the graph capture is a row that says it needs CUDA."""
+    import hsft.bench.step as step
+    from hsft.model import ModelConfig, build_model
+
+    monkeypatch.setattr(step, "build_real_model",
+                        lambda shape, device, dtype: build_model(ModelConfig(preset="tiny"), seed=0).to(device, dtype))
+    summary = step.run(shape="sa2va-1b", stages=["hsft"], device="cpu", dtype="float32", steps=1, warmup=0,
+                       micro_batch=1, image_size=64, out=None, cuda_graph=True)
+    rows = {row["config"]: row for row in summary["rows"]}
+    assert rows["hsft cached, CUDA graph + fused AdamW"] == {"config": "hsft cached, CUDA graph + fused AdamW",
+                                                             "error": "needs a CUDA device"}
+    assert rows["hsft cached, fused AdamW"]["median_s"] > 0
+    assert set(summary["hsft_cache_speedup_by_config"]) == {"hsft cached", "hsft cached, fused AdamW"}
+    assert "than hsft uncached, fused AdamW" in step.format_summary(summary)
