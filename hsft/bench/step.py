@@ -205,8 +205,7 @@ def _hsft_rows(model, images, targets, steps, warmup, micro_batch, device, *, pr
             seconds = _time_steps(cached, steps, warmup, device)
         except Exception as error:  # noqa: BLE001 - a compiler failure is a result to report, not a crash
             optimizer.zero_grad(set_to_none=True)
-            message = next((line for line in str(error).splitlines() if line.strip()), type(error).__name__)
-            rows.append({"config": name, "error": f"{type(error).__name__}: {message}"[:300]})
+            rows.append(_failure_row(name, error))
             continue
         rows.append(_row(name, seconds, micro_batch, device, compile_s=compile_s,
                          trainable_params=sum(p.numel() for p in trainable)))
@@ -215,6 +214,12 @@ def _hsft_rows(model, images, targets, steps, warmup, micro_batch, device, *, pr
             model.forward_seg(images, tokens).mask_logits.float(), targets), feats=feats, hidden=hidden,
             targets=targets, trainable=trainable, steps=steps, warmup=warmup, micro_batch=micro_batch, device=device)
     return rows
+
+
+def _failure_row(name: str, error: Exception) -> dict:
+    """A configuration that could not run, with the first line of why (a result, not a crash)."""
+    message = next((line for line in str(error).splitlines() if line.strip()), "")
+    return {"config": name, "error": f"{type(error).__name__}: {message}"[:300]}
 
 
 class _TensorDecode(torch.nn.Module):
@@ -260,8 +265,7 @@ def _launch_bound_rows(model, *, uncached_loss, feats, hidden, targets, trainabl
             graphed(feats.image_embedding, feats.feat_s0, feats.feat_s1, hidden).float(), targets))
     except Exception as error:  # noqa: BLE001 - a capture failure is a result to report, not a crash
         optimizer.zero_grad(set_to_none=True)
-        message = next((line for line in str(error).splitlines() if line.strip()), type(error).__name__)
-        return rows + [{"config": name, "error": f"{type(error).__name__}: {message}"[:300]}]
+        return rows + [_failure_row(name, error)]
     return rows + [_row(name, seconds, micro_batch, device)]
 
 
