@@ -258,6 +258,13 @@ class HSFTStageConfig:
         metadata={"help": "keep the feature cache in accelerator memory (default: pinned host memory, copied per "
                           "micro-batch)"},
     )
+    cuda_graph: bool = field(
+        default=False,
+        metadata={"help": "replay the cached step's decoder (text_hidden_fcs -> SAM2 mask decoder) forward and "
+                          "backward as CUDA graphs, captured once per micro-batch shape (needs a CUDA device and "
+                          "the feature cache; the decoder's IoU and object-score heads and unused prompt "
+                          "embeddings, which the loss never reaches, are then frozen)"},
+    )
     max_hard: int | None = field(
         default=None, metadata={"help": "train on the k hardest samples of the hard set only (none: all of it)"}
     )
@@ -279,6 +286,8 @@ class HSFTStageConfig:
         _check(self.seg_form != "generate" or self.cache_features, "hsft.seg_form",
                "'generate' takes the [SEG] state from one generate pass per sample, which needs the feature cache "
                "(--hsft-cache-features true)")
+        _check(not self.cuda_graph or self.cache_features, "hsft.cuda_graph",
+               "replays the cached step's decoder, which needs the feature cache (--hsft-cache-features true)")
         if self.max_hard is not None:
             _check(self.max_hard >= 1, "hsft.max_hard", f"must be >= 1, got {self.max_hard}")
         _check(0 < self.hard_fraction <= 1, "hsft.hard_fraction", f"must lie in (0, 1], got {self.hard_fraction}")

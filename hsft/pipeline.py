@@ -172,6 +172,8 @@ def _run_locked(cfg: RunConfig, ds_file_config: dict, out: Path) -> dict:
     distributed.barrier()
     started = time.time()
     ctx = RunContext.build(cfg, ds_file_config)
+    if cfg.hsft.cuda_graph and ctx.device.type != "cuda":
+        raise ValueError(f"--hsft-cuda-graph: CUDA graphs need a CUDA device; this run is on {ctx.device}")
     write_json(out / "run_config.json", asdict(cfg))
     ctx.splits = load_splits(cfg.data)
     splits = ctx.splits

@@ -40,7 +40,7 @@ LOGS="$WORK/logs"
 STEPS=()
 FAILED=0
 # HSFT_CHECK_ONLY="install bench_step" runs only the named steps (default: every step but bench_step).
-ONLY="${HSFT_CHECK_ONLY:-install build ops ops_without_crash bench main experiments}"
+ONLY="${HSFT_CHECK_ONLY:-install build ops ops_without_crash bench main cuda_graph experiments}"
 CAP_SCALE=1
 [ "$CPU" = 0 ] || CAP_SCALE=10
 
@@ -156,6 +156,35 @@ run_step main "${HSFT_CHECK_MAIN_SECONDS:-200}" env HSFT_CACHE="$PWD/.hsft_cache
   launch/hsft.py --deepspeed ds_configs/zero2.json --precision "$PRECISION" --output-dir "$WORK/run" "${MAIN_ARGS[@]}" \
   "${EXTRA_MAIN_ARGS[@]}"
 
+# --hsft-cuda-graph against the eager HSFT step, from the same DPO model and hard set (tiny recipe):
+# the stage's losses step by step, and its time.
+cuda_graph_check() {
+  local ds
+  ds="$(dirname "$(command -v "$PY")")/deepspeed"
+  env HSFT_CACHE="$PWD/.hsft_cache" "$ds" --num_gpus 1 launch/hsft.py --deepspeed ds_configs/zero2.json \
+    --precision "$PRECISION" --stages base,lora,dpo,mining,hsft --output-dir "$WORK/graph_eager" &&
+  env HSFT_CACHE="$PWD/.hsft_cache" "$ds" --num_gpus 1 launch/hsft.py --deepspeed ds_configs/zero2.json \
+    --precision "$PRECISION" --recipe tiny --model "$WORK/graph_eager/dpo/model" --stages mining,hsft \
+    --hsft-cuda-graph --output-dir "$WORK/graph_replayed" &&
+  "$PY" - "$WORK/graph_eager/hsft/metrics.json" "$WORK/graph_replayed/hsft/metrics.json" <<'PY'
+import json, sys
+eager, replayed = (json.load(open(path)) for path in sys.argv[1:3])
+diff = max(abs(a - b) for a, b in zip(eager["losses"], replayed["losses"]))
+print(f"hsft losses: {len(eager['losses'])} eager / {len(replayed['losses'])} replayed steps, "
+      f"max |difference| {diff:.3g}; first {eager['losses'][0]:.5f} / {replayed['losses'][0]:.5f}, "
+      f"last {eager['losses'][-1]:.5f} / {replayed['losses'][-1]:.5f}")
+print(f"hsft stage seconds: eager {eager['seconds']:.2f}, replayed {replayed['seconds']:.2f}")
+sys.exit(0 if len(eager["losses"]) == len(replayed["losses"]) and diff < 1e-2 else 1)
+PY
+}
+export -f cuda_graph_check
+export PRECISION
+if [ "$CPU" = 1 ]; then
+  skip_step cuda_graph "--cpu: CUDA graphs need a GPU"
+else
+  run_step cuda_graph "${HSFT_CHECK_CUDA_GRAPH_SECONDS:-200}" cuda_graph_check
+fi
+
 # The experiments runner on the accelerator: the smoke suite, one seed (every kind of run it makes).
 run_step experiments "${HSFT_CHECK_EXPERIMENTS_SECONDS:-150}" env HSFT_CACHE="$PWD/.hsft_cache" \
   "$(dirname "$(command -v "$PY")")/deepspeed" --num_gpus 1 launch/experiments.py --deepspeed ds_configs/zero2.json \
@@ -192,6 +221,9 @@ run_step bench_step "${HSFT_CHECK_BENCH_STEP_SECONDS:-150}" "$PY" launch/bench_s
   echo
   echo "## main command"
   if [ -f "$WORK/run/report.md" ]; then cat "$WORK/run/report.md"; else tail -n 20 "$LOGS/main.log" 2>/dev/null; fi
+  echo
+  echo "## --hsft-cuda-graph against eager HSFT"
+  grep "^hsft \(losses\|stage seconds\)" "$LOGS/cuda_graph.log" 2>/dev/null
   echo
   echo "## real-shape step (bench_step)"
   sed -n '/ on .* threads), /,$p' "$LOGS/bench_step.log" 2>/dev/null

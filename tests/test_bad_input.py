@@ -322,3 +322,8 @@ def test_main_command_names_a_hard_set_from_other_data(tmp_path, saved_model):
     proc = _main(tmp_path, "--model", str(saved_model), "--stages", "hsft", "--resume",
                  "--data-synthetic-train", "4")
     _assert_one_line(proc, str(run / "mining" / "hard_samples.json"), "not valid JSON")
+
+
+@pytest.mark.skipif(__import__("torch").cuda.is_available(), reason="a CUDA device is present")
+def test_main_command_refuses_cuda_graphs_without_a_gpu(tmp_path):
+    _assert_one_line(_main(tmp_path, "--hsft-cuda-graph"), "--hsft-cuda-graph", "need a CUDA device")

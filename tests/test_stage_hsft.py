@@ -29,11 +29,11 @@ def test_hard_set_and_the_controls_random_subset(samples):
         hard_set(samples, ["nope"])
 
 
-def _hsft_losses(samples, tmp_path, context, cache: bool, micro_batch: int = 1):
+def _hsft_losses(samples, tmp_path, context, cache: bool, micro_batch: int = 1, cuda_graph: bool = False):
     torch.manual_seed(0)
     model = build_model(ModelConfig(preset="tiny"), seed=0)
     cfg = HSFTStageConfig(train=TrainConfig(epochs=2, micro_batch=micro_batch, grad_accum=2, lr=1e-3, min_lr=1e-5),
-                          cache_features=cache)
+                          cache_features=cache, cuda_graph=cuda_graph)
     before = {n: p.detach().clone() for n, p in model.named_parameters()}
     task = HSFTTask(model, samples[:4], cfg, Validation([], 1, 1))
     task.before = before
@@ -55,3 +55,57 @@ def test_cached_features_give_the_uncached_losses(samples, tmp_path, make_contex
     assert changed <= trainable
     assert any(n.startswith("text_hidden_fcs") for n in changed)
     assert any(n.startswith("sam2.mask_decoder") for n in changed)
+
+
+def _replay_without_a_gpu(captures: list):
+    """What torch.cuda.make_graphed_callables hands back, without a GPU: forward and backward as one autograd
+    node, every trainable parameter's gradient written into a buffer that each replay reuses (as a graph's
+    static outputs are), no gradient allowed to be missing. `captures` records each capture's input shapes."""
+    def capture(module, sample_args):
+        captures.append([tuple(a.shape) for a in sample_args])
+        params = tuple(p for p in module.parameters() if p.requires_grad)
+        static_grads = [torch.empty_like(p) for p in params]
+
+        class Replay(torch.autograd.Function):
+            @staticmethod
+            def forward(ctx, *inputs):
+                with torch.enable_grad():
+                    ctx.out = module(*inputs[:len(sample_args)])
+                return ctx.out.detach()
+
+            @staticmethod
+            def backward(ctx, grad):
+                grads = torch.autograd.grad(ctx.out, params, grad, allow_unused=False)
+                for buffer, g in zip(static_grads, grads):
+                    buffer.copy_(g)
+                return (None,) * len(sample_args) + tuple(b.detach() for b in static_grads)
+
+        return lambda *args: Replay.apply(*args, *params)
+    return capture
+
+
+def test_the_replayed_decoder_trains_as_the_eager_one(samples, tmp_path, make_context, monkeypatch):
+    """--hsft-cuda-graph through the real training loop and DeepSpeed: the eager losses and weights, the
+    heads the loss never reaches frozen, one capture per micro-batch shape."""
+    from hsft.stages import graphed_decode
+
+    captures = []
+    monkeypatch.setattr(graphed_decode, "capture_cuda_graphs", _replay_without_a_gpu(captures))
+    eager, eager_task = _hsft_losses(samples, tmp_path / "eager", make_context, cache=True)
+    replayed, task = _hsft_losses(samples, tmp_path / "replayed", make_context, cache=True, cuda_graph=True)
+    assert len(task.graphed) == 1 and len(captures) == 1  # micro-batch 1 over 4 samples: one shape
+    assert replayed.losses == pytest.approx(eager.losses, rel=1e-5, abs=1e-7)
+    frozen = {n for n, p in eager_task.model.named_parameters() if p.requires_grad} - {
+        n for n, p in task.model.named_parameters() if p.requires_grad}
+    assert frozen and all(n.startswith(graphed_decode.UNREACHED_BY_THE_LOSS + (graphed_decode.NOT_A_POINT,))
+                          for n in frozen)
+    for (name, a), (_, b) in zip(eager_task.model.named_parameters(), task.model.named_parameters()):
+        if name in frozen:  # eager training only weight-decays them
+            torch.testing.assert_close(b, task.before[name], rtol=0, atol=0, msg=name)
+        else:
+            torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-6, msg=name)
+
+
+def test_cuda_graphs_need_the_feature_cache():
+    with pytest.raises(ValueError, match="hsft.cuda_graph: .*needs the feature cache"):
+        HSFTStageConfig(cuda_graph=True, cache_features=False).validate()

@@ -222,25 +222,13 @@ def _failure_row(name: str, error: Exception) -> dict:
     return {"config": name, "error": f"{type(error).__name__}: {message}"[:300]}
 
 
-class _TensorDecode(torch.nn.Module):
-    """model.decode_masks over plain tensors, the form torch.cuda.make_graphed_callables takes."""
-
-    def __init__(self, model):
-        super().__init__()
-        self.model = model
-
-    def forward(self, image_embedding, feat_s0, feat_s1, hidden):
-        from hsft.model.features import SamFeatures
-
-        return self.model.decode_masks(SamFeatures(image_embedding, feat_s0, feat_s1), hidden)
-
-
 def _launch_bound_rows(model, *, uncached_loss, feats, hidden, targets, trainable, steps, warmup, micro_batch,
                        device) -> list[dict]:
-    """What cutting the cached step's kernel launches would buy: both steps with the fused AdamW (one
-    kernel for every tensor), then the cached step with the decoder's forward and backward captured once
-    as CUDA graphs and replayed."""
+    """What cutting the cached step's kernel launches buys: both steps with the fused AdamW (one kernel
+    for every tensor), then the cached step as --hsft-cuda-graph runs it (the decoder's forward and
+    backward captured once as CUDA graphs and replayed). Freezes the unreached heads of `model` last."""
     from hsft.ops import dice_bce_loss
+    from hsft.stages.graphed_decode import GraphedDecode, freeze_unreached_by_the_loss
 
     optimizer = torch.optim.AdamW(trainable, lr=1e-5, weight_decay=0.01, fused=True)
 
@@ -258,11 +246,12 @@ def _launch_bound_rows(model, *, uncached_loss, feats, hidden, targets, trainabl
     if device.type != "cuda":
         return rows + [{"config": name, "error": "needs a CUDA device"}]
     try:
-        graphed = torch.cuda.make_graphed_callables(
-            _TensorDecode(model), (feats.image_embedding, feats.feat_s0, feats.feat_s1, hidden),
-            allow_unused_input=True)  # the IoU and object-score heads train but get no gradient from this loss
-        seconds = run(lambda: dice_bce_loss(
-            graphed(feats.image_embedding, feats.feat_s0, feats.feat_s1, hidden).float(), targets))
+        # As --hsft-cuda-graph trains: the heads the loss never reaches frozen, the decoder replayed.
+        freeze_unreached_by_the_loss(model)
+        optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-5,
+                                      weight_decay=0.01, fused=True)
+        graphed = GraphedDecode(model)
+        seconds = run(lambda: dice_bce_loss(graphed(feats, hidden).float(), targets))
     except Exception as error:  # noqa: BLE001 - a capture failure is a result to report, not a crash
         optimizer.zero_grad(set_to_none=True)
         return rows + [_failure_row(name, error)]

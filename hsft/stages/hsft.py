@@ -30,6 +30,7 @@ from hsft.engine.context import RunContext
 from hsft.model import load_model
 from hsft.stages.mining import read_hard_ids
 from hsft.stages.batching import make_seg_batch
+from hsft.stages.graphed_decode import GraphedDecode, freeze_unreached_by_the_loss
 from hsft.stages.objective import FeatureCache, SegObjective, SegTask
 from hsft.stages.selection import TrainingPlan, whole_set
 from hsft.stages.training import StageResult, Validation, model_dir, pass_model_on, train_stage
@@ -67,7 +68,12 @@ class HSFTTask(SegTask):
             for param_name, param in model.named_parameters():
                 if param_name.startswith(FEATURE_CONVS):
                     param.requires_grad_(True)
-        self.module = SegObjective(model, lm_weight=0.0, mask_weight=1.0, bce_weight=cfg.bce_weight, eps=cfg.dice_eps)
+        self.graphed = None
+        if cfg.cuda_graph:
+            freeze_unreached_by_the_loss(model)
+            self.graphed = GraphedDecode(model)
+        self.module = SegObjective(model, lm_weight=0.0, mask_weight=1.0, bce_weight=cfg.bce_weight, eps=cfg.dice_eps,
+                                   cached_decode=self.graphed)
         self.cache = (FeatureCache(model, cfg.seg_form, on_device=cfg.cache_on_device,
                                    max_new_tokens=validation.max_new_tokens) if cfg.cache_features else None)
 
@@ -134,6 +140,9 @@ def fine_tune(ctx: RunContext, cfg: HSFTStageConfig, start: Path | None, *, name
         raise ValueError(f"{name}: needs a starting model directory (--model, or an earlier stage)")
     trains = (TRAINS if not cfg.train_feature_convs else
               "text_hidden_fcs and the SAM2 mask decoder with its prompt encoder, conv_s0/conv_s1 included")
+    if cfg.cuda_graph:
+        trains += ("; its IoU and object-score heads and unused prompt embeddings frozen (the loss never reaches "
+                   "them); the decoder's forward and backward replayed as CUDA graphs")
     train_set = plan.pool
     what = plan.describe
     summary = {"samples": plan.per_epoch, "pool": len(train_set), "training_set": what, "cache": cfg.cache_features,

@@ -61,16 +61,18 @@ class CachedSegBatch:
 
 class SegObjective(nn.Module):
     def __init__(self, model: nn.Module, *, lm_weight: float, mask_weight: float, bce_weight: float = 0.5,
-                 eps: float = 1e-8):
+                 eps: float = 1e-8, cached_decode=None):
         super().__init__()
         self.model = model
         self.lm_weight, self.mask_weight = lm_weight, mask_weight
         self.bce_weight, self.eps = bce_weight, eps
+        # How a cached batch is decoded: model.decode_masks, or the same replayed as CUDA graphs.
+        self.cached_decode = cached_decode if cached_decode is not None else model.decode_masks
 
     def forward(self, batch: SegBatch | CachedSegBatch) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         lm_loss = None
         if isinstance(batch, CachedSegBatch):
-            logits = self.model.decode_masks(batch.sam_features, batch.seg_hidden)
+            logits = self.cached_decode(batch.sam_features, batch.seg_hidden)
         else:
             out = self.model.forward_seg(batch.images, batch.tokens, compute_lm_loss=self.lm_weight > 0)
             logits, lm_loss = out.mask_logits, out.lm_loss
