@@ -34,13 +34,14 @@ PYTHON="${PYTHON:-python3}"
 BUDGET="${HSFT_CHECK_SECONDS:-290}"
 WORK="build/device_check"
 START=$(date +%s)
-rm -rf "$OUT" "$WORK/run" "$WORK/logs" "$WORK/bench"
+rm -rf "$OUT" "$WORK/run" "$WORK/graph_base" "$WORK/graph_eager" "$WORK/graph_replayed" "$WORK/logs" "$WORK/bench"
 mkdir -p "$OUT" "$WORK/logs" "$WORK/bench"
 LOGS="$WORK/logs"
 STEPS=()
 FAILED=0
-# HSFT_CHECK_ONLY="install bench_step" runs only the named steps (default: every step but bench_step).
-ONLY="${HSFT_CHECK_ONLY:-install build ops ops_without_crash bench main cuda_graph experiments}"
+# HSFT_CHECK_ONLY="install bench_step" runs only the named steps (default: every step but cuda_graph and
+# bench_step).
+ONLY="${HSFT_CHECK_ONLY:-install build ops ops_without_crash bench main experiments}"
 CAP_SCALE=1
 [ "$CPU" = 0 ] || CAP_SCALE=10
 
@@ -156,16 +157,22 @@ run_step main "${HSFT_CHECK_MAIN_SECONDS:-200}" env HSFT_CACHE="$PWD/.hsft_cache
   launch/hsft.py --deepspeed ds_configs/zero2.json --precision "$PRECISION" --output-dir "$WORK/run" "${MAIN_ARGS[@]}" \
   "${EXTRA_MAIN_ARGS[@]}"
 
-# --hsft-cuda-graph against the eager HSFT step, from the same DPO model and hard set (tiny recipe):
-# the stage's losses step by step, and its time.
+# --hsft-cuda-graph against the eager HSFT step: the same command from the same DPO model (the main
+# step's, else a pipeline up to DPO), with and without the option; the losses step by step, the time.
 cuda_graph_check() {
-  local ds
+  local ds base="$WORK/run" form
   ds="$(dirname "$(command -v "$PY")")/deepspeed"
-  env HSFT_CACHE="$PWD/.hsft_cache" "$ds" --num_gpus 1 launch/hsft.py --deepspeed ds_configs/zero2.json \
-    --precision "$PRECISION" --stages base,lora,dpo,mining,hsft --output-dir "$WORK/graph_eager" &&
-  env HSFT_CACHE="$PWD/.hsft_cache" "$ds" --num_gpus 1 launch/hsft.py --deepspeed ds_configs/zero2.json \
-    --precision "$PRECISION" --recipe tiny --model "$WORK/graph_eager/dpo/model" --stages mining,hsft \
-    --hsft-cuda-graph --output-dir "$WORK/graph_replayed" &&
+  if [ ! -d "$base/dpo/model" ]; then
+    base="$WORK/graph_base"
+    env HSFT_CACHE="$PWD/.hsft_cache" "$ds" --num_gpus 1 launch/hsft.py --deepspeed ds_configs/zero2.json \
+      --precision "$PRECISION" --stages base,lora,dpo --output-dir "$base" || return 1
+  fi
+  for form in eager replayed; do
+    env HSFT_CACHE="$PWD/.hsft_cache" "$ds" --num_gpus 1 launch/hsft.py --deepspeed ds_configs/zero2.json \
+      --precision "$PRECISION" --recipe tiny --model "$base/dpo/model" --stages mining,hsft \
+      --hsft-cuda-graph "$([ "$form" = replayed ] && echo true || echo false)" --output-dir "$WORK/graph_$form" ||
+      return 1
+  done
   "$PY" - "$WORK/graph_eager/hsft/metrics.json" "$WORK/graph_replayed/hsft/metrics.json" <<'PY'
 import json, sys
 eager, replayed = (json.load(open(path)) for path in sys.argv[1:3])
