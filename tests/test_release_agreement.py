@@ -150,7 +150,8 @@ def test_mask_dice_and_cosine():
 
 
 def _result(ids, prompt, mask, tiles=1, text="Sure, [SEG]") -> ImageResult:
-    return ImageResult(text=text, ids=ids, tiles=tiles, prompt=np.asarray(prompt, dtype=np.float32), mask=mask)
+    return ImageResult(text=text, ids=ids, tiles=tiles, size=mask.shape, prompt=np.asarray(prompt, dtype=np.float32),
+                       mask=mask)
 
 
 def test_compare_results_and_the_targets():
@@ -172,9 +173,10 @@ def test_compare_results_and_the_targets():
     assert not compare_results("a.png", hsft, _result([5, 7, 2], [1.0, 2.0, 3.0], mask), [0, 2]).passed
     assert not compare_results("a.png", hsft, _result([5, 6, 2], [1.0, 2.0, 3.0], mask, tiles=3), [0, 2]).passed
 
-    no_seg = ImageResult(text="Sure.", ids=[5, 2], tiles=1, prompt=None, mask=None)
+    no_seg = ImageResult(text="Sure.", ids=[5, 2], tiles=1, size=(6, 8), prompt=None, mask=None)
     missing = compare_results("a.png", hsft, no_seg, [0, 2])
-    assert np.isnan(missing.dice) and not missing.passed
+    assert np.isnan(missing.dice) and not missing.passed and (missing.width, missing.height) == (8, 6)
 
-    table = format_table([row, worse])
-    assert table.count("| a.png | 8 x 6 | 1 / 1 |") == 2 and "| yes | yes |" in table and "| yes | NO |" in table
+    table = format_table([row, worse, missing])
+    assert table.count("| a.png | 8 x 6 | 1 / 1 |") == 3 and "| yes | yes |" in table and "| yes | NO |" in table
+    assert "| 1.0000000 | 1.0000 | 1.00000 | 0.250 |" in table and "| no [SEG] | - | - | - | NO | NO |" in table

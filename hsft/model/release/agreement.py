@@ -51,6 +51,7 @@ class ImageResult:
     text: str
     ids: list[int]              # the generated token ids (as generate returned them)
     tiles: int                  # VLM tiles the image was cut into
+    size: tuple[int, int]       # (H, W) of the image
     prompt: np.ndarray | None   # (C,) the first [SEG]'s mask-decoder prompt; None without [SEG]
     mask: np.ndarray | None     # (H, W) bool at the image's size; None without [SEG]
 
@@ -115,7 +116,7 @@ def compare_results(image: str, hsft: ImageResult, release: ImageResult, end_ids
         height, width = release.mask.shape
     else:
         dice = agreement = fraction = cos = float("nan")
-        height = width = 0
+        height, width = release.size
     return Agreement(image=image, width=width, height=height, tiles_hsft=hsft.tiles, tiles_release=release.tiles,
                      cosine=cos, dice=dice, pixel_agreement=agreement, mask_fraction=fraction,
                      text_equal=answer_ids(hsft.ids, end_ids) == answer_ids(release.ids, end_ids),
@@ -127,9 +128,12 @@ def format_table(rows: Sequence[Agreement]) -> str:
              "| release mask fg | answer equal | within targets |",
              "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
     for r in rows:
+        if np.isnan(r.dice):  # a side emitted no [SEG]: no prompt or mask to compare
+            numbers = "no [SEG] | - | - | -"
+        else:
+            numbers = f"{r.cosine:.7f} | {r.dice:.4f} | {r.pixel_agreement:.5f} | {r.mask_fraction:.3f}"
         lines.append(f"| {Path(r.image).name} | {r.width} x {r.height} | {r.tiles_hsft} / {r.tiles_release} "
-                     f"| {r.cosine:.7f} | {r.dice:.4f} | {r.pixel_agreement:.5f} | {r.mask_fraction:.3f} "
-                     f"| {'yes' if r.text_equal else 'NO'} | {'yes' if r.passed else 'NO'} |")
+                     f"| {numbers} | {'yes' if r.text_equal else 'NO'} | {'yes' if r.passed else 'NO'} |")
     texts = {(r.text_hsft, r.text_release) for r in rows}
     for hsft, release in sorted(texts):
         lines.append(f"answer: hsft {hsft!r}, release {release!r}")
@@ -194,6 +198,7 @@ def run_release(release_python: str | os.PathLike, release_code: Path, checkpoin
     for k, info in enumerate(meta["images"]):
         has = info["has_mask"]
         results.append(ImageResult(text=info["text"], ids=data[f"ids_{k}"].tolist(), tiles=int(info["tiles"]),
+                                   size=(int(info["height"]), int(info["width"])),
                                    prompt=data[f"prompt_{k}"] if has else None, mask=data[f"mask_{k}"] if has else None))
     return results, meta
 
@@ -217,6 +222,7 @@ def run_hsft(model_dir: Path, images: Sequence[Path], prompt: str, max_new_token
             emitted = bool(out.seg_emitted[0])
             results.append(ImageResult(
                 text=out.text[0], ids=out.generated_ids[0].tolist(), tiles=int(batch.num_tiles[0]),
+                size=(int(image.shape[0]), int(image.shape[1])),
                 prompt=out.seg_embedding[0].float().numpy() if emitted else None,
                 mask=binary_mask(out.mask_logits[0], image.shape[:2]).cpu().numpy() if emitted else None))
     end_ids = sorted({int(model.eos_token_id), int(model.pad_token_id)})
