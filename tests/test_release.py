@@ -195,11 +195,19 @@ def test_seg_projection_and_mask_decoder_match_the_release(imported):
     torch.testing.assert_close(masks, ref.video_resolution(want, SIZES.sam_image), rtol=1e-4, atol=1e-4)
 
 
+def test_release_conventions_upsample_masks_and_do_not_gate():
+    assert Conventions().mask_upsample == "direct" and Conventions.release().mask_upsample == "sam_input"
+    assert not Conventions().object_gate and not Conventions.release().object_gate
+    with pytest.raises(ValueError, match=r"^conventions.mask_upsample: must be one of direct, sam_input, got 'nearest'$"):
+        Conventions.from_dict({"mask_upsample": "nearest"})
+
+
 def test_hsft_defaults_are_unchanged_for_models_without_conventions(tmp_path):
     from hsft.model import ModelConfig, build_model
 
     model = build_model(ModelConfig())
     assert model.conventions == Conventions()
+    assert model.mask_size == tuple(model.sam2.prompt_encoder.mask_input_size)  # the decoder's own size
     assert isinstance(model.text_hidden_fcs[1], torch.nn.GELU)
     save_model(model, tmp_path / "m")
     meta_path = tmp_path / "m" / "hsft_model.json"
