@@ -91,6 +91,17 @@ def test_bad_input_is_one_line_naming_the_argument(tmp_path, imported, capsys):
     bad({"--max-new-tokens": "0"}, "--max-new-tokens")
 
 
+def test_the_script_reports_a_directory_without_the_release_code(tmp_path, imported):
+    image = _image(tmp_path / "a.png")
+    done = subprocess.run([sys.executable, str(ROOT / "launch" / "compare_with_release.py"), "--release-code",
+                           str(tmp_path), "--model", str(imported), "--images", str(image)],
+                          capture_output=True, text=True)
+    assert done.returncode == 2 and done.stdout == ""
+    assert done.stderr.strip().splitlines() == [
+        f"launch/compare_with_release.py: error: --release-code {tmp_path}: not the release's remote code (missing "
+        f"{', '.join(RELEASE_CODE_FILES)}; it is the directory holding modeling_sa2va_chat.py)"]
+
+
 def test_a_failing_release_code_is_one_line(tmp_path, imported):
     code_dir = _release_code(tmp_path / "code", "raise ImportError('flash_attn is required')\n")
     with pytest.raises(ReleaseError, match=r"^the release's code failed under .*: ImportError: flash_attn is "
