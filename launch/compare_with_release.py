@@ -33,7 +33,8 @@ def parse(argv):
                         help="the release's remote-code files (modeling_sa2va_chat.py, sam2.py, ...)")
     parser.add_argument("--model", required=True, metavar="DIR", help="an hsft model directory imported from a release")
     parser.add_argument("--images", required=True, nargs="+", metavar="IMAGE", help="image files")
-    parser.add_argument("--prompt", default=DEFAULT_PROMPT, help=f"the request, starting with <image> (default: {DEFAULT_PROMPT!r})")
+    parser.add_argument("--prompt", default=DEFAULT_PROMPT,
+                        help=f"the request, starting with <image> (default: {DEFAULT_PROMPT!r})")
     parser.add_argument("--max-new-tokens", type=int, default=16, help="generation budget of both sides (default: 16)")
     parser.add_argument("--release-python", default=sys.executable, metavar="PYTHON",
                         help="the Python that runs the release's code (default: this one)")

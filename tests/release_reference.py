@@ -292,8 +292,9 @@ def predict_forward(image: np.ndarray, instruction: str, answer_ids: list[int], 
 
     The text: <image> in the instruction replaced by <img> + tiles x tokens-per-tile <IMG_CONTEXT> +
     </img>, in the chat template's user turn. SAM2 reads the image resized (PIL bicubic) to its input
-    size and normalised with the ImageNet constants rounded to bfloat16 (SAM2_MEAN / SAM2_STD); `sam_features(pixels)` stands in for SAM2's Hiera image encoder
-    and FPN neck (the levels, highest resolution first), which tiling does not touch. The [SEG]
+    size and normalised with the ImageNet constants rounded to bfloat16 (SAM2_MEAN / SAM2_STD);
+    `sam_features(pixels)` stands in for SAM2's Hiera image encoder and FPN neck (the levels,
+    highest resolution first), which tiling does not touch. The [SEG]
     state goes through text_hidden_fcs and prompts the mask decoder with no points; the mask is
     sigmoid > 0.5 of the low-res logits bilinearly resized to SAM2's input size (the video
     predictor's output) and from there to (H, W)."""

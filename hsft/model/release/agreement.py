@@ -199,11 +199,13 @@ def run_release(release_python: str | os.PathLike, release_code: Path, checkpoin
         has = info["has_mask"]
         results.append(ImageResult(text=info["text"], ids=data[f"ids_{k}"].tolist(), tiles=int(info["tiles"]),
                                    size=(int(info["height"]), int(info["width"])),
-                                   prompt=data[f"prompt_{k}"] if has else None, mask=data[f"mask_{k}"] if has else None))
+                                   prompt=data[f"prompt_{k}"] if has else None,
+                                   mask=data[f"mask_{k}"] if has else None))
     return results, meta
 
 
-def run_hsft(model_dir: Path, images: Sequence[Path], prompt: str, max_new_tokens: int) -> tuple[list[ImageResult], list[int]]:
+def run_hsft(model_dir: Path, images: Sequence[Path], prompt: str, max_new_tokens: int
+             ) -> tuple[list[ImageResult], list[int]]:
     """hsft's inference as launch/predict.py runs it (float32, CPU, one image per generate call)."""
     import torch
 
