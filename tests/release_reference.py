@@ -156,9 +156,11 @@ def dense_positional(t: dict, h: int, w: int) -> Tensor:
 def sam2_masks(image_embedding: Tensor, feat_s0: Tensor, feat_s1: Tensor, prompt: Tensor, t: dict, heads: int
                ) -> tuple[Tensor, Tensor]:
     """(B, h, w) low-res mask of the release's language-prompted SAM2 call: no points (two
-    not-a-point tokens) + the prompt appended, multimask output, best predicted IoU, object-score
-    gate. image_embedding already holds the no-memory embedding; feat_s0/s1 are conv_s0/s1 outputs.
-    Returns the masks and the (B,) object scores."""
+    not-a-point tokens) + the prompt appended, multimask output, best predicted IoU. No object-score
+    gate: Sa2VA's SAM2 (its _forward_sam_heads) leaves SAM2's masking of object-less images
+    commented out, so the object score only feeds the object pointer. image_embedding already holds
+    the no-memory embedding; feat_s0/s1 are conv_s0/s1 outputs. Returns the masks and the (B,)
+    object scores."""
     dec = S + "sam_mask_decoder."
     b, c, h, w = image_embedding.shape
     no_point = t[S + "sam_prompt_encoder.not_a_point_embed.weight"]
@@ -199,14 +201,23 @@ def sam2_masks(image_embedding: Tensor, feat_s0: Tensor, feat_s1: Tensor, prompt
     iou = _mlp(queries[:, 1], t, dec + "iou_prediction_head", 3)
     object_score = _mlp(queries[:, 0], t, dec + "pred_obj_score_head", 3)
     best = iou[:, 1:].argmax(dim=-1)
-    chosen = masks[:, 1:][torch.arange(b), best]
-    return torch.where(object_score[:, 0, None, None] > 0, chosen, torch.full_like(chosen, -1024.0)), object_score[:, 0]
+    return masks[:, 1:][torch.arange(b), best], object_score[:, 0]
+
+
+def video_resolution(low_res: Tensor, size: int) -> Tensor:
+    """(B, size, size): the low-res masks as the release's SAM2 video predictor returns them, at its
+    input size (its video_height / video_width), bilinear, align_corners=False."""
+    return F.interpolate(low_res[:, None].float(), size=(size, size), mode="bilinear", align_corners=False)[:, 0]
 
 
 # ---------------------------------------------------------------- the release's image inference
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
+# SAM2's input: the release's SAM2.preprocess_image makes its mean / std tensors in its dtype
+# argument's default, bfloat16, which predict_forward keeps.
+SAM2_MEAN = tuple(float(torch.tensor(v, dtype=torch.bfloat16)) for v in IMAGENET_MEAN)
+SAM2_STD = tuple(float(torch.tensor(v, dtype=torch.bfloat16)) for v in IMAGENET_STD)
 
 
 def release_grid(width: int, height: int, min_num: int, max_num: int, size: int) -> tuple[int, int]:
@@ -240,10 +251,10 @@ def release_tiles(image: Image.Image, min_num: int, max_num: int, size: int, thu
     return tiles
 
 
-def to_normalised(image: Image.Image) -> Tensor:
-    """ToTensor + Normalize(ImageNet): (3, H, W) float32."""
+def to_normalised(image: Image.Image, mean=IMAGENET_MEAN, std=IMAGENET_STD) -> Tensor:
+    """ToTensor + Normalize (ImageNet by default): (3, H, W) float32."""
     pixels = torch.from_numpy(np.asarray(image, dtype=np.float32) / 255.0).permute(2, 0, 1)
-    return (pixels - torch.tensor(IMAGENET_MEAN)[:, None, None]) / torch.tensor(IMAGENET_STD)[:, None, None]
+    return (pixels - torch.tensor(mean)[:, None, None]) / torch.tensor(std)[:, None, None]
 
 
 def vision_features(pixels: Tensor, t: dict, *, layers: int, heads: int, patch: int) -> Tensor:
@@ -268,6 +279,7 @@ class ReleasePrediction:
     seg_hidden: Tensor  # (llm width,) last-layer state where [SEG] is the input token
     prompt_embedding: Tensor  # (sam width,) text_hidden_fcs of it
     low_res: Tensor  # (h, w) SAM2 mask logits
+    video_res: Tensor  # (S, S) the same at SAM2's input size, as its video predictor returns them
     mask: Tensor  # (H, W) bool at the image's size
 
 
@@ -280,10 +292,12 @@ def predict_forward(image: np.ndarray, instruction: str, answer_ids: list[int], 
 
     The text: <image> in the instruction replaced by <img> + tiles x tokens-per-tile <IMG_CONTEXT> +
     </img>, in the chat template's user turn. SAM2 reads the image resized (PIL bicubic) to its input
-    size and ImageNet-normalised; `sam_features(pixels)` stands in for SAM2's Hiera image encoder
-    and FPN neck (the levels, highest resolution first), which tiling does not touch. The [SEG]
+    size and normalised with the ImageNet constants rounded to bfloat16 (SAM2_MEAN / SAM2_STD);
+    `sam_features(pixels)` stands in for SAM2's Hiera image encoder and FPN neck (the levels,
+    highest resolution first), which tiling does not touch. The [SEG]
     state goes through text_hidden_fcs and prompts the mask decoder with no points; the mask is
-    sigmoid > 0.5 of the low-res logits bilinearly resized to (H, W)."""
+    sigmoid > 0.5 of the low-res logits bilinearly resized to SAM2's input size (the video
+    predictor's output) and from there to (H, W)."""
     picture = Image.fromarray(image)
     min_num, max_num, thumbnail = tiling
     tiles = release_tiles(picture, min_num, max_num, sizes.image, thumbnail)
@@ -305,13 +319,14 @@ def predict_forward(image: np.ndarray, instruction: str, answer_ids: list[int], 
                                         kv_heads=sizes.kv_heads, theta=theta)[0, -1]
     prompt_embedding = text_hidden_fcs(hidden, t)
 
-    sam_input = to_normalised(picture.resize((sizes.sam_image, sizes.sam_image)))[None]
+    sam_input = to_normalised(picture.resize((sizes.sam_image, sizes.sam_image)), SAM2_MEAN, SAM2_STD)[None]
     levels = list(sam_features(sam_input))
     dec = S + "sam_mask_decoder."
     feat_s0 = F.conv2d(levels[0], t[dec + "conv_s0.weight"], t[dec + "conv_s0.bias"])
     feat_s1 = F.conv2d(levels[1], t[dec + "conv_s1.weight"], t[dec + "conv_s1.bias"])
     embedding = levels[2] + t[S + "no_mem_embed"].reshape(1, -1, 1, 1)
     low_res, _ = sam2_masks(embedding, feat_s0, feat_s1, prompt_embedding[None], t, sizes.decoder_heads)
+    video_res = video_resolution(low_res, sizes.sam_image)
     height, width = image.shape[:2]
-    full = F.interpolate(low_res[:, None], size=(height, width), mode="bilinear", align_corners=False)[0, 0]
-    return ReleasePrediction(len(tiles), hidden, prompt_embedding, low_res[0], full.sigmoid() > 0.5)
+    full = F.interpolate(video_res[:, None], size=(height, width), mode="bilinear", align_corners=False)[0, 0]
+    return ReleasePrediction(len(tiles), hidden, prompt_embedding, low_res[0], video_res[0], full.sigmoid() > 0.5)

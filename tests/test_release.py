@@ -69,6 +69,11 @@ def test_import_export_round_trip_is_bit_exact(tmp_path, sam2_config_file, famil
 
     model = load_model(str(tmp_path / "model"))
     assert model.conventions == Conventions.release(bos_token=family == "internlm2")
+    # SAM2 reads its input normalised as the release's preprocess_image does it (bfloat16 constants)
+    assert (model.sam_norm.mean, model.sam_norm.std) == (ref.SAM2_MEAN, ref.SAM2_STD) != \
+        (ref.IMAGENET_MEAN, ref.IMAGENET_STD)
+    assert model.vlm_norm.mean == ref.IMAGENET_MEAN
+    assert report.sam_norm == {"mean": list(ref.SAM2_MEAN), "std": list(ref.SAM2_STD)}
     assert isinstance(model.text_hidden_fcs[1], torch.nn.ReLU)
     assert model.fcs_hidden == SIZES.fcs_hidden
 
@@ -174,7 +179,8 @@ def test_seg_projection_and_mask_decoder_match_the_release(imported):
     args = (feats.image_embedding, feats.feat_s0, feats.feat_s1, prompt)
     _, scores = ref.sam2_masks(*args, t, SIZES.decoder_heads)
     # shift the object-score bias (in the release tensors and the model alike) so that the batch
-    # holds both masks the gate keeps and masks it empties
+    # holds object scores on both sides of 0: the release keeps every mask (Sa2VA's SAM2 has no
+    # object-score gate), so must hsft
     bias_key = ref.S + "sam_mask_decoder.pred_obj_score_head.layers.2.bias"
     middle = scores.sort().values[batch // 2 - 1: batch // 2 + 1]
     shift = middle.mean()  # halfway between two scores: no score lands on the threshold
@@ -185,7 +191,15 @@ def test_seg_projection_and_mask_decoder_match_the_release(imported):
         torch.testing.assert_close(model.text_hidden_fcs(seg_hidden), prompt)
     want, scores = ref.sam2_masks(*args, t, SIZES.decoder_heads)
     assert 0 < int((scores > 0).sum()) < batch
-    torch.testing.assert_close(masks, want, rtol=1e-4, atol=1e-4)
+    assert masks.shape == (batch, SIZES.sam_image, SIZES.sam_image) == (batch, *model.mask_size)
+    torch.testing.assert_close(masks, ref.video_resolution(want, SIZES.sam_image), rtol=1e-4, atol=1e-4)
+
+
+def test_release_conventions_upsample_masks_and_do_not_gate():
+    assert Conventions().mask_upsample == "direct" and Conventions.release().mask_upsample == "sam_input"
+    assert not Conventions().object_gate and not Conventions.release().object_gate
+    with pytest.raises(ValueError, match=r"^conventions.mask_upsample: must be one of direct, sam_input, got 'nearest'$"):
+        Conventions.from_dict({"mask_upsample": "nearest"})
 
 
 def test_hsft_defaults_are_unchanged_for_models_without_conventions(tmp_path):
@@ -193,6 +207,7 @@ def test_hsft_defaults_are_unchanged_for_models_without_conventions(tmp_path):
 
     model = build_model(ModelConfig())
     assert model.conventions == Conventions()
+    assert model.mask_size == tuple(model.sam2.prompt_encoder.mask_input_size)  # the decoder's own size
     assert isinstance(model.text_hidden_fcs[1], torch.nn.GELU)
     save_model(model, tmp_path / "m")
     meta_path = tmp_path / "m" / "hsft_model.json"

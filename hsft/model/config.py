@@ -95,7 +95,12 @@ class Conventions:
         (release: SAM2's "no point" prompt, two not-a-point tokens, followed by the state).
     mask_output: "single" (the decoder's single-mask token) or "best_iou" (release: the three
         multimask outputs, the one with the highest predicted IoU).
-    object_gate: release: a mask whose SAM2 object score is <= 0 is emptied (logits -1024).
+    object_gate: a mask whose SAM2 object score is <= 0 is emptied (logits -1024), as SAM2's own
+        video predictor does. Off in both hsft and the release: Sa2VA's SAM2 skips that gate.
+    mask_upsample: how the decoder's low-res logits reach the image's size. "direct" (hsft): one
+        bilinear resize to the image. "sam_input" (release): first a bilinear resize to SAM2's input
+        size (the release's video predictor returns 1024 x 1024 logits), then the resize to the
+        image; the model's mask logits are then at SAM2's input size (in training too).
     image_resize: "bilinear" (antialiased bilinear on float pixels) or "pil_bicubic" (release:
         PIL's bicubic resize of the uint8 image, both for the VLM tile and SAM2's input).
     bos_token: prepend the tokenizer's BOS token to the conversation (release InternLM2 models,
@@ -110,6 +115,7 @@ class Conventions:
     decoder_prompt: str = "seg"
     mask_output: str = "single"
     object_gate: bool = False
+    mask_upsample: str = "direct"
     image_resize: str = "bilinear"
     bos_token: bool = False
     dynamic_image_size: bool = False
@@ -121,8 +127,9 @@ class Conventions:
     def release(cls, *, bos_token: bool = False, dynamic_image_size: bool = True, min_dynamic_patch: int = 1,
                 max_dynamic_patch: int = 12, use_thumbnail: bool = True) -> Conventions:
         """The release's conventions; the tiling defaults are those its predict_forward uses."""
-        return cls(fcs_activation="relu", decoder_prompt="padded", mask_output="best_iou", object_gate=True,
-                   image_resize="pil_bicubic", bos_token=bos_token, dynamic_image_size=dynamic_image_size,
+        return cls(fcs_activation="relu", decoder_prompt="padded", mask_output="best_iou", object_gate=False,
+                   mask_upsample="sam_input", image_resize="pil_bicubic", bos_token=bos_token,
+                   dynamic_image_size=dynamic_image_size,
                    min_dynamic_patch=min_dynamic_patch, max_dynamic_patch=max_dynamic_patch,
                    use_thumbnail=use_thumbnail)
 
@@ -145,7 +152,8 @@ class Conventions:
 
     def validate(self, prefix: str = "conventions") -> None:
         choices = {"fcs_activation": ("gelu", "relu"), "decoder_prompt": ("seg", "padded"),
-                   "mask_output": ("single", "best_iou"), "image_resize": ("bilinear", "pil_bicubic")}
+                   "mask_output": ("single", "best_iou"), "mask_upsample": ("direct", "sam_input"),
+                   "image_resize": ("bilinear", "pil_bicubic")}
         for name, allowed in choices.items():
             value = getattr(self, name)
             _check(value in allowed, f"{prefix}.{name}", f"must be one of {', '.join(allowed)}, got {value!r}")

@@ -13,7 +13,7 @@ __all__ = ["SegForwardOutput", "SegGenerateOutput"]
 class SegForwardOutput:
     """Teacher-forced path (differentiable).
 
-    mask_logits: (B, h, w) low-resolution logits in the model's dtype (callers upcast);
+    mask_logits: (B, h, w) logits at the model's mask_size, in the model's dtype (callers upcast);
     seg_hidden: (B, H) LLM last-layer hidden state at the [SEG] token;
     seg_embedding: (B, C) text_hidden_fcs(seg_hidden), the mask decoder's sparse prompt;
     lm_loss: mean next-token cross-entropy over the labelled tokens (float32), when requested;

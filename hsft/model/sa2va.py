@@ -86,7 +86,8 @@ class Sa2VAModel(nn.Module):
     """InternVL + [SEG] + text_hidden_fcs + SAM2 mask decoder. Build it with hsft.model.build_model.
 
     Attributes: vlm, sam2, text_hidden_fcs, tokenizer, seg_token_id, prompt, hidden_size (LLM),
-    prompt_width (C, SAM2 prompt/decoder width), fcs_hidden, mask_size (h, w) of the low-res logits,
+    prompt_width (C, SAM2 prompt/decoder width), fcs_hidden, mask_size (h, w) of the mask logits
+    (the decoder's low-res size, or SAM2's input size under conventions.mask_upsample "sam_input"),
     vlm_image_size, sam_image_size, num_image_tokens (per VLM tile).
     """
 
@@ -149,7 +150,8 @@ class Sa2VAModel(nn.Module):
         patches = (height // vision_cfg.patch_size[0]) * (width // vision_cfg.patch_size[1])
         self.num_image_tokens = int(round(patches * vlm.config.downsample_ratio ** 2))
         self.sam_image_size = int(sam2.config.prompt_encoder_config.image_size)
-        self.mask_size = tuple(int(s) for s in sam2.prompt_encoder.mask_input_size)
+        self.mask_size = ((self.sam_image_size, self.sam_image_size) if conventions.mask_upsample == "sam_input"
+                          else tuple(int(s) for s in sam2.prompt_encoder.mask_input_size))
 
         image_context = tokenizer.convert_ids_to_tokens(int(vlm.config.image_token_id))
         if single_token_id(tokenizer, image_context) != vlm.config.image_token_id:
@@ -298,6 +300,12 @@ class Sa2VAModel(nn.Module):
         if self.conventions.object_gate:
             present = object_score[:, 0, 0] > 0
             masks = torch.where(present[:, None, None], masks, torch.full_like(masks, NO_OBJECT_LOGIT))
+        if self.conventions.mask_upsample == "sam_input":
+            # the release's video predictor hands back its masks at SAM2's input size (bilinear,
+            # in float32); its predict_forward then resizes those to the image
+            size = (self.sam_image_size, self.sam_image_size)
+            masks = F.interpolate(masks[:, None].float(), size=size, mode="bilinear",
+                                  align_corners=False)[:, 0].to(masks.dtype)
         return masks, seg_embedding
 
     def _sparse_prompt(self, seg_embedding: Tensor) -> Tensor:
@@ -315,7 +323,8 @@ class Sa2VAModel(nn.Module):
         return tokens
 
     def decode_masks(self, sam_feats: SamFeatures, seg_hidden: Tensor) -> Tensor:
-        """(B, h, w) low-res mask logits: text_hidden_fcs -> sparse prompt -> SAM2 mask decoder."""
+        """(B, h, w) mask logits (h, w = self.mask_size): text_hidden_fcs -> sparse prompt -> SAM2 mask
+        decoder (-> resize to SAM2's input size under conventions.mask_upsample "sam_input")."""
         return self._decode(sam_feats, seg_hidden)[0]
 
     # ------------------------------------------------------------------ the two [SEG] paths

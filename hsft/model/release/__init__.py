@@ -1,7 +1,8 @@
 """Released Sa2VA checkpoints: import into an hsft model directory and export back, bit for bit.
 
 See hsft.model.release.importer (import_sa2va) and hsft.model.release.exporter (export_sa2va);
-hsft.model.release.keys holds the tensor-name mapping.
+hsft.model.release.keys holds the tensor-name mapping; hsft.model.release.agreement compares an
+imported model's inference with the release's own code (launch/compare_with_release.py).
 """
 
 from hsft.model.release.source import ReleaseError

@@ -30,6 +30,7 @@ from transformers import AutoTokenizer, InternVLForConditionalGeneration, Sam2Mo
 
 from hsft.model.checkpoint import save_model
 from hsft.model.config import SEG_TOKEN, Conventions, PromptConfig
+from hsft.model.images import IMAGENET_NORM, ImageNorm
 from hsft.model.release.configs import internvl_config, llm_heads, sam2_config, tiling_fields
 from hsft.model.release.keys import (
     internlm2_renamer,
@@ -53,6 +54,11 @@ REPORT_FILE = "conversion_report"
 _DTYPES = {"BF16": torch.bfloat16, "F16": torch.float16, "F32": torch.float32}
 _EMBED = "vlm.model.language_model.embed_tokens.weight"
 _LM_HEAD = "vlm.lm_head.weight"
+# SAM2's input normalisation as the release's inference runs it: its SAM2.preprocess_image builds the
+# ImageNet mean and std as bfloat16 tensors (its dtype argument's default, which predict_forward
+# keeps), so even a float32 run subtracts and divides by the bfloat16-rounded constants.
+RELEASE_SAM_NORM = ImageNorm(*(tuple(torch.tensor(values).to(torch.bfloat16).float().tolist())
+                               for values in (IMAGENET_NORM.mean, IMAGENET_NORM.std)))
 
 
 @dataclass
@@ -70,6 +76,7 @@ class ImportReport:
     unrecognised: list[str]  # kept too, but not a tensor this converter knows of: check them
     tied_lm_head: bool
     conventions: dict
+    sam_norm: dict
 
 
 def _load_tokenizer(source: ReleaseSource):
@@ -229,7 +236,8 @@ def import_sa2va(source_dir: str | os.PathLike, output_dir: str | os.PathLike, *
     vlm.generation_config.eos_token_id = single_token_id(tokenizer, IM_END)
     vlm.generation_config.pad_token_id = int(tokenizer.pad_token_id)
     conventions = Conventions.release(bos_token=source.template == "internlm2_chat", **tiling)
-    model = Sa2VAModel(vlm, sam2, tokenizer, prompt or PromptConfig(), fcs_hidden=fcs, conventions=conventions)
+    model = Sa2VAModel(vlm, sam2, tokenizer, prompt or PromptConfig(), fcs_hidden=fcs, conventions=conventions,
+                       sam_norm=RELEASE_SAM_NORM)
     model.text_hidden_fcs.load_state_dict(fcs_state, strict=True)
     model = model.to(target).eval()
 
@@ -248,6 +256,7 @@ def import_sa2va(source_dir: str | os.PathLike, output_dir: str | os.PathLike, *
         unrecognised=[e.release_key for e in entries if e.kind == "kept" and not is_sam2_unused(e.release_key)],
         tied_lm_head=tied,
         conventions=asdict(conventions),
+        sam_norm=RELEASE_SAM_NORM.to_dict(),
     )
     _write_report(report, output)
     return report
@@ -319,6 +328,8 @@ def _write_report(report: ImportReport, output: Path) -> None:
         f"kept unchanged beside it (release/kept.safetensors): {len(report.kept)}",
         f"- lm_head tied to the input embedding: {report.tied_lm_head}",
         "- conventions (hsft_model.json): " + ", ".join(f"{k}={v}" for k, v in report.conventions.items()),
+        f"- SAM2 input normalisation (the release's, ImageNet rounded to bfloat16): mean "
+        f"{report.sam_norm['mean']}, std {report.sam_norm['std']}",
         "",
         "Mapped tensors are the ones image segmentation runs; those below are mapped too but only serve",
         "point or mask prompts, which [SEG] prompting does not use:", "",
