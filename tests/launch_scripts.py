@@ -45,4 +45,7 @@ def run_deepspeed(script: str, args: list[str], tmp: Path, *, ranks: int = 1, po
     proc = subprocess.run(cmd, cwd=tmp, env=env, capture_output=True, text=True, timeout=timeout)
     if check and proc.returncode != 0:
         raise AssertionError(f"exit {proc.returncode}\nSTDOUT\n{proc.stdout[-6000:]}\nSTDERR\n{proc.stderr[-6000:]}")
+    if proc.returncode == 0:  # no rank leaves DeepSpeed's CPU all-reduce buffer behind in /dev/shm
+        leftover = sorted(Path("/dev/shm").glob(f"deepspeed_allreduce_buffer_*_{port}_*"))
+        assert not leftover, f"left in shared memory: {[p.name for p in leftover]}"
     return proc

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 import socket
+from pathlib import Path
 from typing import Any, Sequence, TypeVar
 
 import torch
@@ -41,11 +42,29 @@ def init_distributed() -> None:
     backend = None if torch.cuda.is_available() else "gloo"
     if "WORLD_SIZE" in os.environ:
         deepspeed.init_distributed(dist_backend=backend)
+        barrier()  # every rank has mapped every rank's shared-memory buffer by now
+        _unlink_shared_memory_buffer()
     else:
         # DeepSpeed would otherwise fall back to MPI discovery; its engine still reads LOCAL_RANK.
         os.environ.setdefault("LOCAL_RANK", "0")
         deepspeed.init_distributed(dist_backend=backend, auto_mpi_discovery=False, rank=0, world_size=1,
                                    init_method=f"tcp://127.0.0.1:{_free_port()}")
+
+
+def shared_memory_buffer() -> Path:
+    """This rank's buffer of DeepSpeed's CPU shared-memory all-reduce (named as DeepSpeed 0.19 names it)."""
+    return Path("/dev/shm") / (f"deepspeed_allreduce_buffer_{os.getuid()}_{os.environ.get('MASTER_ADDR', '')}_"
+                               f"{os.environ.get('MASTER_PORT', '')}_{rank()}")
+
+
+def _unlink_shared_memory_buffer() -> None:
+    """DeepSpeed's CPU all-reduce gives each rank a /dev/shm buffer (about 66 MB) and never removes it:
+    every multi-rank CPU run would hold that memory until the machine restarts. Once every rank has
+    mapped every buffer (the end of init) the names can go; the mappings live until the processes end."""
+    try:
+        shared_memory_buffer().unlink()
+    except FileNotFoundError:  # not a CPU run with the shared-memory all-reduce
+        pass
 
 
 def local_device() -> torch.device:
