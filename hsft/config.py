@@ -106,6 +106,18 @@ class BaseStageConfig:
                           "unlike the target's question), so the mask decoder must read the [SEG] state; false: "
                           "the target's question alone"},
     )
+    encoder_pool_size: int = field(
+        default=96,
+        metadata={"help": "first pre-train the SAM2 image encoder and mask decoder alone (mask loss) on this many "
+                          "images of every colour style and the target's difficulty range, a stand-in for SAM2's "
+                          "own broad pre-training; the Sa2VA part then trains on the source pool with that "
+                          "encoder frozen, as Sa2VA does (0: one phase, every module on the source pool)"},
+    )
+    source_mask_dilation: int = field(
+        default=1,
+        metadata={"help": "pixels by which the source pool's vessel masks are dilated: a coarser annotation "
+                          "protocol than the target's (0: the same protocol)"},
+    )
     mask_loss_weight: float = field(default=1.0, metadata={"help": "weight of Dice+BCE next to the LM loss"})
     cache_dir: str | None = field(
         default=None, metadata={"help": "where the pre-trained base is cached (default: $HSFT_CACHE or ~/.cache/hsft)"}
@@ -124,6 +136,10 @@ class BaseStageConfig:
         _check(self.source in ("other-style", "target"), "base.source",
                f"must be 'other-style' or 'target', got {self.source!r}")
         _check(self.mask_loss_weight >= 0, "base.mask_loss_weight", "must be >= 0")
+        _check(self.encoder_pool_size == 0 or self.encoder_pool_size >= 8, "base.encoder_pool_size",
+               f"must be 0 (off) or >= 8, got {self.encoder_pool_size}")
+        _check(0 <= self.source_mask_dilation <= 8, "base.source_mask_dilation",
+               f"must lie in [0, 8], got {self.source_mask_dilation}")
 
 
 @dataclass

@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
+import pytest
 
 from hsft.data import load_splits, make_fundus
 from hsft.data.config import DataConfig
-from hsft.data.source_domain import MIN_STRENGTH, SOURCE_DIFFICULTY, source_domain_pool, to_source_style
+from hsft.data.source_domain import (MIN_STRENGTH, SOURCE_DIFFICULTY, dilate_masks, every_style_pool,
+                                     source_domain_pool, to_source_style)
 from hsft.data.synthetic import POOL_SEED_BASE
 
 
@@ -85,3 +89,70 @@ def test_stage_0_asks_each_pool_sample_its_own_question(tiny_model):
     # Without referring (the default), the pool is the plain images, asked the default question.
     plain, _, none = pool_for(BaseStageConfig(pool_size=8), DataConfig(synthetic_size=48), 0)
     assert len(plain) == 8 and none == {}
+
+
+def test_dilated_masks_grow_by_exactly_the_pixels_asked_inside_the_field_of_view():
+    import torch
+    import torch.nn.functional as F
+
+    pool = source_domain_pool(2, seed=0, size=64)
+    for pixels in (1, 2):
+        for original, dilated in zip(pool, dilate_masks(pool, pixels)):
+            # Reference: a 3 x 3 max filter `pixels` times (zero padding at the border).
+            grown = torch.from_numpy(original.mask).float()[None, None]
+            for _ in range(pixels):
+                grown = F.max_pool2d(grown, 3, stride=1, padding=1)
+            assert np.array_equal(dilated.mask, grown[0, 0].bool().numpy() & original.fov)
+            assert dilated.mask.sum() > original.mask.sum() and np.array_equal(dilated.image, original.image)
+    assert all(np.array_equal(a.mask, b.mask) for a, b in zip(pool, dilate_masks(pool, 0)))
+    with pytest.raises(ValueError, match="pixels"):
+        dilate_masks(pool, -1)
+
+
+def test_every_style_pool_spans_the_target_and_source_colours_and_skips_the_source_pool():
+    source = source_domain_pool(6, seed=0, size=48)
+    broad = every_style_pool(40, seed=0, size=48, skip=6)
+    assert not {s.id for s in source} & {s.id for s in broad}
+    # The same generator seeds as the source pool's next images, in the target's difficulty range.
+    assert broad[0].id == source_domain_pool(7, seed=0, size=48)[6].id
+    assert np.array_equal(broad[0].mask, make_fundus(POOL_SEED_BASE + 6, 48).mask)
+
+    def red_over_green(sample):
+        red, green = (sample.image[..., c][sample.fov].mean() for c in (0, 1))
+        return red / green
+
+    ratios = [red_over_green(s) for s in broad]
+    # Some images keep nearly the target's saturated red, some are nearly the source's grey.
+    assert max(ratios) > 1.4 and min(ratios) < 1.2
+
+
+def test_two_phase_stage_0_trains_the_image_encoder_first_then_keeps_it_frozen(make_context, tmp_path):
+    """Phase 1 (SAM2's stand-in) trains only the SAM2 image encoder and mask decoder; phase 2 trains the
+    rest on the source pool with phase 1's image encoder unchanged, as Sa2VA keeps SAM2's."""
+    import torch
+    from safetensors.torch import load_file
+
+    from hsft.model import build_model, load_model
+    from hsft.model.config import ModelConfig
+    from hsft.stages import base
+    from hsft.stages.base import ENCODER_PARTS
+
+    ctx = make_context(**{"base.pool_size": 8, "base.encoder_pool_size": 8, "base.train.epochs": 1,
+                          "base.train.micro_batch": 4, "base.cache_dir": str(tmp_path / "cache"),
+                          "data.synthetic_size": 32, "data.synthetic_train": 4, "data.synthetic_test": 2})
+    result = base.run(ctx, ctx.cfg.base, None)
+    cached = Path(result.summary["cache"])
+    phase_1, phase_2 = (load_file(str(d / "trainable.safetensors")) for d in (cached / "encoder", cached))
+    fresh = build_model(ModelConfig(preset="tiny"), seed=ctx.seed)
+    part_of = {name: fresh._part_of(name) for name, _ in fresh.named_parameters()}
+    assert {part_of[n] for n in phase_1} == set(ENCODER_PARTS)
+    assert "sam2_encoder" not in {part_of[n] for n in phase_2} and "llm" in {part_of[n] for n in phase_2}
+    encoder = dict(load_model(cached / "encoder" / "model", dtype="float32").named_parameters())
+    final = dict(load_model(result.model_dir, dtype="float32").named_parameters())
+    initial = dict(fresh.named_parameters())
+    for name, part in part_of.items():
+        if part == "sam2_encoder":
+            assert torch.equal(final[name], encoder[name]), name  # phase 2 left it as phase 1 made it
+    assert any(not torch.equal(encoder[n], initial[n]) for n, p in part_of.items() if p == "sam2_encoder")
+    assert any(not torch.equal(final[n], initial[n]) for n, p in part_of.items() if p == "llm")
+    assert "then every other module, the image encoder frozen" in result.notes[0]

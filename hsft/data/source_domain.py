@@ -8,8 +8,13 @@ What differs from the target domain (hsft.data.synthetic with its drawn difficul
   latter, instead of the saturated orange-red colour photograph alone;
 - population: every image is easy and clean (high vessel contrast, wide vessels, little noise, no
   artefacts), where the target has a tail of faint, thin, noisy vessels.
-The anatomy (disc, macula, vessel trees) and the annotation convention are the same, so what stage 0
-learns transfers, imperfectly.
+- annotation (`dilate_masks`, stage 0's `source_mask_dilation`): the source's vessel masks may be drawn
+  wider than the target's, a coarser protocol, as generic segmentation data are coarser than vessel
+  annotations.
+The anatomy (disc, macula, vessel trees) is the same, so what stage 0 learns transfers, imperfectly.
+
+`every_style_pool` is the broad image data of stage 0's first phase (the stand-in for SAM2's own
+pre-training): every colour between the target's and the source's, the target's difficulty range.
 
 Referring segmentation (`referring_source_pool`): each source image is asked three questions whose
 masks differ on the same image, the vessels, the optic disc and the field of view, each in its own
@@ -28,7 +33,8 @@ from dataclasses import dataclass
 from hsft.data.synthetic import Difficulty, POOL_SEED_BASE, SEEDS_PER_RANGE, make_fundus, optic_disc_mask
 
 __all__ = ["SOURCE_DIFFICULTY", "RED_FREE", "REFERRING_QUESTIONS", "ReferringSample", "to_source_style",
-           "source_domain_pool", "pool_seeds", "ask_referring_questions", "referring_source_pool"]
+           "source_domain_pool", "every_style_pool", "dilate_masks", "pool_seeds", "ask_referring_questions",
+           "referring_source_pool"]
 
 # Each source image is the desaturated rendering blended with the colour photograph by a strength drawn
 # from [MIN_STRENGTH, 1]: a range of cameras that does not reach the target's.
@@ -70,6 +76,37 @@ def source_domain_pool(n: int, seed: int = 0, size: int = 128) -> list[Sample]:
     strengths = np.random.default_rng([seed, n]).uniform(MIN_STRENGTH, 1.0, size=n)
     return [to_source_style(make_fundus(s, size, difficulty=SOURCE_DIFFICULTY), float(strengths[i]))
             for i, s in enumerate(seeds)]
+
+
+def every_style_pool(n: int, seed: int = 0, size: int = 128, skip: int = 0) -> list[Sample]:
+    """`n` images of every colour style (blended 0-100 % of the way to the source colours) and the
+    target's difficulty range, from pre-training pool `seed` after its first `skip` images (so disjoint
+    from a source_domain_pool of `skip` images): the broad data a generic image encoder is trained on."""
+    seeds = pool_seeds(skip + n, seed)[skip:]
+    strengths = np.random.default_rng([seed, n, skip, 1]).uniform(0.0, 1.0, size=n)
+    return [to_source_style(make_fundus(s, size), float(strengths[i])) for i, s in enumerate(seeds)]
+
+
+def dilate_masks(samples: list[Sample], pixels: int) -> list[Sample]:
+    """The samples with each vessel mask dilated by `pixels` (3 x 3 steps, kept inside the field of
+    view): a coarser annotation protocol than the target's."""
+    if pixels < 0:
+        raise ValueError(f"pixels must be >= 0, got {pixels}")
+    out = []
+    for sample in samples:
+        mask = sample.mask.copy()
+        for _ in range(pixels):
+            padded = np.pad(mask, 1)
+            height, width = mask.shape
+            mask = np.zeros_like(mask)
+            for dy in range(3):
+                for dx in range(3):
+                    mask |= padded[dy:dy + height, dx:dx + width]
+        if sample.fov is not None:
+            mask &= sample.fov
+        out.append(Sample(id=sample.id, image=sample.image, mask=mask, fov=sample.fov,
+                          source=f"{sample.source};mask_dilated={pixels}px"))
+    return out
 
 
 def pool_seeds(n: int, seed: int = 0) -> list[int]:

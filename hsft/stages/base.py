@@ -1,10 +1,21 @@
-"""Stage 0, for the embedded default only: pre-train the tiny preset (every module: vision tower,
-projector, LLM, text_hidden_fcs, SAM2 image encoder and mask decoder; CE + Dice/BCE) on a synthetic
-pool disjoint from the fine-tuning data. It stands in for a generic pre-trained checkpoint: by default
-(`source` "other-style") the pool is another domain than the target (hsft.data.source_domain:
-desaturated colours, clean easy images), so later stages start from a model that answers
-"Sure, [SEG]." and segments the target moderately well, with a domain to adapt to and real hard
-samples for HSFT. `source` "target" pre-trains on the target distribution itself.
+"""Stage 0, for the embedded default only: pre-train the tiny preset on synthetic pools disjoint from
+the fine-tuning data. It stands in for a generic pre-trained Sa2VA, in two phases as Sa2VA itself was
+built (`encoder_pool_size` > 0, the default):
+
+1. a stand-in for SAM2's own broad pre-training: the SAM2 image encoder and mask decoder alone (mask
+   loss, no text) on images of every colour style and the target's difficulty range;
+2. a stand-in for Sa2VA's training: every other module (vision tower, projector, LLM,
+   text_hidden_fcs, mask decoder; CE + Dice/BCE) on the source domain (`source` "other-style":
+   desaturated, clean easy images, hsft.data.source_domain), with phase 1's image encoder frozen, as
+   Sa2VA keeps SAM2's. The source masks follow a coarser annotation protocol than the target's
+   (`source_mask_dilation` px wider).
+
+So later stages start from a model that answers "Sure, [SEG]." and segments the target moderately
+well, with a generic image encoder (as real Sa2VA has: the published method keeps it frozen in every
+stage) and a mask decoder fitted to another domain and protocol: something for LoRA to adapt, and real
+hard samples for HSFT. Measured (README "Recipes"): with one phase (every module on the source pool),
+the frozen encoder, which had seen only the source colours, bounded every later stage, and LoRA moved
+held-out Dice by nothing measurable. `source` "target" pre-trains on the target distribution itself.
 
 With `referring` (off by default) every pool image is asked three questions whose masks differ (the
 vessels, the optic disc, the field of view; hsft.data.source_domain.REFERRING_QUESTIONS), so the mask
@@ -22,23 +33,29 @@ import hashlib
 import json
 import os
 import shutil
-from dataclasses import asdict
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
 
 from hsft.config import BaseStageConfig, DataConfig, ModelConfig
 from hsft.data import Sample, synthetic_pool
-from hsft.data.source_domain import ask_referring_questions, pool_seeds, source_domain_pool
+from hsft.data.source_domain import (ask_referring_questions, dilate_masks, every_style_pool, pool_seeds,
+                                     source_domain_pool)
 from hsft.engine import distributed
 from hsft.engine.context import RunContext
 from hsft.engine.tensorboard import TBWriter
+from hsft.eval.scoring import score_logits
 from hsft.model import build_model
+from hsft.model.checkpoint import load_model
 from hsft.stages.batching import SegBatch, fovs_on, masks_on
 from hsft.stages.objective import SegObjective, SegTask
 from hsft.stages.training import StageResult, Validation, is_complete, model_dir, train_stage
 
 CACHE_FORMAT = 4
+ALL_PARTS = frozenset({"vision", "projector", "llm", "text_hidden_fcs", "sam2_encoder", "mask_decoder"})
+# The broad image pre-training of the two-phase stage 0 (SAM2's own stand-in): no text.
+ENCODER_PARTS = frozenset({"sam2_encoder", "mask_decoder"})
 
 
 def cache_root(cfg: BaseStageConfig) -> Path:
@@ -61,12 +78,12 @@ class BaseTask(SegTask):
     name = "base"
 
     def __init__(self, model, pool: list[Sample], cfg: BaseStageConfig, validation: Validation,
-                 questions: dict[str, str] | None = None):
+                 questions: dict[str, str] | None = None, parts: frozenset[str] = ALL_PARTS, lm_weight: float = 1.0):
         super().__init__(model, pool, validation)
         self.cfg = cfg
         self.questions = questions or {}
-        model.set_trainable({"vision", "projector", "llm", "text_hidden_fcs", "sam2_encoder", "mask_decoder"})
-        self.module = SegObjective(model, lm_weight=1.0, mask_weight=cfg.mask_loss_weight)
+        model.set_trainable(parts)
+        self.module = SegObjective(model, lm_weight=lm_weight, mask_weight=cfg.mask_loss_weight)
 
     def make_batch(self, indices: list[int], dtype: torch.dtype, device: torch.device) -> SegBatch:
         samples = [self.samples[i] for i in indices]
@@ -78,6 +95,30 @@ class BaseTask(SegTask):
                         masks=masks_on(samples, device), fovs=fovs_on(samples, device))
 
 
+@dataclass
+class MaskValidation:
+    """Phase 1's epoch metric: the mask Dice with [SEG] teacher-forced (the forward path), since that
+    phase trains no text and its model does not yet answer with [SEG]."""
+
+    samples: list[Sample]
+    batch_size: int
+
+    @torch.no_grad()
+    def __call__(self, model) -> dict[str, float]:
+        was_training = model.training
+        model.eval()
+        dice = []
+        for start in range(0, len(self.samples), self.batch_size):
+            chunk = self.samples[start:start + self.batch_size]
+            device = next(model.parameters()).device
+            batch = model.preprocess([s.image for s in chunk]).to(device=device, dtype=model.dtype)
+            tokens = model.tokenize(len(chunk), form="response", tiles=batch.num_tiles).to(device)
+            logits = model.forward_seg(batch, tokens).mask_logits
+            dice += [score_logits(logits[i], s.mask, s.fov).dice for i, s in enumerate(chunk)]
+        model.train(was_training)
+        return {"val_forward_dice": sum(dice) / len(dice)}
+
+
 def pool_for(cfg: BaseStageConfig, data_cfg: DataConfig, seed: int) -> tuple[list[Sample], list[Sample], dict[str, str]]:
     """(training pool, a small held-aside part of the pool for the epoch Dice, the question of each pool
     sample that is not asked the default one), disjoint from the fine-tuning splits by construction of the
@@ -85,6 +126,8 @@ def pool_for(cfg: BaseStageConfig, data_cfg: DataConfig, seed: int) -> tuple[lis
     make = source_domain_pool if cfg.source == "other-style" else synthetic_pool
     held_out = max(4, cfg.pool_size // 16)
     pool = make(cfg.pool_size + held_out, seed=seed, size=data_cfg.synthetic_size)
+    if cfg.source_mask_dilation:
+        pool = dilate_masks(pool, cfg.source_mask_dilation)
     if not cfg.referring:
         return pool[:cfg.pool_size], pool[cfg.pool_size:], {}
     referring = ask_referring_questions(pool[:cfg.pool_size], pool_seeds(cfg.pool_size, seed))
@@ -103,21 +146,44 @@ def run(ctx: RunContext, cfg: BaseStageConfig, start: Path | None) -> StageResul
         if distributed.is_main():
             print(f"[base] pre-training the embedded tiny model (cached afterwards under {cached})")
         pool, held, questions = pool_for(cfg, run_cfg.data, ctx.seed)
+        validation = Validation(held, run_cfg.mining.batch_size, run_cfg.mining.max_new_tokens)
+        load_start = lambda: build_model(run_cfg.model, seed=ctx.seed)  # noqa: E731
+        parts = ALL_PARTS
+        if cfg.encoder_pool_size:
+            # Phase 1: the image encoder and mask decoder on images of every style, as SAM2 is pre-trained on
+            # broad data; its own directory inside the cache, so an interrupted phase resumes.
+            encoder_dir = cached / "encoder"
+            if not is_complete(encoder_dir):
+                broad = every_style_pool(cfg.encoder_pool_size, seed=ctx.seed, size=run_cfg.data.synthetic_size,
+                                         skip=len(pool) + len(held))
+                torch.manual_seed(ctx.seed)
+                task = BaseTask(load_start(), broad, cfg, MaskValidation(held, run_cfg.mining.batch_size),
+                                parts=ENCODER_PARTS, lm_weight=0.0)
+                base_ctx.global_step = 0
+                train_stage(base_ctx, task, cfg.train, stage_dir=encoder_dir, tb=TBWriter(None),
+                            load_input_model=load_start)
+            load_start = lambda: load_model(model_dir(encoder_dir))  # noqa: E731
+            # Phase 2: the Sa2VA part on the source pool, the image encoder frozen, as Sa2VA trains.
+            parts = ALL_PARTS - {"sam2_encoder"}
         torch.manual_seed(ctx.seed)
-        task = BaseTask(build_model(run_cfg.model, seed=ctx.seed), pool, cfg,
-                        Validation(held, run_cfg.mining.batch_size, run_cfg.mining.max_new_tokens), questions)
+        task = BaseTask(load_start(), pool, cfg, validation, questions, parts=parts)
         # Train inside the cache directory itself, so an interrupted pre-training resumes with --resume; the
         # run-wide step starts at 0 there, so every run that reuses the cache continues from the same step.
         base_ctx.global_step = 0
-        train_stage(base_ctx, task, cfg.train, stage_dir=cached, tb=TBWriter(None),
-                    load_input_model=lambda: build_model(run_cfg.model, seed=ctx.seed))
+        train_stage(base_ctx, task, cfg.train, stage_dir=cached, tb=TBWriter(None), load_input_model=load_start)
         if distributed.is_main():
-            shutil.rmtree(cached / "checkpoints", ignore_errors=True)  # the weights are what is reused
+            for phase in (cached, cached / "encoder"):  # the weights are what is reused
+                shutil.rmtree(phase / "checkpoints", ignore_errors=True)
     elif distributed.is_main():
         print(f"[base] reusing the pre-trained embedded model cached at {cached}")
-    note = (f"- base: stand-in pre-training of every module of the tiny preset (CE + Dice/BCE) on {cfg.pool_size} "
+    phase_1 = (f"the SAM2 image encoder and mask decoder on {cfg.encoder_pool_size} images of every colour style "
+               "(mask loss, as SAM2 is pre-trained on broad data), then every other module, the image encoder "
+               "frozen, " if cfg.encoder_pool_size else "every module of the tiny preset ")
+    note = (f"- base: stand-in pre-training: {phase_1}(CE + Dice/BCE) on {cfg.pool_size} "
             + ("source-domain images (desaturated colours, clean and easy; not the target domain)"
                if cfg.source == "other-style" else "images of the target distribution")
+            + (f" with vessel masks {cfg.source_mask_dilation} px wider than the target's annotation"
+               if cfg.source_mask_dilation else "")
             + ("; each asked for its vessels, its optic disc and its field of view, in words unlike the target's "
                "question (referring segmentation)" if cfg.referring else "") + f"; cached at `{cached}`")
     stage_dir = ctx.stage_dir("base")
