@@ -241,3 +241,27 @@ def test_compare_summaries(forced_run):
     after["samples"] = after["samples"][1:]
     with pytest.raises(ValueError, match="different samples"):
         compare_summaries(summary, after, tau=0.75, tolerance=0.01)
+
+
+def test_the_three_paths_share_one_image_encoding_and_match_their_own(model, samples, response_forcer, monkeypatch):
+    """run_paths encodes each batch's images once for the three paths; each path's masks equal the
+    ones it computes with its own encoding."""
+    import torch
+
+    from hsft.eval.seg_paths import run_paths
+
+    model.eval()
+    images = [s.image for s in samples[:3]]
+    calls = []
+    encode = model.sam_features
+    monkeypatch.setattr(model, "sam_features", lambda pixels: calls.append(1) or encode(pixels))
+    shared = run_paths(model, images, max_new_tokens=8, logits_processor=response_forcer)
+    assert len(calls) == 1
+    monkeypatch.undo()
+    batch = model.preprocess(images).to(dtype=model.dtype)
+    with torch.no_grad():
+        for path, form in (("forward", "response"), ("prompt", "prompt")):
+            own = model.forward_seg(batch, model.tokenize(3, form=form)).mask_logits
+            assert torch.equal(shared.mask_logits[path], own), path
+        own = model.generate_seg(batch, max_new_tokens=8, logits_processor=[response_forcer]).mask_logits
+    assert torch.equal(shared.mask_logits["generate"], own)

@@ -49,11 +49,13 @@ def run_paths(model, images: Sequence, *, max_new_tokens: int, logits_processor=
     """All three paths on one batch of (H, W, 3) uint8 images (model in eval mode)."""
     batch = model.preprocess(list(images)).to(dtype=model.dtype)
     n = len(batch)
+    # The three paths differ only in the text: the SAM2 image features are computed once for all.
+    sam_feats = model.sam_features(batch.sam_pixels)
     logits, hidden, embedding = {}, {}, {}
     for path, form in (("forward", "response"), ("prompt", "prompt")):
-        out = model.forward_seg(batch, model.tokenize(n, form=form, tiles=batch.num_tiles))
+        out = model.forward_seg(batch, model.tokenize(n, form=form, tiles=batch.num_tiles), sam_feats=sam_feats)
         logits[path], hidden[path], embedding[path] = out.mask_logits, out.seg_hidden, out.seg_embedding
-    generated = model.generate_seg(batch, max_new_tokens=max_new_tokens,
+    generated = model.generate_seg(batch, max_new_tokens=max_new_tokens, sam_feats=sam_feats,
                                    logits_processor=as_processor_list(logits_processor))
     logits["generate"], hidden["generate"] = generated.mask_logits, generated.seg_hidden
     embedding["generate"] = generated.seg_embedding

@@ -328,16 +328,18 @@ class Sa2VAModel(nn.Module):
         return self._decode(sam_feats, seg_hidden)[0]
 
     # ------------------------------------------------------------------ the two [SEG] paths
-    def forward_seg(self, images: ImageBatch, tokens: TokenBatch, *, compute_lm_loss: bool = False
-                    ) -> SegForwardOutput:
+    def forward_seg(self, images: ImageBatch, tokens: TokenBatch, *, compute_lm_loss: bool = False,
+                    sam_feats: SamFeatures | None = None) -> SegForwardOutput:
         """Teacher-forced path; exactly one [SEG] per sequence. Differentiable. With tiled images,
         `tokens` tokenized without the tile counts are widened to them (lm_logits then follow the
-        widened sequence)."""
+        widened sequence). `sam_feats`: these images' sam_features, when already computed."""
         tokens = self._check_batch(images, tokens)
         self._require_one_seg(tokens)
         hidden = self._llm_last_hidden(images, tokens)
         seg_hidden = self._gather(hidden, tokens.seg_positions)
-        mask_logits, seg_embedding = self._decode(self.sam_features(images.sam_pixels), seg_hidden)
+        if sam_feats is None:
+            sam_feats = self.sam_features(images.sam_pixels)
+        mask_logits, seg_embedding = self._decode(sam_feats, seg_hidden)
         lm_loss = lm_logits = None
         if compute_lm_loss:
             lm_logits = self.vlm.lm_head(hidden)
@@ -357,23 +359,25 @@ class Sa2VAModel(nn.Module):
         max_new_tokens: int = 16,
         instruction: str | Sequence[str] | None = None,
         logits_processor: LogitsProcessorList | Iterable[LogitsProcessor] | None = None,
+        sam_feats: SamFeatures | None = None,
     ) -> SegGenerateOutput:
         """Greedy generation with the KV cache, batched with left padding; see SegGenerateOutput.
 
-        Runs in eval mode (the previous mode is restored), as inference does.
+        Runs in eval mode (the previous mode is restored), as inference does. `sam_feats`: these
+        images' sam_features, when already computed (in eval mode).
         """
         if not isinstance(max_new_tokens, int) or max_new_tokens < 1:
             raise ValueError(f"max_new_tokens: must be a positive integer, got {max_new_tokens!r}")
         was_training = self.training
         self.eval()
         try:
-            return self._generate_seg(images, max_new_tokens, instruction, logits_processor)
+            return self._generate_seg(images, max_new_tokens, instruction, logits_processor, sam_feats)
         finally:
             self.train(was_training)
 
     def _generate_seg(self, images: ImageBatch, max_new_tokens: int, instruction: str | Sequence[str] | None,
-                      logits_processor: LogitsProcessorList | Iterable[LogitsProcessor] | None
-                      ) -> SegGenerateOutput:
+                      logits_processor: LogitsProcessorList | Iterable[LogitsProcessor] | None,
+                      sam_feats: SamFeatures | None = None) -> SegGenerateOutput:
         batch = len(images)
         tokens = self.tokenize(batch, form="generate", instruction=instruction, tiles=images.num_tiles)
         tokens = tokens.to(self.device)
@@ -416,7 +420,9 @@ class Sa2VAModel(nn.Module):
         seg_hidden = self._gather(token_hidden, seg_index.clamp(min=0))
         seg_hidden = torch.where(emitted[:, None], seg_hidden, torch.zeros_like(seg_hidden))
 
-        mask_logits, seg_embedding = self._decode(self.sam_features(images.sam_pixels), seg_hidden)
+        if sam_feats is None:
+            sam_feats = self.sam_features(images.sam_pixels)
+        mask_logits, seg_embedding = self._decode(sam_feats, seg_hidden)
         mask_logits = torch.where(emitted[:, None, None], mask_logits,
                                   torch.full_like(mask_logits, EMPTY_MASK_LOGIT))
         seg_embedding = torch.where(emitted[:, None], seg_embedding, torch.zeros_like(seg_embedding))
