@@ -156,3 +156,29 @@ def test_two_phase_stage_0_trains_the_image_encoder_first_then_keeps_it_frozen(m
     assert any(not torch.equal(encoder[n], initial[n]) for n, p in part_of.items() if p == "sam2_encoder")
     assert any(not torch.equal(final[n], initial[n]) for n, p in part_of.items() if p == "llm")
     assert "then every other module, the image encoder frozen" in result.notes[0]
+
+
+def test_stage_0_second_phase_encodes_each_image_once_and_gives_the_uncached_loss(tiny_model, monkeypatch):
+    import dataclasses
+
+    import torch
+
+    from hsft.config import BaseStageConfig
+    from hsft.stages.base import ALL_PARTS, BaseTask, pool_for
+    from hsft.stages.training import Validation
+
+    cfg = BaseStageConfig(pool_size=8)
+    pool, _, _ = pool_for(cfg, DataConfig(synthetic_size=48), 0)
+    task = BaseTask(tiny_model, pool, cfg, Validation([], 1, 1), parts=ALL_PARTS - {"sam2_encoder"})
+    calls = []
+    encode = tiny_model.sam_features
+    monkeypatch.setattr(tiny_model, "sam_features", lambda pixels: calls.append(len(pixels)) or encode(pixels))
+    first = task.make_batch([0, 1, 2], torch.float32, torch.device("cpu"))
+    again = task.make_batch([2, 1, 0], torch.float32, torch.device("cpu"))
+    assert calls == [3] and torch.equal(again.sam_feats.image_embedding[0], first.sam_feats.image_embedding[2])
+    cached_loss, _ = task.module(first)
+    uncached_loss, _ = task.module(dataclasses.replace(first, sam_feats=None))
+    assert calls == [3, 3] and torch.allclose(cached_loss, uncached_loss, rtol=1e-6, atol=1e-7)
+    # While the image encoder trains (phase 1, or one phase), every step encodes its images.
+    assert BaseTask(tiny_model, pool, cfg, Validation([], 1, 1)).make_batch([0], torch.float32,
+                                                                             torch.device("cpu")).sam_feats is None

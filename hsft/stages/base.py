@@ -48,6 +48,7 @@ from hsft.engine.tensorboard import TBWriter
 from hsft.eval.scoring import score_logits
 from hsft.model import build_model
 from hsft.model.checkpoint import load_model
+from hsft.model.features import SamFeatures
 from hsft.stages.batching import SegBatch, fovs_on, masks_on
 from hsft.stages.objective import SegObjective, SegTask
 from hsft.stages.training import StageResult, Validation, is_complete, model_dir, train_stage
@@ -84,6 +85,8 @@ class BaseTask(SegTask):
         self.questions = questions or {}
         model.set_trainable(parts)
         self.module = SegObjective(model, lm_weight=lm_weight, mask_weight=cfg.mask_loss_weight)
+        # With the image encoder frozen its features never change: computed once per image, not per step.
+        self.image_features: dict[str, SamFeatures] | None = None if "sam2_encoder" in parts else {}
 
     def make_batch(self, indices: list[int], dtype: torch.dtype, device: torch.device) -> SegBatch:
         samples = [self.samples[i] for i in indices]
@@ -92,7 +95,18 @@ class BaseTask(SegTask):
                                      instruction=[self.questions.get(s.id, default) for s in samples])
         images = self.model.preprocess([s.image for s in samples]).to(device=device, dtype=dtype)
         return SegBatch(ids=[s.id for s in samples], images=images, tokens=tokens.to(device),
-                        masks=masks_on(samples, device), fovs=fovs_on(samples, device))
+                        masks=masks_on(samples, device), fovs=fovs_on(samples, device),
+                        sam_feats=self._frozen_image_features(samples, images))
+
+    @torch.no_grad()
+    def _frozen_image_features(self, samples: list[Sample], images) -> SamFeatures | None:
+        if self.image_features is None:
+            return None
+        if any(s.id not in self.image_features for s in samples):
+            feats = self.model.sam_features(images.sam_pixels)
+            for i, sample in enumerate(samples):
+                self.image_features.setdefault(sample.id, feats.index(i))
+        return SamFeatures.cat([self.image_features[s.id] for s in samples])
 
 
 @dataclass

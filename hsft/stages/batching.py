@@ -19,6 +19,9 @@ class SegBatch:
     tokens: object  # hsft.model.TokenBatch
     masks: list[torch.Tensor]  # each (H, W) bool at the sample's original size
     fovs: list[torch.Tensor | None]  # each (H, W) bool field of view, None where the data have none
+    # The images' SAM2 features when the image encoder is frozen and they were computed before (stage
+    # 0's second phase); None: the forward computes them.
+    sam_feats: object | None = None  # hsft.model.SamFeatures
 
 
 def make_seg_batch(model, samples: list[Sample], *, form: str, dtype: torch.dtype, device: torch.device) -> SegBatch:
