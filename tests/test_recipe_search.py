@@ -17,7 +17,8 @@ REPO = Path(__file__).resolve().parents[1]
 def test_the_search_scores_every_point_on_the_validation_split_and_chains_the_best(tmp_path, monkeypatch):
     monkeypatch.setenv("HSFT_CACHE", str(tmp_path / "cache"))
     cfg = replace_nested(recipe_config("tiny"), deepspeed=str(REPO / "ds_configs" / "zero2.json"), **{
-        "base.pool_size": 8, "base.train.epochs": 1, "data.synthetic_train": 10, "data.synthetic_test": 2,
+        "base.pool_size": 8, "base.encoder_pool_size": 8, "base.train.epochs": 1, "data.synthetic_train": 10,
+        "data.synthetic_test": 2,
         "data.synthetic_size": 48, "data.val_fraction": 0.2, "lora.train.micro_batch": 4,
         "dpo.train.epochs": 1, "mining.max_new_tokens": 8})
     grid = {"lora": {"lora.train.lr": [1e-3, 1e-2]}, "dpo": {"dpo.train.lr": [1e-4]}}

@@ -190,10 +190,11 @@ def run(ctx: RunContext, cfg: BaseStageConfig, start: Path | None) -> StageResul
                 shutil.rmtree(phase / "checkpoints", ignore_errors=True)
     elif distributed.is_main():
         print(f"[base] reusing the pre-trained embedded model cached at {cached}")
-    phase_1 = (f"the SAM2 image encoder and mask decoder on {cfg.encoder_pool_size} images of every colour style "
-               "(mask loss, as SAM2 is pre-trained on broad data), then every other module, the image encoder "
-               "frozen, " if cfg.encoder_pool_size else "every module of the tiny preset ")
-    note = (f"- base: stand-in pre-training: {phase_1}(CE + Dice/BCE) on {cfg.pool_size} "
+    trained = ("the SAM2 image encoder and mask decoder on "
+               f"{cfg.encoder_pool_size} images of every colour style (mask loss, as SAM2 is pre-trained on broad "
+               "data); then every other module, the image encoder frozen" if cfg.encoder_pool_size
+               else "every module of the tiny preset")
+    note = (f"- base: stand-in pre-training: {trained}, on CE + Dice/BCE over {cfg.pool_size} "
             + ("source-domain images (desaturated colours, clean and easy; not the target domain)"
                if cfg.source == "other-style" else "images of the target distribution")
             + (f" with vessel masks {cfg.source_mask_dilation} px wider than the target's annotation"
