@@ -46,7 +46,7 @@ from hsft.engine import distributed
 from hsft.engine.context import RunContext
 from hsft.engine.tensorboard import TBWriter
 from hsft.eval.scoring import score_logits
-from hsft.model import build_model
+from hsft.model import PARTS, build_model
 from hsft.model.checkpoint import load_model
 from hsft.model.features import SamFeatures
 from hsft.stages.batching import SegBatch, fovs_on, masks_on
@@ -54,7 +54,7 @@ from hsft.stages.objective import SegObjective, SegTask
 from hsft.stages.training import StageResult, Validation, is_complete, model_dir, train_stage
 
 CACHE_FORMAT = 4
-ALL_PARTS = frozenset({"vision", "projector", "llm", "text_hidden_fcs", "sam2_encoder", "mask_decoder"})
+ALL_PARTS = frozenset(PARTS)
 # The broad image pre-training of the two-phase stage 0 (SAM2's own stand-in): no text.
 ENCODER_PARTS = frozenset({"sam2_encoder", "mask_decoder"})
 
