@@ -122,9 +122,9 @@ class MaskValidation:
         was_training = model.training
         model.eval()
         dice = []
+        device = next(model.parameters()).device
         for start in range(0, len(self.samples), self.batch_size):
             chunk = self.samples[start:start + self.batch_size]
-            device = next(model.parameters()).device
             batch = model.preprocess([s.image for s in chunk]).to(device=device, dtype=model.dtype)
             tokens = model.tokenize(len(chunk), form="response", tiles=batch.num_tiles).to(device)
             logits = model.forward_seg(batch, tokens).mask_logits
