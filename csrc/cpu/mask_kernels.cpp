@@ -147,17 +147,22 @@ HSFT_CPU_CLONES void forward_row(const T* top, const T* bottom, T wy0, T wy1, co
   }
 }
 
-// Accumulates the row's dL/dz, weighted by the two vertical taps, into acc_top / acc_bottom; pixels
-// outside the field of view (fov non-null and 0) contribute nothing.
-template <typename T, typename G>
-HSFT_CPU_CLONES void backward_row(const T* top, const T* bottom, T wy0, T wy1, const G* target, const uint8_t* fov,
-                                  int64_t out_w, const DiceBceGradCoefficients<T>& coeff, T* acc_top,
-                                  T* acc_bottom) {
+// Accumulates the row's dL/dz, weighted by the two vertical taps, into acc_top / acc_bottom. With
+// kMasked, pixels where fov is 0 contribute nothing. The field of view is a template parameter, not
+// a null test inside the loop: a conditional load there keeps the loop from being vectorised.
+template <bool kMasked, typename T, typename G>
+HSFT_CPU_CLONES void backward_row(const T* __restrict__ top, const T* __restrict__ bottom, T wy0, T wy1,
+                                  const G* __restrict__ target, const uint8_t* __restrict__ fov, int64_t out_w,
+                                  const DiceBceGradCoefficients<T>& coeff, T* __restrict__ m_row,
+                                  T* __restrict__ acc_top, T* __restrict__ acc_bottom) {
+  // Field-of-view weights first, in their own loop, as in forward_row.
+  if (kMasked)
+    for (int64_t x = 0; x < out_w; ++x) m_row[x] = fov[x] != 0 ? T(1) : T(0);
   for (int64_t x = 0; x < out_w; ++x) {
     const T z = top[x] * wy0 + bottom[x] * wy1;
     const LogisticTerms<T> t = logistic_terms(z);
     T dz = dice_bce_pixel_grad(coeff, t, target_value<T>(target[x]));
-    if (fov != nullptr && fov[x] == 0) dz = T(0);
+    if (kMasked) dz *= m_row[x];
     acc_top[x] += wy0 * dz;
     acc_bottom[x] += wy1 * dz;
   }
@@ -227,11 +232,12 @@ void dice_bce_backward_typed(const T* logits, const G* target, const uint8_t* fo
   // `carry` and is added in a second pass, so no two tasks write the same element.
   std::vector<T> carry(static_cast<size_t>(num_tasks) * g.in_w);
   runner(num_tasks, task_grain(g), [&](int64_t begin, int64_t end) {
-    std::vector<T> scratch(4 * g.out_w);
+    std::vector<T> scratch(5 * g.out_w);
     T* top = scratch.data();
     T* bottom = top + g.out_w;
     T* acc_top = bottom + g.out_w;
     T* acc_bottom = acc_top + g.out_w;
+    T* m_row = acc_bottom + g.out_w;
     for (int64_t task = begin; task < end; ++task) {
       const int64_t n = task / g.in_h;
       const int64_t r = task % g.in_h;
@@ -253,8 +259,12 @@ void dice_bce_backward_typed(const T* logits, const G* target, const uint8_t* fo
       std::fill(acc_top, acc_top + 2 * g.out_w, T(0));
       for (int32_t y = y_begin; y < y_end; ++y) {
         const int64_t offset = (n * g.out_h + y) * g.out_w;
-        backward_row(top, bottom, taps.y.w0[y], taps.y.w1[y], target + offset,
-                     fov == nullptr ? nullptr : fov + offset, g.out_w, coeff, acc_top, acc_bottom);
+        if (fov == nullptr)
+          backward_row<false>(top, bottom, taps.y.w0[y], taps.y.w1[y], target + offset, nullptr, g.out_w, coeff,
+                              m_row, acc_top, acc_bottom);
+        else
+          backward_row<true>(top, bottom, taps.y.w0[y], taps.y.w1[y], target + offset, fov + offset, g.out_w, coeff,
+                             m_row, acc_top, acc_bottom);
       }
       if (r1 == r) {
         // Last row: both vertical taps point at this row.
