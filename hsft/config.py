@@ -14,6 +14,7 @@ import math
 from dataclasses import dataclass, field
 
 from hsft.data.config import DataConfig
+from hsft.errors import BadValue
 from hsft.model.config import ModelConfig, PromptConfig
 
 __all__ = [
@@ -47,7 +48,7 @@ PRECISIONS = ("bf16", "fp32")
 
 def _check(condition: bool, name: str, message: str) -> None:
     if not condition:
-        raise ValueError(f"{name}: {message}")
+        raise BadValue(f"{name}: {message}")
 
 
 @dataclass
@@ -389,6 +390,7 @@ class RunConfig:
     )
     resume: bool = field(default=False, metadata={"help": "continue from the latest complete checkpoint"})
     overwrite: bool = field(default=False, metadata={"help": "replace the selected stages' earlier output"})
+    verbose: bool = field(default=False, metadata={"help": "show DeepSpeed's and transformers' informational logs"})
     standalone: bool = field(
         default=False,
         metadata={"help": "write every stage's model directory self-contained; by default a stage stores only the "

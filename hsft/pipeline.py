@@ -10,25 +10,25 @@ is one module and one row of `STAGES` (and its name in `hsft.config.STAGE_ORDER`
 from __future__ import annotations
 
 import json
-import os
 import shutil
-import sys
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 
 from hsft.config import STAGE_ORDER, RunConfig
 from hsft.data import load_splits
 from hsft.engine import distributed
 from hsft.engine.context import RunContext
-from hsft.engine.ds_config import DeepSpeedConfigError, load_ds_config
+from hsft.engine.ds_config import load_ds_config
 from hsft.engine.files import write_json
-from hsft.engine.loop import NonFiniteTrainingError
-from hsft.engine.output_lock import OutputDirInUse, hold_output_dir
+from hsft.engine.output_lock import hold_output_dir
+from hsft.engine.resources import measure
 from hsft.model import build_model, is_model_directory, load_model, save_model
+from hsft.engine.verbosity import set_verbosity
+from hsft.errors import UserError, run_command
 from hsft.model.chain import make_lean
-from hsft.model.checkpoint import META_FILE
+from hsft.model.directory import EMBEDDED_DESCRIPTION, resolve_model_dir, write_training_record
 from hsft.stages import (all_data, anti_curriculum, base, control, curriculum, dpo, evaluation, hsft, iterative, lora,
                          loss_weighted, mining)
 from hsft.stages.training import StageResult, is_complete, model_dir
@@ -71,8 +71,80 @@ assert all(STAGE_ORDER.index(s.beside) < STAGE_ORDER.index(s.name) for s in STAG
     "a variant's row must follow the stage it sits beside"
 
 
-class PipelineError(RuntimeError):
+class PipelineError(UserError):
     pass
+
+
+RUN_CONFIG_FILE = "run_config.json"
+# A stage's StageResult, kept in its directory so a resumed run's report holds every stage.
+RESULT_FILE = "stage_result.json"
+# Settings that do not change what a run computes: a resumed run may give them differently.
+RESUME_NEUTRAL = {"output_dir", "resume", "overwrite", "keep_checkpoints", "stages", "verbose", "base.cache_dir"}
+
+
+def _flatten(value, prefix: str = "") -> dict[str, object]:
+    if isinstance(value, dict):
+        return {k: v for key, item in value.items() for k, v in _flatten(item, f"{prefix}{key}.").items()}
+    return {prefix.rstrip("."): value}
+
+
+def settings_that_differ(cfg: RunConfig, saved: dict) -> list[str]:
+    """The settings (dotted field names, with the run's and the given value) in which `cfg` differs from a
+    run's saved run_config.json, leaving out those that do not change results (RESUME_NEUTRAL). A field the
+    saved file lacks (written by an older hsft) is not compared."""
+    now = _flatten(json.loads(json.dumps(asdict(cfg))))
+    before = _flatten(saved)
+    return [f"{name} (run: {before[name]!r}, now: {value!r})" for name, value in now.items()
+            if name not in RESUME_NEUTRAL and name in before and before[name] != value]
+
+
+def check_same_run(cfg: RunConfig, out: Path) -> None:
+    """--resume continues the run in `out` only with its own settings: refuse, before anything is written,
+    naming every setting that differs."""
+    path = out / RUN_CONFIG_FILE
+    if not cfg.resume or not path.is_file():
+        return
+    try:
+        saved = json.loads(path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as err:
+        raise PipelineError(f"{path}: not valid JSON ({err}); pass --overwrite to replace the run") from None
+    differ = settings_that_differ(cfg, saved)
+    if differ:
+        raise PipelineError(f"--resume: {path} was written with other settings: {'; '.join(differ)}. Give the "
+                            "run's own settings to continue it, --overwrite to replace it, or another --output-dir")
+
+
+def save_stage_result(stage_dir: Path, result: StageResult) -> None:
+    payload = {f.name: getattr(result, f.name) for f in fields(StageResult)}
+    payload["model_dir"] = None if result.model_dir is None else str(result.model_dir)
+    write_json(stage_dir / RESULT_FILE, payload)
+
+
+def load_stage_result(stage_dir: Path) -> StageResult | None:
+    """The StageResult a finished stage left in its directory, or None."""
+    path = stage_dir / RESULT_FILE
+    if not path.is_file():
+        return None
+    try:
+        payload = json.loads(path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError:
+        return None  # written atomically, so only a hand-edited file: the stage runs again
+    known = {f.name for f in fields(StageResult)}
+    result = StageResult(**{k: v for k, v in payload.items() if k in known})
+    if result.model_dir is not None:
+        result.model_dir = Path(result.model_dir)
+    return result
+
+
+def _finished(stage: Stage, stage_dir: Path) -> StageResult | None:
+    """What a finished stage returned, when --resume may skip it: a training stage whose model and metrics
+    are complete, or a stage that trains nothing whose result was saved."""
+    saved = load_stage_result(stage_dir)
+    if not stage.trains:
+        return saved
+    if not is_complete(stage_dir):
+        return None
+    return saved if saved is not None and saved.model_dir is not None else StageResult(model_dir=model_dir(stage_dir))
 
 
 def _check_output_dir(cfg: RunConfig, out: Path) -> None:
@@ -94,10 +166,7 @@ def _starting_model(ctx: RunContext) -> tuple[Path | None, str]:
     """The model directory the first selected stage reads, and a label for the report."""
     cfg = ctx.cfg
     if cfg.start_model:
-        start = Path(cfg.start_model)
-        if not is_model_directory(start):
-            raise PipelineError(f"--model {start}: not a saved hsft model directory (no {META_FILE}); pass a "
-                                "stage's model/ directory")
+        start = resolve_model_dir(cfg.start_model, "--model")
         return start, f"--model {start}"
     first = STAGE_ORDER.index(cfg.stages[0])
     for stage in reversed(STAGES[:first]):
@@ -107,7 +176,7 @@ def _starting_model(ctx: RunContext) -> tuple[Path | None, str]:
         return None, "embedded tiny preset"
     if cfg.model.vlm is not None:
         init = ctx.stage_dir("init")
-        if distributed.is_main():
+        if distributed.is_main() and not (cfg.resume and is_model_directory(model_dir(init))):
             save_model(build_model(cfg.model, seed=cfg.seed), model_dir(init))
         distributed.barrier()
         return model_dir(init), f"--vlm {cfg.model.vlm} + --sam2 {cfg.model.sam2}"
@@ -131,9 +200,13 @@ def _continue_global_step(ctx: RunContext, upto: str) -> None:
             return
 
 
+def predict_command(model: Path, out: Path) -> str:
+    return f"python launch/predict.py --checkpoint {model} --output-dir {out / 'predictions'} IMAGE [IMAGE ...]"
+
+
 def format_report(ctx: RunContext, report: dict, results: dict[str, StageResult]) -> str:
     """report.md: the run's header, then each stage's own section (the held-out results first), the
-    stages' notes, and where everything is."""
+    stages' notes, where everything is, and the model to use next."""
     data = report["data"]
     lines = ["# hsft run report", "", f"Output directory: `{report['output_dir']}`  ",
              f"Started from: {report['start']}  ", f"Stages: {', '.join(report['stages'])}  ",
@@ -150,14 +223,23 @@ def format_report(ctx: RunContext, report: dict, results: dict[str, StageResult]
     for name, path in report["written"].items():
         lines.append(f"- {name}: `{path}`")
     lines += ["", f"TensorBoard: `tensorboard --logdir {Path(report['output_dir']) / 'tb'}`", ""]
+    final = report.get("final_model")
+    if final:
+        lines += ["## The model to use next", "",
+                  f"`{final}`: the last model this run hands on (variants beside HSFT are evaluated, not handed on)."]
+        if ctx.cfg.embedded_default:
+            lines.append(f"It is {EMBEDDED_DESCRIPTION}.")
+        lines += ["", f"Predict with it: `{predict_command(Path(final), Path(report['output_dir']))}`", ""]
     return "\n".join(lines)
 
 
 def run_pipeline(cfg: RunConfig) -> dict:
     distributed.init_distributed()
+    set_verbosity(cfg.verbose)
     cfg.validate()
     ds_file_config = load_ds_config(cfg.deepspeed)
     out = Path(cfg.output_dir)
+    check_same_run(cfg, out)  # before anything is written there
     lock = hold_output_dir(out)  # before anything is read or removed there
     try:
         return _run_locked(cfg, ds_file_config, out)
@@ -166,20 +248,22 @@ def run_pipeline(cfg: RunConfig) -> dict:
 
 
 def _run_locked(cfg: RunConfig, ds_file_config: dict, out: Path) -> dict:
+    started = time.time()
+    ctx = RunContext.build(cfg, ds_file_config)
+    if distributed.is_main():
+        print(f"hsft: recipe {cfg.recipe or 'none'}, {ctx.precision} on {ctx.device}, "
+              f"{distributed.world_size()} rank(s); output {out}" + (" (--resume)" if cfg.resume else ""), flush=True)
+    if cfg.hsft.cuda_graph and ctx.device.type != "cuda":
+        raise PipelineError(f"--hsft-cuda-graph: CUDA graphs need a CUDA device; this run is on {ctx.device}")
     _check_output_dir(cfg, out)
     if distributed.is_main():
         out.mkdir(parents=True, exist_ok=True)
     distributed.barrier()
-    started = time.time()
-    ctx = RunContext.build(cfg, ds_file_config)
-    if cfg.hsft.cuda_graph and ctx.device.type != "cuda":
-        raise ValueError(f"--hsft-cuda-graph: CUDA graphs need a CUDA device; this run is on {ctx.device}")
-    write_json(out / "run_config.json", asdict(cfg))
     ctx.splits = load_splits(cfg.data)
     splits = ctx.splits
     if distributed.is_main():
         print(f"data: {cfg.data.format} train {len(splits.train)} / val {len(splits.val)} / held-out test "
-              f"{len(splits.test)}; {distributed.world_size()} rank(s) on {ctx.device}, {ctx.precision}")
+              f"{len(splits.test)}")
     if cfg.stages[0] != STAGE_ORDER[0]:
         _continue_global_step(ctx, STAGE_ORDER[STAGE_ORDER.index(cfg.stages[0]) - 1])
     current, start_label = _starting_model(ctx)
@@ -187,21 +271,35 @@ def _run_locked(cfg: RunConfig, ds_file_config: dict, out: Path) -> dict:
         ctx.models.append(("start", current))
     results: dict[str, StageResult] = {}
     written: dict[str, str] = {}
+    ran: list[str] = []
 
     starts: dict[str, Path | None] = {}  # the model each stage started from
+    resources: dict[str, dict] = {}  # each stage's wall time and peak memory on this rank
     for stage in (STAGE_BY_NAME[name] for name in cfg.stages):
         stage_dir = ctx.stage_dir(stage.name)
         start = starts.get(stage.beside, current) if stage.beside else current
         starts[stage.name] = start
-        if stage.trains and cfg.resume and is_complete(stage_dir):
+        result = _finished(stage, stage_dir) if cfg.resume else None
+        if result is not None:
             if distributed.is_main():
                 print(f"[{stage.name}] already complete in {stage_dir}; skipping (--resume)")
-            result = StageResult(model_dir=model_dir(stage_dir))
         else:
-            result = stage.run(ctx, getattr(cfg, stage.config), start)
-            results[stage.name] = result
+            if not ran:
+                # The first stage that runs: from here on the run's settings are these.
+                write_json(out / RUN_CONFIG_FILE, asdict(cfg))
+            ran.append(stage.name)
+            with measure(ctx.device) as usage:
+                result = stage.run(ctx, getattr(cfg, stage.config), start)
+            resources[stage.name] = {**usage.to_dict(), "notes": list(result.notes)}
             if stage.trains and stage.name != "base" and not cfg.standalone and current is not None:
                 keep_only_changes(result.model_dir, current)
+            if distributed.is_main():
+                if stage.trains and result.model_dir is not None:
+                    write_training_record(result.model_dir, recipe=cfg.recipe, precision=ctx.precision,
+                                          embedded_default=cfg.embedded_default, stage=stage.name)
+                save_stage_result(stage_dir, result)
+            distributed.barrier()
+        results[stage.name] = result
         _continue_global_step(ctx, stage.name)
         written.update(result.written)
         if result.model_dir is not None:
@@ -214,6 +312,12 @@ def _run_locked(cfg: RunConfig, ds_file_config: dict, out: Path) -> dict:
             if stage.beside is None:
                 current = result.model_dir
 
+    if not ran and (out / "report.md").is_file() and (out / "report.json").is_file():
+        # A finished run resumed: nothing changes, the report is the one it wrote.
+        if distributed.is_main():
+            print("\n" + (out / "report.md").read_text())
+        distributed.barrier()
+        return json.loads((out / "report.json").read_text())
     report = {"output_dir": str(out), "start": start_label, "stages": list(cfg.stages), "recipe": cfg.recipe,
               "data": {"format": cfg.data.format, "train": len(splits.train), "val": len(splits.val),
                        "test": len(splits.test)},
@@ -221,8 +325,10 @@ def _run_locked(cfg: RunConfig, ds_file_config: dict, out: Path) -> dict:
               "precision": ctx.precision}
     for name, result in results.items():
         report[STAGE_BY_NAME[name].report_key or name] = result.summary
+    report["resources"] = resources
     written["TensorBoard"] = str(out / "tb")
     report["written"] = written
+    report["final_model"] = None if current is None else str(current)
     report["seconds"] = time.time() - started
     write_json(out / "report.json", report)
     if distributed.is_main():
@@ -233,22 +339,17 @@ def _run_locked(cfg: RunConfig, ds_file_config: dict, out: Path) -> dict:
     return report
 
 
-def exit_code(prog: str, action: Callable[[], object]) -> int:
-    """Run `action` as a command named `prog`: 0 when it finishes; bad input ends with one clear line and
-    exit code 2, a run stopped by non-finite values with 3 (HSFT_DEBUG=1 shows the traceback)."""
-    try:
-        action()
-    except NonFiniteTrainingError as err:
-        print(f"{prog}: stopped: {err}", file=sys.stderr)
-        return 3
-    except (PipelineError, DeepSpeedConfigError, OutputDirInUse, ValueError, FileNotFoundError) as err:
-        if os.environ.get("HSFT_DEBUG"):
-            raise
-        print(f"{prog}: error: {err}", file=sys.stderr)
-        return 2
-    return 0
+def resume_hint(cfg: RunConfig) -> str:
+    return (f"run the same command with --resume to continue from the last finished epoch in {cfg.output_dir}"
+            if not cfg.resume else "run the same command again to continue from the last finished epoch")
+
+
+def exit_code(prog: str, action: Callable[[], object], hint: str | None = None) -> int:
+    """Run `action` as the command `prog` (hsft.errors.run_command: one line and exit 2 for bad input, a
+    traceback for a bug, 3 when the run stopped itself, 130 with `hint` on an interrupt)."""
+    return run_command(prog, action, resume_hint=hint)
 
 
 def main(cfg: RunConfig) -> int:
     """Run the pipeline; bad input ends with one clear line (HSFT_DEBUG=1 shows the traceback)."""
-    return exit_code("hsft", lambda: run_pipeline(cfg))
+    return exit_code("hsft", lambda: run_pipeline(cfg), resume_hint(cfg))

@@ -82,13 +82,62 @@ def test_each_stage_starts_from_the_newest_model_and_the_report_joins_their_part
 
 
 def test_resume_skips_finished_training_stages_and_continues_the_step(fake_stages, tmp_path):
+    cfg = _cfg(tmp_path, stages=("base", "lora", "dpo", "mining", "hsft"))
+    pipeline.run_pipeline(cfg)
+    (tmp_path / "run" / "hsft" / "metrics.json").unlink()  # HSFT did not finish
+    fake_stages.clear()
+    report = pipeline.run_pipeline(dataclasses.replace(cfg, stages=cfg.stages + ("eval",), resume=True))
+    # base, lora, dpo and mining finished: only HSFT and the new eval stage run
+    assert [name for name, _ in fake_stages] == ["hsft", "eval"]
+    assert dict(fake_stages)["hsft"] == model_dir(tmp_path / "run" / "dpo")
+    # The report holds every stage, the finished ones from their saved results.
+    assert all(report[name] == {"ran": name} for name in ("base", "lora", "dpo", "mining", "hsft"))
+    assert "lora model" in report["written"]
+    text = (tmp_path / "run" / "report.md").read_text()
+    assert all(f"- note of {name}" in text for name in ("base", "lora", "dpo", "hsft"))
+
+
+def test_resuming_a_finished_run_changes_nothing_and_prints_its_report(fake_stages, tmp_path, capsys):
     pipeline.run_pipeline(_cfg(tmp_path))
+    out = tmp_path / "run"
+    before = {p: p.read_bytes() for p in out.rglob("*") if p.is_file() and p.name != ".hsft.lock"}
+    capsys.readouterr()
     fake_stages.clear()
     report = pipeline.run_pipeline(_cfg(tmp_path, resume=True))
-    # base, lora, dpo, hsft and control are complete; mining and eval always run again
-    assert [name for name, _ in fake_stages] == ["mining", "eval"]
-    assert dict(fake_stages)["mining"] == model_dir(tmp_path / "run" / "dpo")
-    assert "lora model" in report["written"]
+    assert fake_stages == []
+    after = {p: p.read_bytes() for p in out.rglob("*") if p.is_file() and p.name != ".hsft.lock"}
+    assert after == before
+    assert report == json.loads((out / "report.json").read_text())
+    assert (out / "report.md").read_text() in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("changes, named", [({"seed": 2}, "seed (run: 0, now: 2)"),
+                                            ({"recipe": "tiny"}, "recipe (run: None, now: 'tiny')"),
+                                            ({"hsft.train.lr": 0.5}, "hsft.train.lr")])
+def test_resume_with_other_settings_is_refused_before_anything_is_written(fake_stages, tmp_path, changes, named):
+    pipeline.run_pipeline(_cfg(tmp_path, stages=("base", "lora")))
+    out = tmp_path / "run"
+    before = {p: p.read_bytes() for p in out.rglob("*") if p.is_file()}
+    fake_stages.clear()
+    with pytest.raises(pipeline.PipelineError, match="--resume") as info:
+        pipeline.run_pipeline(_cfg(tmp_path, stages=("base", "lora", "dpo"), resume=True, **changes))
+    assert named in str(info.value) and "\n" not in str(info.value)
+    assert fake_stages == []
+    assert {p: p.read_bytes() for p in out.rglob("*") if p.is_file()} == before
+    # Settings that do not change results may differ.
+    pipeline.run_pipeline(_cfg(tmp_path, stages=("base", "lora", "dpo"), resume=True, keep_checkpoints=3))
+    assert [name for name, _ in fake_stages] == ["dpo"]
+
+
+def test_the_report_ends_with_the_model_to_use_next(fake_stages, tmp_path):
+    report = pipeline.run_pipeline(_cfg(tmp_path))
+    out = tmp_path / "run"
+    assert report["final_model"] == str(model_dir(out / "hsft"))  # the control beside HSFT is not handed on
+    tail = (out / "report.md").read_text().split("## The model to use next")[1]
+    assert str(model_dir(out / "hsft")) in tail and "launch/predict.py --checkpoint" in tail
+    assert "synthetic" in tail  # the embedded default says what it is
+    record = json.loads((model_dir(out / "lora") / "training.json").read_text())
+    assert record == {"recipe": None, "precision": "fp32", "embedded_default": True, "stage": "lora"}
 
 
 def test_the_models_to_evaluate_and_what_each_started_from(monkeypatch, fake_stages, tmp_path):

@@ -6,10 +6,12 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from hsft.errors import BadValue
+
 __all__ = ["Sample", "DatasetError"]
 
 
-class DatasetError(ValueError):
+class DatasetError(BadValue):
     """A dataset cannot be used as given. The message names the file(s) and the problem(s).
 
     `problems` holds one "path: what is wrong" line per problem found, so tools can list them all.

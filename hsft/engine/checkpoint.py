@@ -30,6 +30,8 @@ import torch
 
 from hsft.engine import distributed, rng_state, universal, zero_state
 from hsft.engine.files import fsync_dir
+from hsft.engine.verbosity import quiet_stdout
+from hsft.errors import BadValue
 
 MARKER = "COMPLETE"
 PARTIAL_PREFIX = ".partial-"
@@ -154,7 +156,7 @@ def load(engine, point: ResumePoint) -> dict[str, Any]:
         if now != saved:
             missing = sorted(set(now) - set(saved))[:3]
             extra = sorted(set(saved) - set(now))[:3]
-            raise ValueError(f"{path}: trained other parameters than this stage trains (missing {missing}, "
+            raise BadValue(f"{path}: trained other parameters than this stage trains (missing {missing}, "
                              f"unexpected {extra}); was it written by another stage or configuration?")
     state = rng_state.load(path, distributed.rank())
     if state is not None:
@@ -183,7 +185,8 @@ def fp32_weights(ckpt_dir: Path) -> dict[str, torch.Tensor]:
     tag = latest_tag(ckpt_dir)
     if tag is None:
         raise RuntimeError(f"no complete checkpoint under {ckpt_dir}")
-    state = get_fp32_state_dict_from_zero_checkpoint(str(ckpt_dir), tag=tag)
+    with quiet_stdout():  # DeepSpeed prints "Processing zero checkpoint ..." and the shapes it finds
+        state = get_fp32_state_dict_from_zero_checkpoint(str(ckpt_dir), tag=tag)
     return {k: v.float() for k, v in state.items()}
 
 

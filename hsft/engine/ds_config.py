@@ -13,12 +13,13 @@ from pathlib import Path
 from typing import Any
 
 from hsft.config import TrainConfig
+from hsft.errors import BadValue
 
 # Keys this module owns: they are derived from the stage's TrainConfig and the world size.
 _BATCH_KEYS = ("train_batch_size", "train_micro_batch_size_per_gpu", "gradient_accumulation_steps")
 
 
-class DeepSpeedConfigError(ValueError):
+class DeepSpeedConfigError(BadValue):
     pass
 
 

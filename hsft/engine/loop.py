@@ -25,6 +25,7 @@ from hsft.engine.ds_config import stage_ds_config
 from hsft.engine.schedule import build_scheduler, move_to_step
 from hsft.engine.context import RunContext
 from hsft.engine.tensorboard import TBWriter
+from hsft.errors import BadValue, RunStopped
 
 
 class TrainTask(Protocol):
@@ -56,7 +57,7 @@ class TrainTask(Protocol):
     # range(len(task)).
 
 
-class NonFiniteTrainingError(RuntimeError):
+class NonFiniteTrainingError(RunStopped):
     """Too many optimizer steps in a row were skipped; nothing of the unfinished epoch was saved."""
 
 
@@ -156,7 +157,7 @@ def train(task: TrainTask, cfg: TrainConfig, ctx: RunContext, *, stage_dir: Path
 
     # --- what one epoch looks like -------------------------------------------------------------
     if len(task) == 0:
-        raise ValueError(f"stage {task.name}: the training set is empty")
+        raise BadValue(f"stage {task.name}: the training set is empty")
     global_batch = cfg.global_batch(world)
     steps_per_epoch = math.ceil(len(task) / global_batch)
     total_steps = cfg.epochs * steps_per_epoch
@@ -175,15 +176,20 @@ def train(task: TrainTask, cfg: TrainConfig, ctx: RunContext, *, stage_dir: Path
     # --- resume -----------------------------------------------------------------------------------
     first_epoch, global_step, stage_steps, skipped_total = 0, step_offset, 0, 0
     resumed_from = None
+    history: dict[str, list] = {}
     if point is not None:
         loaded = checkpoint.load(engine, point)
         state = loaded["hsft"]
         if state.get("stage") != task.name or state.get("seed") != seed:
-            raise ValueError(f"{point.path}: checkpoint of stage {state.get('stage')!r} seed {state.get('seed')}, "
+            raise BadValue(f"{point.path}: checkpoint of stage {state.get('stage')!r} seed {state.get('seed')}, "
                              f"cannot resume stage {task.name!r} seed {seed}")
         first_epoch, global_step = state["epoch"], state["global_step"]
         stage_steps, skipped_total = state["stage_steps"], state["skipped_steps"]
         resumed_from = str(point.path)
+        history = state.get("history", {})
+        # TensorBoard hides what the interrupted run logged after this checkpoint; what it logged before
+        # stays, so every step appears once.
+        tb.purge_from(global_step + 1)
         if not loaded["hsft_rng_restored"]:
             # A rank the checkpoint has no RNG state for (it was written by fewer ranks) starts a fresh stream
             # derived from the run seed, its rank and the epoch: see rng_state.seed_for_new_rank.
@@ -195,7 +201,8 @@ def train(task: TrainTask, cfg: TrainConfig, ctx: RunContext, *, stage_dir: Path
         if saved_steps_per_epoch != steps_per_epoch:
             move_to_step(scheduler, first_epoch * steps_per_epoch)
         if distributed.is_main():
-            print(f"[{task.name}] resumed from {resumed_from} (epoch {first_epoch}, step {global_step})")
+            print(f"[{task.name}] resumed from {resumed_from}: epoch {first_epoch}/{cfg.epochs} done, "
+                  f"step {stage_steps}/{total_steps} of this stage")
             if point.ranks_changed or new_ranks:
                 print(_rank_change_note(task.name, point, state, global_batch, saved_steps_per_epoch,
                                         steps_per_epoch, new_ranks))
@@ -206,11 +213,16 @@ def train(task: TrainTask, cfg: TrainConfig, ctx: RunContext, *, stage_dir: Path
         # Namespaced: DeepSpeed keeps keys such as skipped_steps / global_steps for itself.
         return {"hsft": {"stage": task.name, "epoch": epoch_done, "global_step": global_step,
                          "stage_steps": stage_steps, "skipped_steps": skipped_total, "seed": seed,
-                         "world_size": world, "global_batch": global_batch, **task.client_state()},
+                         "world_size": world, "global_batch": global_batch, **task.client_state(),
+                         # The stage's record so far: a resumed stage reports every step, not only its own.
+                         "history": {"losses": result.losses, "grad_norms": result.grad_norms,
+                                     "epoch_metrics": result.epoch_metrics, "skipped": result.skipped}},
                 "hsft_trainable": trainable}
 
     result = TrainResult(global_step=global_step, optimizer_steps=stage_steps, skipped_steps=skipped_total,
-                         resumed_from=resumed_from)
+                         resumed_from=resumed_from, losses=list(history.get("losses", [])),
+                         grad_norms=list(history.get("grad_norms", [])),
+                         epoch_metrics=list(history.get("epoch_metrics", [])), skipped=list(history.get("skipped", [])))
     consecutive_skips = 0
     progress = tqdm(total=total_steps, initial=first_epoch * steps_per_epoch, desc=f"{task.name}",
                     unit="step", disable=not distributed.is_main(), dynamic_ncols=True)
@@ -323,6 +335,7 @@ def train(task: TrainTask, cfg: TrainConfig, ctx: RunContext, *, stage_dir: Path
         if metrics and distributed.is_main():
             progress.write(f"[{task.name}] epoch {epoch + 1}/{cfg.epochs} "
                            + " ".join(f"{k}={v:.4f}" for k, v in metrics.items()))
+        tb.flush()  # what TensorBoard shows up to this checkpoint survives a kill
         checkpoint.save(engine, ckpt_dir, f"epoch{epoch + 1:04d}", client_state(epoch + 1), keep=keep_checkpoints)
 
     progress.close()

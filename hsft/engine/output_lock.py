@@ -20,13 +20,14 @@ import time
 from pathlib import Path
 
 from hsft.engine import distributed
+from hsft.errors import UserError
 
 __all__ = ["LOCK_FILE", "OutputDirInUse", "OutputDirLock", "hold_output_dir"]
 
 LOCK_FILE = ".hsft.lock"
 
 
-class OutputDirInUse(RuntimeError):
+class OutputDirInUse(UserError):
     pass
 
 

@@ -11,6 +11,7 @@ import numpy as np
 class TBWriter:
     def __init__(self, log_dir: str | Path | None, enabled: bool = True):
         self._writer = None
+        self._log_dir = log_dir
         if enabled and log_dir is not None:
             from torch.utils.tensorboard import SummaryWriter
 
@@ -43,6 +44,16 @@ class TBWriter:
         """One run of a grid in TensorBoard's HParams tab: its settings and the metrics they gave."""
         if self._writer is not None:
             self._writer.add_hparams(dict(settings), {k: float(v) for k, v in metrics.items()}, run_name=run_name)
+
+    def purge_from(self, step: int) -> None:
+        """Hide every event logged at `step` or later by an earlier writer of this directory (a run that was
+        interrupted after its last checkpoint): TensorBoard drops them when it reads the files."""
+        if self._writer is None:
+            return
+        from torch.utils.tensorboard import SummaryWriter
+
+        self._writer.close()
+        self._writer = SummaryWriter(log_dir=str(self._log_dir), purge_step=step)
 
     def flush(self) -> None:
         if self._writer is not None:

@@ -14,12 +14,13 @@ from hsft.config import DataConfig, EvalConfig
 from hsft.data import Sample, load_splits, scan_dataset
 from hsft.engine.tensorboard import TBWriter
 from hsft.eval.compare import compare_summaries, format_comparison, write_comparison
+from hsft.errors import UserError
 from hsft.eval.errors import InputError
 from hsft.eval.evaluator import evaluate_model
 from hsft.eval.predict import Prediction, check_images, format_prediction, predict_images
 from hsft.eval.report import format_summary_table
 from hsft.model import Sa2VAModel, load_model
-from hsft.model.checkpoint import META_FILE
+from hsft.model.directory import resolve_model_dir as find_model_dir
 from hsft.model.config import validate_instruction
 
 __all__ = ["add_inference_options", "EVAL_SPLITS", "EvaluateOptions", "resolve_device", "resolve_model_dir", "load_checkpoint",
@@ -35,8 +36,6 @@ class EvaluateOptions:
 
     data: DataConfig = field(default_factory=DataConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
-# A pipeline stage directory keeps its model here (see hsft.stages.training.model_dir).
-STAGE_MODEL_SUBDIR = "model"
 COMPARE_SUBDIR = "compare"
 
 
@@ -64,18 +63,10 @@ def resolve_device(name: str) -> torch.device:
 
 def resolve_model_dir(directory: str | Path, argument: str = "--checkpoint") -> Path:
     """The model directory: `directory` itself, or its model/ when it is a pipeline stage directory."""
-    path = Path(directory)
-    if not path.exists():
-        raise InputError(f"{argument} {path}: no such directory")
-    if not path.is_dir():
-        raise InputError(f"{argument} {path}: is a file, not a model directory")
-    if not (path / META_FILE).is_file() and (path / STAGE_MODEL_SUBDIR / META_FILE).is_file():
-        return path / STAGE_MODEL_SUBDIR
-    if not (path / META_FILE).is_file():
-        raise InputError(f"{argument} {path}: not an hsft model directory ({META_FILE} is missing; give a "
-                         f"directory written by hsft.model.save_model, or a run's stage directory holding "
-                         f"{STAGE_MODEL_SUBDIR}/)")
-    return path
+    try:
+        return find_model_dir(directory, argument)
+    except UserError as error:
+        raise InputError(str(error)) from None
 
 
 def check_prompt(prompt: str | None) -> None:

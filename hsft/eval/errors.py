@@ -3,8 +3,10 @@ directory, an image file, an argument); its message names the file or argument a
 
 from __future__ import annotations
 
+from hsft.errors import BadValue
+
 __all__ = ["InputError"]
 
 
-class InputError(ValueError):
+class InputError(BadValue):
     pass

@@ -12,8 +12,10 @@ import statistics
 from dataclasses import dataclass
 from pathlib import Path
 
+from hsft.errors import BadValue
 
-class RunsError(ValueError):
+
+class RunsError(BadValue):
     pass
 
 

@@ -18,6 +18,7 @@ from transformers import (
     Sam2Model,
 )
 
+from hsft.errors import BadValue, MissingFile
 from hsft.model.config import DTYPES, ModelConfig
 from hsft.model.images import IMAGENET_NORM, ImageNorm
 from hsft.model.presets import PRESETS, internvl_config, sam2_config
@@ -32,7 +33,7 @@ _WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_m
 
 def torch_dtype(name: str) -> torch.dtype:
     if name not in DTYPES:
-        raise ValueError(f"dtype: must be one of {', '.join(DTYPES)}, got {name!r}")
+        raise BadValue(f"dtype: must be one of {', '.join(DTYPES)}, got {name!r}")
     return getattr(torch, name)
 
 
@@ -75,14 +76,14 @@ def _from_checkpoints(cfg: ModelConfig) -> Sa2VAModel:
 
 def _check_checkpoint_dir(directory: str, model_type: str, where: str) -> None:
     if not os.path.isdir(directory):
-        raise FileNotFoundError(f"{where}: checkpoint directory {directory!r} does not exist")
+        raise MissingFile(f"{where}: checkpoint directory {directory!r} does not exist")
     if not os.path.isfile(os.path.join(directory, "config.json")):
-        raise FileNotFoundError(f"{where}: {directory!r} has no config.json (not a transformers checkpoint)")
+        raise MissingFile(f"{where}: {directory!r} has no config.json (not a transformers checkpoint)")
     if not any(os.path.isfile(os.path.join(directory, name)) for name in _WEIGHT_FILES):
-        raise FileNotFoundError(f"{where}: {directory!r} has no weights (expected one of {', '.join(_WEIGHT_FILES)})")
+        raise MissingFile(f"{where}: {directory!r} has no weights (expected one of {', '.join(_WEIGHT_FILES)})")
     found = AutoConfig.from_pretrained(directory, local_files_only=True).model_type
     if found != model_type:
-        raise ValueError(f"{where}: {directory!r} holds a {found!r} checkpoint, expected {model_type!r}")
+        raise BadValue(f"{where}: {directory!r} holds a {found!r} checkpoint, expected {model_type!r}")
 
 
 def _image_norm(directory: str) -> ImageNorm:
@@ -109,7 +110,7 @@ def load_vlm(directory: str, dtype: torch.dtype, *, where: str
     try:
         tokenizer = AutoTokenizer.from_pretrained(directory, local_files_only=True)
     except (OSError, ValueError) as err:
-        raise FileNotFoundError(f"{where}: no usable tokenizer in {directory!r}: {err}") from err
+        raise MissingFile(f"{where}: no usable tokenizer in {directory!r}: {err}") from err
     vlm = InternVLForConditionalGeneration.from_pretrained(directory, local_files_only=True, dtype=dtype)
     add_seg_token(tokenizer, where=f"{where} tokenizer in {directory!r}")
     if tokenizer.pad_token is None:

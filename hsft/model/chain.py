@@ -27,6 +27,8 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
+from hsft.errors import BadValue, MissingFile
+
 __all__ = [
     "DELTA_FILE",
     "DELTA_FORMAT",
@@ -49,7 +51,7 @@ def _meta(directory: Path) -> dict:
     try:
         return json.loads(path.read_text(encoding="utf-8"))
     except json.JSONDecodeError as err:
-        raise ValueError(f"{path}: not valid JSON ({err})") from None
+        raise BadValue(f"{path}: not valid JSON ({err})") from None
 
 
 def is_lean(directory: str | os.PathLike) -> bool:
@@ -80,9 +82,9 @@ def _base_of(directory: Path) -> Path:
         if directory_id(base) == meta["base_id"]:
             return base
     if present:
-        raise ValueError(f"{directory}: its input model {present[0]} was replaced after this directory was written "
+        raise BadValue(f"{directory}: its input model {present[0]} was replaced after this directory was written "
                          "(ids differ); re-run this stage or export self-contained copies with --standalone")
-    raise FileNotFoundError(f"{directory}: a lean model directory whose input model {candidates[0]} is missing; keep "
+    raise MissingFile(f"{directory}: a lean model directory whose input model {candidates[0]} is missing; keep "
                             "the run's earlier stages, or write self-contained directories with --standalone")
 
 
@@ -91,7 +93,7 @@ def chain_of(directory: str | os.PathLike) -> list[Path]:
     chain = [Path(directory).resolve()]
     while is_lean(chain[-1]):
         if len(chain) > _MAX_CHAIN:
-            raise ValueError(f"{directory}: the chain of input models is longer than {_MAX_CHAIN} (a cycle?)")
+            raise BadValue(f"{directory}: the chain of input models is longer than {_MAX_CHAIN} (a cycle?)")
         chain.append(_base_of(chain[-1]))
     return chain
 
@@ -146,14 +148,14 @@ def load_lean(directory: str | os.PathLike, load_base, *, dtype: str | None = No
     model = load_base(str(_base_of(directory)), dtype=meta["dtype"])
     delta_path = directory / DELTA_FILE
     if not delta_path.is_file():
-        raise FileNotFoundError(f"{directory}: lean model directory without its {DELTA_FILE}")
+        raise MissingFile(f"{directory}: lean model directory without its {DELTA_FILE}")
     delta = load_file(str(delta_path))
     state = model.state_dict()
     for name, tensor in delta.items():
         if name not in state:
-            raise ValueError(f"{delta_path}: tensor {name} is not in the model")
+            raise BadValue(f"{delta_path}: tensor {name} is not in the model")
         if state[name].shape != tensor.shape:
-            raise ValueError(f"{delta_path}: tensor {name} has shape {list(tensor.shape)}, the model's is "
+            raise BadValue(f"{delta_path}: tensor {name} has shape {list(tensor.shape)}, the model's is "
                              f"{list(state[name].shape)}")
     model.load_state_dict(delta, strict=False)
     target = torch_dtype(dtype if dtype is not None else meta["dtype"])

@@ -28,9 +28,11 @@ import torch
 from safetensors.torch import load_file, save_file
 from transformers import InternVLForConditionalGeneration, Sam2Model
 
+from hsft.errors import BadValue, MissingFile
 from hsft.model.build import load_sam2, load_vlm, torch_dtype
 from hsft.model.chain import DELTA_FILE, ID_FILE, is_lean, load_lean
 from hsft.model.config import Conventions, PromptConfig
+from hsft.model.directory import META_FILE
 from hsft.model.images import ImageNorm
 from hsft.model.integrity import explain_load_failure
 from hsft.model.sa2va import Sa2VAModel
@@ -39,7 +41,6 @@ __all__ = ["FORMAT", "FORMAT_VERSION", "META_FILE", "is_model_directory", "save_
 
 FORMAT = "hsft-sa2va"
 FORMAT_VERSION = 1
-META_FILE = "hsft_model.json"
 VLM_DIR = "vlm"
 SAM2_DIR = "sam2"
 FCS_FILE = "text_hidden_fcs.safetensors"
@@ -95,23 +96,23 @@ def _carry_release_files(model: Sa2VAModel, directory: str) -> None:
 
 def _read_meta(directory: str) -> dict:
     if not os.path.isdir(directory):
-        raise FileNotFoundError(f"model directory {directory!r} does not exist")
+        raise MissingFile(f"model directory {directory!r} does not exist")
     meta_path = os.path.join(directory, META_FILE)
     if not os.path.isfile(meta_path):
-        raise FileNotFoundError(f"{directory!r} is not a complete hsft model directory: {META_FILE} is missing")
+        raise MissingFile(f"{directory!r} is not a complete hsft model directory: {META_FILE} is missing")
     try:
         with open(meta_path, encoding="utf-8") as handle:
             meta = json.load(handle)
     except json.JSONDecodeError as err:
-        raise ValueError(f"{meta_path}: not valid JSON ({err})") from err
+        raise BadValue(f"{meta_path}: not valid JSON ({err})") from err
     if meta.get("format") != FORMAT:
-        raise ValueError(f"{meta_path}: format is {meta.get('format')!r}, expected {FORMAT!r}")
+        raise BadValue(f"{meta_path}: format is {meta.get('format')!r}, expected {FORMAT!r}")
     if meta.get("format_version") != FORMAT_VERSION:
-        raise ValueError(f"{meta_path}: format_version {meta.get('format_version')!r} is not supported "
+        raise BadValue(f"{meta_path}: format_version {meta.get('format_version')!r} is not supported "
                          f"(this hsft reads version {FORMAT_VERSION})")
     for name in (VLM_DIR, SAM2_DIR, FCS_FILE):
         if not os.path.exists(os.path.join(directory, name)):
-            raise FileNotFoundError(f"{directory!r} is not a complete hsft model directory: {name} is missing")
+            raise MissingFile(f"{directory!r} is not a complete hsft model directory: {name} is missing")
     return meta
 
 
@@ -130,12 +131,12 @@ def load_model(directory: str | os.PathLike, *, device: torch.device | str = "cp
     try:
         vlm, tokenizer, _ = load_vlm(os.path.join(directory, VLM_DIR), target, where=f"{directory}/{VLM_DIR}")
     except RuntimeError as err:
-        raise ValueError(explain_load_failure(os.path.join(directory, VLM_DIR), InternVLForConditionalGeneration,
+        raise BadValue(explain_load_failure(os.path.join(directory, VLM_DIR), InternVLForConditionalGeneration,
                                               err)) from None
     try:
         sam2, _ = load_sam2(os.path.join(directory, SAM2_DIR), target, where=f"{directory}/{SAM2_DIR}")
     except RuntimeError as err:
-        raise ValueError(explain_load_failure(os.path.join(directory, SAM2_DIR), Sam2Model, err)) from None
+        raise BadValue(explain_load_failure(os.path.join(directory, SAM2_DIR), Sam2Model, err)) from None
     model = Sa2VAModel(
         vlm, sam2, tokenizer, PromptConfig(**meta["prompt"]), fcs_hidden=int(meta["fcs_hidden"]),
         vlm_norm=ImageNorm.from_dict(meta["vlm_norm"]), sam_norm=ImageNorm.from_dict(meta["sam_norm"]),
@@ -148,7 +149,7 @@ def load_model(directory: str | os.PathLike, *, device: torch.device | str = "cp
     try:
         model.text_hidden_fcs.load_state_dict(load_file(fcs_path), strict=True)
     except RuntimeError as err:
-        raise ValueError(f"{fcs_path}: does not match the model's text_hidden_fcs ({err})") from err
+        raise BadValue(f"{fcs_path}: does not match the model's text_hidden_fcs ({err})") from err
     return model.to(device=device, dtype=target).eval()
 
 

@@ -11,6 +11,8 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass, field, fields
 
+from hsft.errors import BadValue
+
 from hsft.model.presets import PRESETS
 from hsft.model.tiling import TileSettings
 
@@ -28,7 +30,7 @@ DTYPES = ("float32", "bfloat16", "float16")
 
 def _check(condition: bool, name: str, message: str) -> None:
     if not condition:
-        raise ValueError(f"{name}: {message}")
+        raise BadValue(f"{name}: {message}")
 
 
 @dataclass

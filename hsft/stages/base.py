@@ -173,6 +173,7 @@ def run(ctx: RunContext, cfg: BaseStageConfig, start: Path | None) -> StageResul
                 torch.manual_seed(ctx.seed)
                 task = BaseTask(load_start(), broad, cfg, MaskValidation(held, run_cfg.mining.batch_size),
                                 parts=ENCODER_PARTS, lm_weight=0.0)
+                task.name = "base/encoder"  # the phase's name in its progress bar and log lines
                 base_ctx.global_step = 0
                 train_stage(base_ctx, task, cfg.train, stage_dir=encoder_dir, tb=TBWriter(None),
                             load_input_model=load_start)

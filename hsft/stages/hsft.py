@@ -27,6 +27,7 @@ from hsft.config import HSFTStageConfig
 from hsft.data import Sample
 from hsft.engine import distributed
 from hsft.engine.context import RunContext
+from hsft.errors import BadValue
 from hsft.model import load_model
 from hsft.stages.mining import read_hard_ids
 from hsft.stages.batching import make_seg_batch
@@ -54,7 +55,7 @@ class HSFTTask(SegTask):
                  name: str = "hsft", probes: dict[str, list[Sample]] | None = None, plan: TrainingPlan | None = None):
         self.name = name
         if not samples:
-            raise ValueError(f"{name}: the hard set is empty (no training sample is below tau); raise --tau or "
+            raise BadValue(f"{name}: the hard set is empty (no training sample is below tau); raise --tau or "
                              "use --hard-quantile")
         super().__init__(model, samples, validation, form=cfg.seg_form)
         self.cfg = cfg
@@ -121,7 +122,7 @@ def hard_set(train: list[Sample], hard_ids: list[str], source: str = "hard_sampl
     by_id = {s.id: s for s in train}
     unknown = [i for i in hard_ids if i not in by_id]
     if unknown:
-        raise ValueError(f"{source}: names {len(unknown)} id(s) that are not in the training split, e.g. "
+        raise BadValue(f"{source}: names {len(unknown)} id(s) that are not in the training split, e.g. "
                          f"{', '.join(unknown[:5])}; was it mined on other data?")
     return [by_id[i] for i in hard_ids]
 
@@ -137,7 +138,7 @@ def fine_tune(ctx: RunContext, cfg: HSFTStageConfig, start: Path | None, *, name
     set's loss measured before training and at every epoch end. HSFT and every variant beside it run this;
     `title` names the stage in messages."""
     if start is None:
-        raise ValueError(f"{name}: needs a starting model directory (--model, or an earlier stage)")
+        raise BadValue(f"{name}: needs a starting model directory (--model, or an earlier stage)")
     trains = (TRAINS if not cfg.train_feature_convs else
               "text_hidden_fcs and the SAM2 mask decoder with its prompt encoder, conv_s0/conv_s1 included")
     if cfg.cuda_graph:

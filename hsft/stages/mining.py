@@ -17,6 +17,7 @@ from hsft.data import Sample
 from hsft.engine import distributed
 from hsft.engine.context import RunContext
 from hsft.engine.tensorboard import TBWriter
+from hsft.errors import BadValue, MissingFile
 from hsft.eval.inference import generate_and_score
 from hsft.model import load_model
 from hsft.stages.training import StageResult
@@ -122,16 +123,16 @@ def write_mining(result: MiningResult, out_dir: Path, tb: TBWriter, step: int) -
 def _read_rows(out_dir: Path, key: str, fields: tuple[tuple[str, type | tuple], ...]) -> list[dict]:
     path = Path(out_dir) / "hard_samples.json"
     if not path.is_file():
-        raise FileNotFoundError(f"{path}: no mining result; run the 'mining' stage first (--stages mining,hsft)")
+        raise MissingFile(f"{path}: no mining result; run the 'mining' stage first (--stages mining,hsft)")
     try:
         payload = json.loads(path.read_text(encoding="utf-8"))
     except json.JSONDecodeError as err:
-        raise ValueError(f"{path}: not valid JSON ({err}); run the 'mining' stage again") from None
+        raise BadValue(f"{path}: not valid JSON ({err}); run the 'mining' stage again") from None
     rows = payload.get(key) if isinstance(payload, dict) else None
     if not isinstance(rows, list) or not all(isinstance(row, dict) and all(isinstance(row.get(name), kind)
                                                                            for name, kind in fields) for row in rows):
         wanted = ", ".join(f'\"{name}\": ...' for name, _ in fields)
-        raise ValueError(f"{path}: expected {{\"{key}\": [{{{wanted}}}, ...]}} as the 'mining' stage writes it")
+        raise BadValue(f"{path}: expected {{\"{key}\": [{{{wanted}}}, ...]}} as the 'mining' stage writes it")
     return rows
 
 
@@ -149,7 +150,7 @@ def read_mined_dice(out_dir: Path) -> dict[str, float]:
 def run(ctx: RunContext, cfg: MiningConfig, start: Path | None) -> StageResult:
     """Mine the training split with the model `start`; writes `<out>/mining/` and trains nothing."""
     if start is None:
-        raise ValueError("mining: needs a model to mine with (--model, or an earlier stage)")
+        raise BadValue("mining: needs a model to mine with (--model, or an earlier stage)")
     # The inference path as the run's models train and will be used: this rank's device, training dtype.
     model = load_model(start, device=ctx.device, dtype=ctx.dtype)
     result = mine_hard_samples(model, ctx.splits.train, cfg)

@@ -13,6 +13,8 @@ from pathlib import Path
 
 from safetensors import safe_open
 
+from hsft.errors import BadValue
+
 __all__ = ["ReleaseError", "ReleaseSource", "read_release", "LLM_ARCHITECTURES", "TEMPLATES", "WEIGHTS_FILE",
            "WEIGHTS_INDEX"]
 
@@ -25,7 +27,7 @@ LLM_ARCHITECTURES = {"Qwen2ForCausalLM": "qwen2", "InternLM2ForCausalLM": "inter
 TEMPLATES = ("qwen_chat", "internlm2_chat")
 
 
-class ReleaseError(ValueError):
+class ReleaseError(BadValue):
     """A released checkpoint that cannot be imported (one line: file or key, and what is wrong)."""
 
 

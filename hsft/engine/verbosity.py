@@ -1,0 +1,45 @@
+"""How much the libraries under the loop say: their warnings by default, everything with --verbose.
+
+DeepSpeed's and transformers' informational logs (engine set-up, configuration dumps, checkpoint
+consolidation) repeat on every stage and every rank; a run's own lines say what happened. `quiet_stdout`
+hides what a library prints with print() rather than its logger (DeepSpeed's "Processing zero
+checkpoint ..."), unless verbose.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import logging
+
+__all__ = ["set_verbosity", "is_verbose", "quiet_stdout"]
+
+_verbose = False
+
+
+def set_verbosity(verbose: bool) -> None:
+    global _verbose
+    _verbose = bool(verbose)
+    level = logging.INFO if verbose else logging.WARNING
+    from deepspeed.utils import logger as ds_logger
+
+    ds_logger.setLevel(level)
+    for handler in ds_logger.handlers:
+        handler.setLevel(level)
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.set_verbosity(level)
+
+
+def is_verbose() -> bool:
+    return _verbose
+
+
+@contextlib.contextmanager
+def quiet_stdout():
+    """Swallow what the enclosed library calls print, unless verbose."""
+    if _verbose:
+        yield
+        return
+    with contextlib.redirect_stdout(io.StringIO()):
+        yield
