@@ -18,6 +18,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
+from hsft.model.chain import chain_of
 from hsft.model.checkpoint import is_model_directory, load_model
 from hsft.model.release.configs import config_with_tiling, llm_heads
 from hsft.model.release.importer import FILES_DIR, KEPT_FILE, LAYOUT_FILE
@@ -29,19 +30,22 @@ __all__ = ["export_sa2va"]
 _DTYPES = {"BF16": torch.bfloat16, "F16": torch.float16, "F32": torch.float32}
 
 
-def _read_layout(model_dir: Path) -> dict:
+def _release_dir(model_dir: Path) -> Path:
+    """The release/ directory of `model_dir`, or, for a lean directory (a stage's changes over its input
+    model), of the full directory its chain of input models ends in."""
     if not model_dir.is_dir():
         raise ReleaseError(f"{model_dir}: model directory does not exist")
     if not is_model_directory(model_dir):
         raise ReleaseError(f"{model_dir}: not a complete hsft model directory (hsft_model.json is missing)")
-    release = model_dir / "release"
-    if not (release / LAYOUT_FILE).is_file():
+    release = next((d / "release" for d in chain_of(model_dir) if (d / "release" / LAYOUT_FILE).is_file()), None)
+    if release is None:
         raise ReleaseError(f"{model_dir}: was not imported from a released Sa2VA checkpoint (no "
                            f"release/{LAYOUT_FILE}); export writes the source's configuration back and needs it")
     for name in (KEPT_FILE, FILES_DIR):
         if not (release / name).exists():
-            raise ReleaseError(f"{model_dir}: release/{name} is missing (incomplete copy of the model directory)")
-    return json.loads((release / LAYOUT_FILE).read_text(encoding="utf-8"))
+            raise ReleaseError(f"{release.parent}: release/{name} is missing (incomplete copy of the model "
+                               "directory)")
+    return release
 
 
 def export_sa2va(model_dir: str | os.PathLike, output_dir: str | os.PathLike, *, overwrite: bool = False) -> Path:
@@ -49,7 +53,8 @@ def export_sa2va(model_dir: str | os.PathLike, output_dir: str | os.PathLike, *,
     from safetensors.torch import load_file
 
     model_dir, output = Path(model_dir), Path(output_dir)
-    layout = _read_layout(model_dir)
+    release = _release_dir(model_dir)
+    layout = json.loads((release / LAYOUT_FILE).read_text(encoding="utf-8"))
     if output.exists() and any(output.iterdir()) and not overwrite:
         raise ReleaseError(f"{output}: output directory exists and is not empty (use --overwrite)")
     model = load_model(str(model_dir))
@@ -60,7 +65,7 @@ def export_sa2va(model_dir: str | os.PathLike, output_dir: str | os.PathLike, *,
     if layout["tied_lm_head"]:
         state["vlm.lm_head.weight"] = state["vlm.model.language_model.embed_tokens.weight"]
     heads = llm_heads(model.vlm.config)
-    kept = load_file(str(model_dir / "release" / KEPT_FILE))
+    kept = load_file(str(release / KEPT_FILE))
 
     shards: dict[str, dict[str, torch.Tensor]] = {}
     for item in layout["tensors"]:
@@ -84,7 +89,7 @@ def export_sa2va(model_dir: str | os.PathLike, output_dir: str | os.PathLike, *,
     for name, tensors in shards.items():
         metadata = layout["file_metadata"].get(name) or {"format": "pt"}
         save_file(tensors, str(output / name), metadata=metadata)
-    for path in sorted((model_dir / "release" / FILES_DIR).iterdir()):
+    for path in sorted((release / FILES_DIR).iterdir()):
         if path.is_file():
             shutil.copy2(path, output / path.name)
     # The tiling the model was trained and evaluated with goes back into the release's config.

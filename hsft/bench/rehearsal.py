@@ -1,0 +1,424 @@
+"""The paper's run rehearsed at a published size: a random-weight Sa2VA release of that size goes
+through every command a user runs, with real-resolution images, and each step's cost is recorded.
+
+    1 write    the release checkpoint (hsft.model.release.builder), random weights at the shape
+    2 import   launch/convert.py import-sa2va
+    3 data     synthetic fundus images at DRIVE, STARE and CHASE_DB1 resolutions (folder layout)
+    4 pipeline launch/hsft.py: LoRA, DPO, mining, HSFT, control, evaluation (the real DeepSpeed
+               config and conventions; only the epochs are capped)
+    5 export   launch/convert.py export-sa2va of the HSFT model
+    6 re-import of the export, whose masks are compared with the HSFT model's
+
+Every command runs as its own process, as a user would run it. The pipeline's stages report their
+own wall time and peak memory (report.json "resources"); the other steps are measured from outside
+(the child's peak resident set from wait4). rehearsal.json and rehearsal.md hold the table, the
+memory plan's estimate beside each measured peak (report.json "memory_plan"), tokens per sample,
+disk written and each stage's evidence lines.
+"""
+
+from __future__ import annotations
+
+import gc
+import json
+import math
+import os
+import platform
+import shutil
+import subprocess
+import sys
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from hsft.engine.resources import GiB, disk_bytes, measure
+
+__all__ = ["SHAPES", "DATASET_SIZES", "RehearsalConfig", "rehearse", "format_markdown", "image_plan",
+           "build_shape_model"]
+
+REPO = Path(__file__).resolve().parents[2]
+SHAPES = ("tiny", "sa2va-1b", "sa2va-4b")
+# (height, width) of the public vessel datasets' images. With the release's tiling (448-px tiles, at
+# most 12, a thumbnail) DRIVE is one tile, STARE 4 + 1 and CHASE_DB1 9 + 1 (2,560 image tokens).
+DATASET_SIZES = {"DRIVE": (584, 565), "STARE": (605, 700), "CHASE_DB1": (960, 999)}
+RELEASE_TILE = 448
+# The stages the main command runs from a released checkpoint (no stage 0).
+PIPELINE_STAGES = ("lora", "dpo", "mining", "hsft", "control", "eval")
+
+
+@dataclass
+class RehearsalConfig:
+    shape: str = "sa2va-1b"
+    device: str = "cpu"
+    images: int = 4
+    output_dir: str = "runs/rehearsal"
+    precision: str | None = None  # None: fp32 on a CPU (bf16 is 3-4x slower there), bf16 on a GPU
+    deepspeed: str = "ds_configs/zero2.json"
+    epochs: int = 1  # of LoRA, DPO, HSFT and the control: the cap that makes the run finish
+    max_new_tokens: int | None = None  # generation budget of mining, DPO pairs and evaluation (None: default)
+    overwrite: bool = False
+
+    def validate(self) -> None:
+        if self.shape not in SHAPES:
+            raise ValueError(f"--shape: must be one of {', '.join(SHAPES)}, got {self.shape!r}")
+        if self.device not in ("cpu", "cuda"):
+            raise ValueError(f"--device: must be cpu or cuda, got {self.device!r}")
+        if self.device == "cuda" and not torch.cuda.is_available():
+            raise ValueError("--device cuda: no CUDA device is available")
+        if self.images < 4:
+            raise ValueError(f"--images: at least 4 (two held out, two to train on and validate), got {self.images}")
+        if self.precision not in (None, "bf16", "fp32"):
+            raise ValueError(f"--precision: must be bf16 or fp32, got {self.precision!r}")
+        if not Path(self.deepspeed).is_file():
+            raise ValueError(f"--deepspeed {self.deepspeed}: file does not exist")
+        if self.epochs < 1:
+            raise ValueError(f"--epochs: must be >= 1, got {self.epochs}")
+        if self.max_new_tokens is not None and self.max_new_tokens < 1:
+            raise ValueError(f"--max-new-tokens: must be >= 1, got {self.max_new_tokens}")
+        out = Path(self.output_dir)
+        if out.exists() and any(out.iterdir()) and not self.overwrite:
+            raise ValueError(f"--output-dir {out}: exists and is not empty (pass --overwrite to replace it)")
+
+    @property
+    def run_precision(self) -> str:
+        return self.precision or ("bf16" if self.device == "cuda" else "fp32")
+
+
+# ---------------------------------------------------------------------------- the model and the data
+def build_shape_model(shape: str, *, device: torch.device, dtype: torch.dtype, seed: int = 0):
+    """A Sa2VA model with the release's conventions and random weights: the published sizes
+    (hsft.bench.step.build_real_model), or "tiny", the embedded tiny preset's sizes (for tests)."""
+    if shape != "tiny":
+        from hsft.bench.step import build_real_model
+
+        return _one_positional_matrix(build_real_model(shape, device=device, dtype=dtype, seed=seed))
+    from hsft.model import build_model
+    from hsft.model.config import Conventions, ModelConfig, PromptConfig
+    from hsft.model.sa2va import Sa2VAModel
+
+    tiny = build_model(ModelConfig(), seed=seed)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        model = Sa2VAModel(tiny.vlm, tiny.sam2, tiny.tokenizer, PromptConfig(),
+                           fcs_hidden=int(tiny.vlm.config.text_config.hidden_size), conventions=Conventions.release())
+    return _one_positional_matrix(model.to(device=device, dtype=dtype).eval())
+
+
+def _one_positional_matrix(model):
+    """SAM2 has one positional matrix, which transformers holds twice (prompt encoder, image side) and a
+    release stores once; random initialisation draws the two apart, so make them one again."""
+    with torch.no_grad():
+        model.sam2.shared_image_embedding.positional_embedding.copy_(
+            model.sam2.prompt_encoder.shared_embedding.positional_embedding)
+    return model
+
+
+def image_plan(images: int, tile: int = RELEASE_TILE) -> dict[str, list[tuple[str, int, int]]]:
+    """(dataset, height, width) of every image by split: a quarter (at least two) held out, DRIVE
+    size first then CHASE_DB1 and STARE; the training images start with CHASE_DB1 and STARE (the
+    multi-tile sizes) and go on with DRIVE. Sizes scale with `tile` so that a model with smaller
+    tiles cuts each image into the same number of tiles as the release does."""
+    def sized(name: str) -> tuple[str, int, int]:
+        h, w = DATASET_SIZES[name]
+        return name, max(32, round(h * tile / RELEASE_TILE)), max(32, round(w * tile / RELEASE_TILE))
+
+    n_test = max(2, images // 4)  # an effect's interval over held-out images needs two of them
+    test_order = ("DRIVE", "CHASE_DB1", "STARE")
+    train_order = ("CHASE_DB1", "STARE", "DRIVE", "DRIVE")
+    return {"test": [sized(test_order[i % len(test_order)]) for i in range(n_test)],
+            "train": [sized(train_order[i] if i < len(train_order) else "DRIVE") for i in range(images - n_test)]}
+
+
+def write_images(root: Path, plan: dict[str, list[tuple[str, int, int]]], seed: int = 0) -> list[dict]:
+    """Synthetic fundus images in the folder layout (root/train, root/test), each generated square at
+    its longer side and centre-cropped to the dataset's size. Returns what was written."""
+    from hsft.data.export import write_sample
+    from hsft.data.sample import Sample
+    from hsft.data.synthetic import make_fundus
+
+    written = []
+    index = 0
+    for split, items in plan.items():
+        for name, height, width in items:
+            side = max(height, width)
+            full = make_fundus(seed + index, side)
+            top, left = (side - height) // 2, (side - width) // 2
+            crop = (slice(top, top + height), slice(left, left + width))
+            sample = Sample(id=f"{name.lower()}_{index:02d}", image=np.ascontiguousarray(full.image[crop]),
+                            mask=np.ascontiguousarray(full.mask[crop]),
+                            fov=None if full.fov is None else np.ascontiguousarray(full.fov[crop]),
+                            source=f"synthetic:seed={seed + index}")
+            write_sample(sample, root / split)
+            written.append({"id": sample.id, "split": split, "dataset": name, "height": height, "width": width})
+            index += 1
+    return written
+
+
+# ---------------------------------------------------------------------------- processes
+def _run_child(cmd: list[str], log: Path, env: dict, echo) -> dict:
+    """Run `cmd` to the end, its output appended to `log` (and echoed); wall time, the child's peak
+    resident set (its process tree's largest, from wait4) and the exit status."""
+    start = time.perf_counter()
+    with open(log, "a", encoding="utf-8") as sink:
+        sink.write(f"$ {' '.join(cmd)}\n")
+        sink.flush()
+        proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env,
+                                cwd=REPO)
+        for line in proc.stdout:
+            sink.write(line)
+            if echo is not None:
+                echo(line.rstrip("\n"))
+        proc.stdout.close()
+        _, status, usage = os.wait4(proc.pid, 0)
+        proc.returncode = os.waitstatus_to_exitcode(status)
+    return {"seconds": time.perf_counter() - start, "peak_host_gib": usage.ru_maxrss * 1024 / GiB,
+            "returncode": proc.returncode}
+
+
+class RehearsalError(RuntimeError):
+    pass
+
+
+def _child_env(cfg: RehearsalConfig) -> dict:
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    env.setdefault("HSFT_CACHE", str(Path(cfg.output_dir).resolve() / "cache"))
+    return env
+
+
+def _python(script: str) -> list[str]:
+    return [sys.executable, str(REPO / "launch" / script)]
+
+
+def _main_command(cfg: RehearsalConfig) -> list[str]:
+    """The main command as a user launches it (the deepspeed launcher, one rank)."""
+    launcher = shutil.which("deepspeed") or str(Path(sys.executable).with_name("deepspeed"))
+    return [launcher, "--num_gpus", "1", "--master_port", str(29700 + os.getpid() % 200),
+            str(REPO / "launch" / "hsft.py")] if Path(launcher).exists() else _python("hsft.py")
+
+
+# ---------------------------------------------------------------------------- the rehearsal
+def rehearse(cfg: RehearsalConfig, echo=print) -> dict:
+    cfg.validate()
+    out = Path(cfg.output_dir).resolve()
+    if out.exists():
+        shutil.rmtree(out)
+    out.mkdir(parents=True)
+    log = out / "rehearsal.log"
+    env = _child_env(cfg)
+    device = torch.device(cfg.device)
+    steps: list[dict] = []
+    summary = {"shape": cfg.shape, "config": asdict(cfg), "precision": cfg.run_precision,
+               "machine": _machine(device), "threads": torch.get_num_threads(), "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+               "commit": _commit(), "steps": steps}
+
+    def record(name: str, measured: dict, path: Path | None = None, **extra) -> dict:
+        row = {"step": name, **measured, **extra}
+        if path is not None and path.exists():
+            row["disk_gib"] = disk_bytes(path) / GiB
+        steps.append(row)
+        _save(out, summary)
+        if row.get("returncode", 0) != 0:
+            raise RehearsalError(f"{name} failed (exit {row['returncode']}); see {log}")
+        return row
+
+    # 1 the release checkpoint, written in this process
+    release, sam2_json = out / "release", None
+    with measure(device) as usage:
+        model = build_shape_model(cfg.shape, device=device, dtype=torch.float32 if cfg.shape == "tiny"
+                                  else torch.bfloat16)
+        from hsft.model.release.builder import sam2_config_json, write_release_checkpoint
+
+        write_release_checkpoint(model, release, shards=1 if cfg.shape == "tiny" else 2)
+        if cfg.shape == "tiny":  # the release's code builds Hiera-L; the tiny SAM2 needs its sizes given
+            sam2_json = sam2_config_json(model, out / "sam2_config.json")
+        counts = model.parameter_counts()
+        tile = int(model.vlm.config.vision_config.image_size[0]
+                   if isinstance(model.vlm.config.vision_config.image_size, (list, tuple))
+                   else model.vlm.config.vision_config.image_size)
+        del model
+        gc.collect()
+    summary["parameter_counts"] = counts
+    record("write release", {**usage.to_dict(), "returncode": 0}, release)
+    echo(f"[rehearsal] wrote the {cfg.shape} release checkpoint to {release}")
+
+    # 2 import with the real command
+    imported = out / "imported"
+    cmd = _python("convert.py") + ["import-sa2va", str(release), str(imported)]
+    if sam2_json is not None:
+        cmd += ["--sam2-config", str(sam2_json)]
+    record("import-sa2va", _run_child(cmd, log, env, echo), imported)
+
+    # 3 data at the datasets' resolutions (scaled to the model's tile for the tiny shape)
+    data = out / "data"
+    with measure() as usage:
+        images = write_images(data, image_plan(cfg.images, tile))
+    summary["images"] = images
+    record("data", {**usage.to_dict(), "returncode": 0}, data)
+
+    # 4 the main command
+    run = out / "run"
+    args = ["--deepspeed", str(Path(cfg.deepspeed).resolve()), "--model", str(imported), "--output-dir", str(run),
+            "--data-format", "folder", "--data-root", str(data), "--precision", cfg.run_precision,
+            "--stages", ",".join(PIPELINE_STAGES), "--lora-epochs", str(cfg.epochs), "--dpo-epochs", str(cfg.epochs),
+            "--hsft-epochs", str(cfg.epochs)]
+    if cfg.max_new_tokens is not None:
+        args += ["--mining-max-new-tokens", str(cfg.max_new_tokens), "--eval-max-new-tokens", str(cfg.max_new_tokens)]
+    before = disk_bytes(out)
+    pipeline = _run_child(_main_command(cfg) + args, log, env, echo)
+    report_file = run / "report.json"
+    report = json.loads(report_file.read_text()) if report_file.is_file() else {}
+    summary["memory_plan"] = report.get("memory_plan")
+    for stage in PIPELINE_STAGES:
+        used = (report.get("resources") or {}).get(stage)
+        if used is None:
+            continue
+        row = {"step": stage, **{k: v for k, v in used.items() if k != "notes"}, "returncode": 0,
+               "evidence": used.get("notes", [])}
+        if (run / stage).exists():
+            row["disk_gib"] = disk_bytes(run / stage) / GiB
+        steps.append(row)
+    record("main command (all stages)", pipeline, None, disk_gib=(disk_bytes(out) - before) / GiB)
+
+    # 5 export the HSFT model and import the export again
+    exported, reimported = out / "exported", out / "reimported"
+    record("export-sa2va", _run_child(_python("convert.py") + ["export-sa2va", str(run / "hsft" / "model"),
+                                                               str(exported)], log, env, echo), exported)
+    cmd = _python("convert.py") + ["import-sa2va", str(exported), str(reimported)]
+    if sam2_json is not None:
+        cmd += ["--sam2-config", str(sam2_json)]
+    record("re-import", _run_child(cmd, log, env, echo), reimported)
+
+    # 6 the re-imported export infers the HSFT model's masks
+    with measure(device) as usage:
+        check = compare_masks(run / "hsft" / "model", reimported, data, device=device)
+    summary["round_trip"] = check
+    summary["tokens"] = check.pop("tokens")
+    record("mask check", {**usage.to_dict(), "returncode": 0})
+    summary["passed"] = check["identical_to_release_dtype"]
+    _save(out, summary)
+    (out / "rehearsal.md").write_text(format_markdown(summary), encoding="utf-8")
+    echo(format_markdown(summary))
+    if not summary["passed"]:
+        raise RehearsalError(f"the re-imported export's masks differ from the HSFT model's: {check}")
+    return summary
+
+
+def compare_masks(hsft_dir: Path, reimported_dir: Path, data: Path, *, device: torch.device) -> dict:
+    """Masks of the HSFT model and of its export re-imported, on every image (the teacher-forced [SEG]
+    path, float32). The export stores each tensor in the release's dtype, so the HSFT model is also
+    compared with its parameters rounded to the dtypes of the re-imported model: those masks must be
+    identical; the unrounded model's differ only where that rounding moves a logit across 0."""
+    from hsft.data.imageio import read_rgb
+    from hsft.eval.scoring import binary_mask
+    from hsft.model import load_model
+
+    paths = sorted((data / "train" / "images").iterdir()) + sorted((data / "test" / "images").iterdir())
+    pictures = [read_rgb(p) for p in paths]
+    trained = load_model(hsft_dir, device=device, dtype="float32")
+    again = load_model(reimported_dir, device=device)
+    rounded = load_model(hsft_dir, device=device, dtype="float32")
+    release_dtypes = dict(again.named_parameters())
+    with torch.no_grad():
+        for name, param in rounded.named_parameters():
+            param.copy_(param.to(release_dtypes[name].dtype).float())
+    again = again.float()
+
+    def masks(model) -> list[torch.Tensor]:
+        found = []
+        with torch.no_grad():
+            for picture in pictures:
+                images = model.preprocess([picture]).to(device=device, dtype=torch.float32)
+                tokens = model.tokenize(1, form="response", tiles=images.num_tiles).to(device)
+                logits = model.forward_seg(images, tokens).mask_logits.float()
+                found.append(binary_mask(logits[0], picture.shape[:2]).cpu())
+        return found
+
+    tokens = {}
+    for path, picture in zip(paths, pictures):
+        images = trained.preprocess([picture])
+        tokens[path.stem] = {"tiles": int(images.num_tiles[0] if images.num_tiles else 1),
+                             "tokens": int(trained.tokenize(1, form="response",
+                                                            tiles=images.num_tiles).input_ids.shape[1])}
+    ours, back, exact = masks(trained), masks(again), masks(rounded)
+    pixels = sum(m.numel() for m in ours)
+    return {"images": len(pictures), "identical_to_release_dtype": all(torch.equal(a, b) for a, b in zip(exact, back)),
+            "pixels_differing_from_hsft_model": int(sum((a != b).sum() for a, b in zip(ours, back))),
+            "pixels": pixels, "tokens": tokens}
+
+
+# ---------------------------------------------------------------------------- records
+def _save(out: Path, summary: dict) -> None:
+    (out / "rehearsal.json").write_text(json.dumps(summary, indent=2, default=str) + "\n", encoding="utf-8")
+
+
+def _machine(device: torch.device) -> str:
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def _commit() -> str | None:
+    try:
+        done = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True, text=True,
+                              timeout=10)
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+    return done.stdout.strip() or None
+
+
+def _plan_gib(summary: dict, step: str) -> float | None:
+    plan = summary.get("memory_plan") or {}
+    stage = (plan.get("stages") or {}).get(step)
+    if not stage:
+        return None
+    key = "gpu_gib" if summary["config"]["device"] == "cuda" else "host_gib"
+    return stage.get(key)
+
+
+def _fmt(value, digits: int = 2) -> str:
+    return "" if value is None or (isinstance(value, float) and math.isnan(value)) else f"{value:.{digits}f}"
+
+
+def format_markdown(summary: dict) -> str:
+    cuda = summary["config"]["device"] == "cuda"
+    peak = "peak GPU GiB" if cuda else "peak host GiB"
+    lines = [f"# Rehearsal: {summary['shape']} on {summary['machine']}", "",
+             f"{summary['threads']} threads, {summary['precision']}, {summary['config']['images']} images, "
+             f"epochs capped at {summary['config']['epochs']}, {summary['date']}, commit {summary['commit']}", "",
+             f"| step | wall s | {peak} | plan GiB | plan / measured | disk written GiB |",
+             "|---|---:|---:|---:|---:|---:|"]
+    for row in summary["steps"]:
+        measured = row.get("peak_gpu_gib") if cuda and row.get("peak_gpu_gib") is not None else row.get("peak_host_gib")
+        plan = _plan_gib(summary, row["step"])
+        ratio = plan / measured if plan is not None and measured else None
+        lines.append(f"| {row['step']} | {_fmt(row.get('seconds'), 1)} | {_fmt(measured)} | {_fmt(plan)} | "
+                     f"{_fmt(ratio)} | {_fmt(row.get('disk_gib'))} |")
+    if cuda:
+        lines += ["", "Host peaks on the GPU machine: " + ", ".join(
+            f"{row['step']} {_fmt(row.get('peak_host_gib'))}" for row in summary["steps"])]
+    if summary.get("tokens"):
+        by_id = {image["id"]: image for image in summary.get("images", [])}
+        lines += ["", "| image | split | size | tiles | tokens per sample |", "|---|---|---|---:|---:|"]
+        for stem, value in summary["tokens"].items():
+            image = by_id.get(stem, {})
+            lines.append(f"| {stem} | {image.get('split', '')} | {image.get('width', '')}x{image.get('height', '')} | "
+                         f"{value['tiles']} | {value['tokens']} |")
+    evidence = [(row["step"], line) for row in summary["steps"] for line in row.get("evidence", [])]
+    if evidence:
+        lines += ["", "Evidence lines of the stages:", ""] + [f"- {step}: {line.strip().lstrip('- ')}"
+                                                               for step, line in evidence]
+    check = summary.get("round_trip")
+    if check:
+        lines += ["", f"Export round trip: the re-imported export's masks on {check['images']} images are "
+                  f"{'identical' if check['identical_to_release_dtype'] else 'NOT identical'} to the HSFT model's "
+                  f"with its weights in the release's dtypes; against the unrounded HSFT model "
+                  f"{check['pixels_differing_from_hsft_model']} of {check['pixels']} pixels differ."]
+    return "\n".join(lines) + "\n"

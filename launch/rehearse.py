@@ -1,0 +1,55 @@
+#!/usr/bin/env python
+"""Rehearse the paper's run at a published size: a random-weight Sa2VA release of that size through
+import, the main command (LoRA, DPO, mining, HSFT, control, evaluation), export and re-import, with
+real-resolution images; writes rehearsal.json and rehearsal.md (time, peak memory, the memory plan
+beside it, tokens per sample, disk written, each stage's evidence).
+
+    python launch/rehearse.py --shape sa2va-1b --device cpu --images 4
+    python launch/rehearse.py --shape sa2va-4b --device cuda --images 16 --output-dir runs/rehearsal-4b
+"""
+
+import argparse
+import sys
+
+import _import_hsft  # noqa: F401  (first: makes `import hsft` find the package)
+
+from hsft.bench.rehearsal import SHAPES, RehearsalConfig, RehearsalError, rehearse
+
+
+def parse(argv) -> RehearsalConfig:
+    parser = argparse.ArgumentParser(prog="launch/rehearse.py", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--shape", choices=SHAPES, default="sa2va-1b",
+                        help="published size to rehearse ('tiny': the embedded preset's sizes, for tests)")
+    parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
+    parser.add_argument("--images", type=int, default=4,
+                        help="synthetic images at DRIVE / STARE / CHASE_DB1 resolutions (a quarter held out)")
+    parser.add_argument("--output-dir", default="runs/rehearsal")
+    parser.add_argument("--precision", choices=("bf16", "fp32"), default=None,
+                        help="default: fp32 on the CPU, bf16 on a GPU")
+    parser.add_argument("--deepspeed", default="ds_configs/zero2.json", help="DeepSpeed config of the main command")
+    parser.add_argument("--epochs", type=int, default=1, help="epochs of LoRA, DPO, HSFT and the control")
+    parser.add_argument("--max-new-tokens", type=int, default=None,
+                        help="generation budget of mining and evaluation (default: the main command's)")
+    parser.add_argument("--overwrite", action="store_true", help="replace a non-empty --output-dir")
+    args = parser.parse_args(argv)
+    return RehearsalConfig(shape=args.shape, device=args.device, images=args.images, output_dir=args.output_dir,
+                           precision=args.precision, deepspeed=args.deepspeed, epochs=args.epochs,
+                           max_new_tokens=args.max_new_tokens, overwrite=args.overwrite)
+
+
+def main(argv=None) -> int:
+    cfg = parse(sys.argv[1:] if argv is None else argv)
+    try:
+        rehearse(cfg, echo=lambda line: print(line, flush=True))
+    except ValueError as error:
+        print(f"launch/rehearse.py: error: {error}", file=sys.stderr)
+        return 2
+    except RehearsalError as error:
+        print(f"launch/rehearse.py: failed: {error}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
