@@ -82,6 +82,19 @@ def causal_lm_loss(logits: Tensor, labels: Tensor) -> Tensor:
                            ignore_index=IGNORE_INDEX)
 
 
+def labelled_lm_loss(lm_head: nn.Module, hidden: Tensor, labels: Tensor) -> Tensor:
+    """causal_lm_loss with the LM head applied only at the positions that predict a label: the same mean
+    cross-entropy, without the (B, L, vocab) logits. A tiled image makes L thousands of tokens and the
+    vocabulary is 151,936 words at the published sizes, so the full logits (with their float32 copy,
+    log-softmax and gradient) would be gigabytes per sample for the ten or so tokens of the answer."""
+    shift_labels = labels[:, 1:].to(hidden.device)
+    where = shift_labels != IGNORE_INDEX
+    if not bool(where.any()):
+        raise ValueError("lm_loss: the batch has no labelled tokens; build it with tokenize(form='response')")
+    logits = lm_head(hidden[:, :-1][where])
+    return F.cross_entropy(logits.float(), shift_labels[where])
+
+
 class Sa2VAModel(nn.Module):
     """InternVL + [SEG] + text_hidden_fcs + SAM2 mask decoder. Build it with hsft.model.build_model.
 
@@ -329,10 +342,11 @@ class Sa2VAModel(nn.Module):
 
     # ------------------------------------------------------------------ the two [SEG] paths
     def forward_seg(self, images: ImageBatch, tokens: TokenBatch, *, compute_lm_loss: bool = False,
-                    sam_feats: SamFeatures | None = None) -> SegForwardOutput:
+                    sam_feats: SamFeatures | None = None, full_lm_logits: bool = True) -> SegForwardOutput:
         """Teacher-forced path; exactly one [SEG] per sequence. Differentiable. With tiled images,
         `tokens` tokenized without the tile counts are widened to them (lm_logits then follow the
-        widened sequence). `sam_feats`: these images' sam_features, when already computed."""
+        widened sequence). `sam_feats`: these images' sam_features, when already computed.
+        full_lm_logits=False (training): the LM loss from the labelled positions alone, lm_logits None."""
         tokens = self._check_batch(images, tokens)
         self._require_one_seg(tokens)
         hidden = self._llm_last_hidden(images, tokens)
@@ -341,9 +355,11 @@ class Sa2VAModel(nn.Module):
             sam_feats = self.sam_features(images.sam_pixels)
         mask_logits, seg_embedding = self._decode(sam_feats, seg_hidden)
         lm_loss = lm_logits = None
-        if compute_lm_loss:
+        if compute_lm_loss and full_lm_logits:
             lm_logits = self.vlm.lm_head(hidden)
             lm_loss = causal_lm_loss(lm_logits, tokens.labels)
+        elif compute_lm_loss:
+            lm_loss = labelled_lm_loss(self.vlm.lm_head, hidden, tokens.labels)
         return SegForwardOutput(mask_logits, seg_hidden, seg_embedding, lm_loss, lm_logits)
 
     def forward(self, images: ImageBatch, tokens: TokenBatch, *, compute_lm_loss: bool = False

@@ -75,7 +75,7 @@ class SegObjective(nn.Module):
             logits = self.cached_decode(batch.sam_features, batch.seg_hidden)
         else:
             out = self.model.forward_seg(batch.images, batch.tokens, compute_lm_loss=self.lm_weight > 0,
-                                         sam_feats=batch.sam_feats)
+                                         sam_feats=batch.sam_feats, full_lm_logits=False)
             logits, lm_loss = out.mask_logits, out.lm_loss
         terms: dict[str, torch.Tensor] = {}
         loss = logits.new_zeros((), dtype=torch.float32)
