@@ -71,9 +71,12 @@ def option_name(path: tuple[str, ...]) -> str:
 
 
 def add_config_arguments(parser: argparse.ArgumentParser, cls, *, skip: set[str] = frozenset(),
-                         aliases: dict[str, list[str]] | None = None) -> dict[str, tuple[str, ...]]:
-    """Add one option per scalar field of `cls`; returns {argparse dest: field path}."""
+                         aliases: dict[str, list[str]] | None = None,
+                         recipes: dict[str, dict[str, object]] | None = None) -> dict[str, tuple[str, ...]]:
+    """Add one option per scalar field of `cls`; returns {argparse dest: field path}. `recipes` (name ->
+    {dotted field: value}) puts each recipe's value beside the default it changes ("64; tiny recipe: 8")."""
     aliases = aliases or {}
+    recipes = recipes or {}
     defaults = cls()
     dests: dict[str, tuple[str, ...]] = {}
     groups: dict[str, argparse._ArgumentGroup] = {}
@@ -94,9 +97,11 @@ def add_config_arguments(parser: argparse.ArgumentParser, cls, *, skip: set[str]
         dest = dotted.replace(".", "__")
         # A bare boolean flag means true (`--resume`); `--resume false` also works.
         extra = {"nargs": "?", "const": True} if tp is bool else {}
+        shown = str(default) + "".join(f"; {name} recipe: {values[dotted]}" for name, values in recipes.items()
+                                       if dotted in values and values[dotted] != default)
         group.add_argument(*names, dest=dest, type=parse, default=argparse.SUPPRESS, **extra,
                            metavar=tp.__name__.upper() if tp is not bool else "BOOL",
-                           help=f"{help_text} (default: {str(default).replace('%', '%%')})")
+                           help=f"{help_text} (default: {shown.replace('%', '%%')})")
         dests[dest] = path
     return dests
 

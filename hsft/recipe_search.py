@@ -23,6 +23,7 @@ from pathlib import Path
 
 from hsft.config import RunConfig, replace_nested
 from hsft.data import load_splits
+from hsft.errors import BadValue
 from hsft.eval.inference import validation_metrics
 from hsft.model import load_model
 from hsft.recipes import recipe_config
@@ -102,7 +103,7 @@ def search_recipe(out_dir: Path, *, base: RunConfig | None = None, grid: dict[st
     cfg = replace(cfg, precision=_precision(cfg))
     splits = load_splits(cfg.data)
     if not splits.val:
-        raise ValueError("data.val_fraction: the search scores on the validation split, which is empty")
+        raise BadValue("data.val_fraction: the search scores on the validation split, which is empty")
 
     run_pipeline(replace(cfg, stages=("base",), output_dir=str(out_dir / "base"), overwrite=True))
     start = out_dir / "base" / "base" / "model"

@@ -3,13 +3,16 @@
 4 B model).
 
 The recipe is the starting point; every option given on the command line overrides it. Without
---recipe, the embedded default uses `tiny` and a real checkpoint (--vlm/--sam2 or --model) `paper`.
+--recipe, the embedded default uses `tiny`, a real checkpoint (--vlm/--sam2, or a --model imported from a
+release) `paper`, and a --model the pipeline trained continues with the recipe and precision its
+directory records (hsft.model.directory).
 README ("Recipes") shows the validation-split numbers the tiny values were chosen on.
 """
 
 from __future__ import annotations
 
 from hsft.config import RunConfig, replace_nested
+from hsft.model.directory import read_training_record
 
 __all__ = ["RECIPES", "recipe_config", "default_recipe", "config_from_arguments"]
 
@@ -31,7 +34,17 @@ RECIPES: dict[str, dict[str, object]] = {
 
 
 def default_recipe(cfg: RunConfig) -> str:
+    if cfg.start_model:
+        record = read_training_record(cfg.start_model)
+        if record and record.get("recipe") in RECIPES:
+            return record["recipe"]
     return "tiny" if cfg.embedded_default else "paper"
+
+
+def recorded_precision(cfg: RunConfig) -> str | None:
+    """The precision a --model directory was trained in, which the run keeps unless --precision says otherwise."""
+    record = read_training_record(cfg.start_model) if cfg.start_model else None
+    return record.get("precision") if record else None
 
 
 def recipe_config(name: str, base: RunConfig | None = None) -> RunConfig:
@@ -50,4 +63,7 @@ def config_from_arguments(namespace, dests) -> RunConfig:
     name = given.recipe or default_recipe(given)
     if name not in RECIPES:
         return given  # RunConfig.validate() names the bad value in one line
-    return apply_arguments(recipe_config(name), namespace, dests)
+    cfg = apply_arguments(recipe_config(name), namespace, dests)
+    if cfg.precision is None and recorded_precision(cfg):
+        cfg = replace_nested(cfg, precision=recorded_precision(cfg))
+    return cfg

@@ -1,16 +1,17 @@
 #!/usr/bin/env python
 """Benchmark the HSFT frozen-feature cache: epoch time with and without it (writes JSON, prints a table)."""
 
-import argparse
+import sys
 from pathlib import Path
 
 import _import_hsft  # noqa: F401  (first: makes `import hsft` find the package)
 
+from hsft import command_line
 from hsft.bench.feature_cache import format_summary, run
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__)
+def main(argv=None) -> int:
+    parser = command_line.Parser(prog="launch/bench_feature_cache.py", description=__doc__)
     parser.add_argument("--model", default=None, help="saved hsft model directory (default: a fresh preset)")
     parser.add_argument("--preset", default="tiny", help="preset when --model is not given")
     parser.add_argument("--samples", type=int, default=16, help="hard-set size")
@@ -18,12 +19,18 @@ def main() -> None:
     parser.add_argument("--epochs", type=int, default=3, help="epochs per configuration")
     parser.add_argument("--precision", choices=("bf16", "fp32"), default="bf16")
     parser.add_argument("--deepspeed", default="ds_configs/zero2.json", help="DeepSpeed JSON config")
-    parser.add_argument("--out", default="results/bench_feature_cache", help="where the JSON goes")
-    args = parser.parse_args()
-    summary = run(model_dir=args.model, preset=args.preset, samples=args.samples, size=args.size,
-                  epochs=args.epochs, precision=args.precision, ds_config=args.deepspeed, out=Path(args.out))
-    print(format_summary(summary))
+    command_line.add_output_dir(parser, default="results/bench_feature_cache", help="where the JSON goes",
+                                old=("--out",))
+    args = parser.parse_args(argv)
+
+    def work() -> None:
+        summary = run(model_dir=args.model, preset=args.preset, samples=args.samples, size=args.size,
+                      epochs=args.epochs, precision=args.precision, ds_config=args.deepspeed,
+                      out=Path(args.output_dir))
+        print(format_summary(summary))
+
+    return command_line.run("launch/bench_feature_cache.py", work)
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

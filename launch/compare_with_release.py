@@ -22,16 +22,17 @@ import sys
 
 import _import_hsft  # noqa: F401  (first: makes `import hsft` find the package)
 
-from hsft.model.release import ReleaseError
+from hsft import command_line
 from hsft.model.release.agreement import DEFAULT_PROMPT, compare_with_release, format_table
 
 
 def parse(argv):
-    parser = argparse.ArgumentParser(prog="launch/compare_with_release.py", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = command_line.Parser(prog="launch/compare_with_release.py", description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--release-code", required=True, metavar="DIR",
                         help="the release's remote-code files (modeling_sa2va_chat.py, sam2.py, ...)")
-    parser.add_argument("--model", required=True, metavar="DIR", help="an hsft model directory imported from a release")
+    command_line.add_model(parser, "--model", aliases=("--checkpoint",),
+                           help="an hsft model directory imported from a release (or a run's stage directory)")
     parser.add_argument("--images", required=True, nargs="+", metavar="IMAGE", help="image files")
     parser.add_argument("--prompt", default=DEFAULT_PROMPT,
                         help=f"the request, starting with <image> (default: {DEFAULT_PROMPT!r})")
@@ -44,12 +45,16 @@ def parse(argv):
 
 def main(argv=None) -> int:
     args = parse(sys.argv[1:] if argv is None else argv)
-    try:
-        rows, meta = compare_with_release(args.release_code, args.model, args.images, prompt=args.prompt,
-                                          max_new_tokens=args.max_new_tokens, release_python=args.release_python)
-    except ReleaseError as error:
-        print(f"launch/compare_with_release.py: error: {error}", file=sys.stderr)
-        return 2
+    compared = []
+
+    def work() -> None:
+        compared.extend(compare_with_release(args.release_code, args.model, args.images, prompt=args.prompt,
+                                             max_new_tokens=args.max_new_tokens, release_python=args.release_python))
+
+    code = command_line.run("launch/compare_with_release.py", work)
+    if code:
+        return code
+    rows, meta = compared
     print(format_table(rows))
     print(f"release side: torch {meta['torch']}, transformers {meta['transformers']}; "
           f"CPU shims: {'; '.join(meta['shims']) or 'none'}")

@@ -14,13 +14,14 @@ import sys
 
 import _import_hsft  # noqa: F401  (first: makes `import hsft` find the package)
 
-from hsft.model.release import ReleaseError, export_sa2va, import_sa2va
+from hsft import command_line
+from hsft.model.release import export_sa2va, import_sa2va
 
 
 def parse(argv):
-    parser = argparse.ArgumentParser(prog="launch/convert.py", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    commands = parser.add_subparsers(dest="command", required=True)
+    parser = command_line.Parser(prog="launch/convert.py", description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    commands = parser.add_subparsers(dest="command", required=True, parser_class=command_line.Parser)
     imp = commands.add_parser("import-sa2va", help="released Sa2VA checkpoint -> hsft model directory")
     imp.add_argument("source", metavar="SRC",
                      help="the released checkpoint directory (config.json, safetensors, tokenizer)")
@@ -39,7 +40,8 @@ def parse(argv):
 
 def main(argv=None) -> int:
     args = parse(sys.argv[1:] if argv is None else argv)
-    try:
+
+    def work() -> None:
         if args.command == "import-sa2va":
             report = import_sa2va(args.source, args.output, sam2_config_file=args.sam2_config, dtype=args.dtype,
                                   overwrite=args.overwrite)
@@ -48,10 +50,8 @@ def main(argv=None) -> int:
         else:
             out = export_sa2va(args.model, args.output, overwrite=args.overwrite)
             print(f"exported {args.model} to {out}")
-    except ReleaseError as error:
-        print(f"launch/convert.py: error: {error}", file=sys.stderr)
-        return 2
-    return 0
+
+    return command_line.run("launch/convert.py", work)
 
 
 if __name__ == "__main__":

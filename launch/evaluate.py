@@ -6,9 +6,9 @@ Every sample runs three ways: the teacher-forced forward pass with the training 
 generation with the KV cache (what a user's inference does; no [SEG] = empty mask). Dice and IoU
 are computed per image at the original resolution, inside the FOV when the dataset has one.
 
-    python launch/evaluate.py --checkpoint runs/hsft/hsft/model --output runs/eval_hsft
-    python launch/evaluate.py --checkpoint DIR --data-format drive --data-root /data/DRIVE --output OUT
-    python launch/evaluate.py --checkpoint runs/hsft/dpo/model --compare runs/hsft/hsft/model --output OUT
+    python launch/evaluate.py --checkpoint runs/hsft/hsft --output-dir runs/eval_hsft
+    python launch/evaluate.py --checkpoint DIR --data-format drive --data-root /data/DRIVE --output-dir OUT
+    python launch/evaluate.py --checkpoint runs/hsft/dpo --compare runs/hsft/hsft --output-dir OUT
 """
 
 import argparse
@@ -16,10 +16,9 @@ import sys
 
 import _import_hsft  # noqa: F401  (first: makes `import hsft` find the package)
 
+from hsft import command_line
 from hsft.arguments import add_config_arguments, apply_arguments
-from hsft.data import DatasetError
 from hsft.eval.cli import EVAL_SPLITS, EvaluateOptions, add_inference_options, run_evaluate
-from hsft.eval.errors import InputError
 
 ALIASES = {
     "eval.batch_size": ["--batch-size"],
@@ -31,7 +30,7 @@ ALIASES = {
 
 
 def parse(argv):
-    parser = argparse.ArgumentParser(
+    parser = command_line.Parser(
         prog="launch/evaluate.py", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
         epilog="Outputs: OUT/eval.json (summary), OUT/eval.md (summary table, per-sample table, discrepancy "
                "section), OUT/per_sample.csv, OUT/overlays/*.png (worst and fixed samples: green TP, red FP, "
@@ -39,9 +38,9 @@ def parse(argv):
                "OUT/comparison.{md,csv,json} the per-sample table (before = --checkpoint, after = --compare; "
                "category Easy/Hard by the before Dice at --tau, then Better/Stable/Worse beyond --tolerance).",
     )
-    parser.add_argument("--checkpoint", required=True, metavar="DIR",
-                        help="model directory written by save_pretrained (or a run's stage directory holding model/)")
-    parser.add_argument("--output", required=True, metavar="OUT", help="directory the report is written to")
+    command_line.add_model(parser, "--checkpoint")
+    command_line.add_output_dir(parser, help="directory the report is written to", old=("--output",))
+    command_line.add_overwrite(parser)
     parser.add_argument("--split", default="test", choices=EVAL_SPLITS,
                         help="which split to evaluate (default: test, the held-out split)")
     parser.add_argument("--compare", metavar="DIR2", default=None,
@@ -56,14 +55,10 @@ def parse(argv):
 
 def main(argv=None) -> int:
     args, options = parse(sys.argv[1:] if argv is None else argv)
-    try:
-        run_evaluate(args.checkpoint, args.output, data=options.data, split=args.split, compare=args.compare,
-                     cfg=options.eval, device=args.device, dtype=args.dtype, limit=args.limit,
-                     tensorboard=not args.no_tensorboard, prompt=args.prompt)
-    except (InputError, DatasetError) as error:
-        print(f"launch/evaluate.py: error: {error}", file=sys.stderr)
-        return 2
-    return 0
+    return command_line.run("launch/evaluate.py", lambda: run_evaluate(
+        args.checkpoint, args.output_dir, data=options.data, split=args.split, compare=args.compare,
+        cfg=options.eval, device=args.device, dtype=args.dtype, limit=args.limit,
+        tensorboard=not args.no_tensorboard, prompt=args.prompt, overwrite=args.overwrite))
 
 
 if __name__ == "__main__":

@@ -12,17 +12,21 @@ import sys
 import _import_hsft  # noqa: F401  (first: makes `import hsft` find the package)
 
 from hsft.arguments import RUN_ALIASES, add_config_arguments
+from hsft.command_line import Parser
 from hsft.config import DEFAULT_STAGES, STAGE_ORDER, RunConfig
-from hsft.recipes import config_from_arguments
+from hsft.recipes import RECIPES, config_from_arguments
+
 
 def parse(argv):
-    parser = argparse.ArgumentParser(
+    parser = Parser(
         prog="launch/hsft.py",
         description=__doc__,
         formatter_class=argparse.RawDescriptionHelpFormatter,
         epilog="Stage options are named after their stage: --hsft-lr, --hsft-epochs, --lora-rank, --dpo-beta ... "
-               "The published defaults are shown; the embedded default run keeps them except where noted in "
-               "README. Outputs: <output-dir>/<stage>/ (model/, trainable.safetensors, checkpoints/, metrics.json), "
+               "Each default shown is the paper recipe's, followed by the tiny recipe's where it differs; the "
+               "embedded default runs the tiny recipe, a released checkpoint the paper recipe, and --model of a "
+               "directory this command trained the recipe and precision it records. Outputs: "
+               "<output-dir>/<stage>/ (model/, trainable.safetensors, checkpoints/, metrics.json), "
                "<output-dir>/tb/, report.json and report.md.",
     )
     parser.add_argument("--stages", default=",".join(DEFAULT_STAGES),
@@ -30,7 +34,7 @@ def parse(argv):
                              f"{','.join(DEFAULT_STAGES)}; 'base' only runs for the embedded default model; e.g. "
                              "base,mining,hsft,eval skips LoRA and DPO, mining,hsft,curriculum,eval adds a variant)")
     parser.add_argument("--local_rank", type=int, default=-1, help=argparse.SUPPRESS)
-    dests = add_config_arguments(parser, RunConfig, aliases=RUN_ALIASES)
+    dests = add_config_arguments(parser, RunConfig, aliases=RUN_ALIASES, recipes={"tiny": RECIPES["tiny"]})
     args = parser.parse_args(argv)
     cfg = config_from_arguments(args, dests)
     stages = tuple(s.strip() for s in args.stages.split(",") if s.strip())

@@ -18,6 +18,7 @@ from pathlib import Path
 
 import _import_hsft  # noqa: F401  (first: makes `import hsft` find the package)
 
+from hsft import command_line
 from hsft.arguments import add_config_arguments
 from hsft.config import RunConfig
 from hsft.recipe_search import DEFAULT_GRID, format_table, search_recipe
@@ -25,8 +26,8 @@ from hsft.recipes import config_from_arguments
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(prog="launch/tune_recipe.py", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = command_line.Parser(prog="launch/tune_recipe.py", description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--tune-stages", default=",".join(DEFAULT_GRID),
                         help=f"stages to search, in pipeline order (default: {','.join(DEFAULT_GRID)})")
     grid_options = {}
@@ -55,18 +56,17 @@ def main(argv=None) -> int:
                 grid[stage][key] = [kind(v) for v in text.split(",") if v.strip()]
             except ValueError:
                 parser.error(f"{flag}: expected comma-separated {kind.__name__} values, got {text!r}")
-    try:
+
+    def work() -> None:
         cfg.validate()
         points = search_recipe(Path(cfg.output_dir), base=cfg, grid=grid)
-    except ValueError as err:
-        print(f"tune_recipe: error: {err}", file=sys.stderr)
-        return 2
-    table = format_table(points)
-    print(table)
-    out = Path(cfg.output_dir)
-    (out / "search.md").write_text(table + "\n")
-    (out / "search.json").write_text(json.dumps([asdict(p) for p in points], indent=2) + "\n")
-    return 0
+        table = format_table(points)
+        print(table)
+        out = Path(cfg.output_dir)
+        (out / "search.md").write_text(table + "\n")
+        (out / "search.json").write_text(json.dumps([asdict(p) for p in points], indent=2) + "\n")
+
+    return command_line.run("launch/tune_recipe.py", work)
 
 
 if __name__ == "__main__":

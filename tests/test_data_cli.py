@@ -36,7 +36,7 @@ def test_synth_then_check_round_trip(tmp_path):
 
     # Writing into a directory that already holds a set is refused.
     again = _run("synth", "--out", str(out), "--n", "2", "--seed", "0", "--size", "64")
-    assert again.returncode == 1 and "already holds files" in again.stderr
+    assert again.returncode == 2 and "already holds files" in again.stderr
 
 
 def test_check_lists_every_problem_and_fails(tmp_path):
@@ -56,8 +56,8 @@ def test_check_lists_every_problem_and_fails(tmp_path):
 
 
 def test_bad_arguments_and_help(tmp_path):
-    result = _run("check", "--format", "drive", "--root", str(tmp_path / "missing"))
-    assert result.returncode == 1 and str(tmp_path / "missing") in result.stderr
+    result = _run("check", "--data-format", "drive", "--data-root", str(tmp_path / "missing"))
+    assert result.returncode == 2 and str(tmp_path / "missing") in result.stderr
     result = _run("check", "--format", "nonsense", "--root", str(tmp_path))
     assert result.returncode == 2 and "drive" in result.stderr  # argparse lists the choices
     result = _run("--help")

@@ -74,6 +74,13 @@ def test_evaluate_command_refuses_bad_input_naming_it(run_dir, tmp_path, capsys)
                           "--output", str(tmp_path / "o")]) == 2
     assert str(missing) in capsys.readouterr().err
     assert not (tmp_path / "o").exists()
+    # An earlier evaluation's output is not mixed with this one's unless --overwrite replaces it.
+    used = tmp_path / "used"
+    used.mkdir()
+    (used / "eval.json").write_text("{}")
+    assert evaluate_main(["--checkpoint", model_dir, "--output-dir", str(used), "--data-synthetic-test", "1"]) == 2
+    assert f"--output-dir {used}: already holds output; pass --overwrite" in capsys.readouterr().err
+    assert (used / "eval.json").read_text() == "{}"
 
 
 def test_model_dir_resolution_and_sample_selection(run_dir, tmp_path):

@@ -1,7 +1,8 @@
 """kill -9 in the middle of an epoch: the main command under the DeepSpeed launcher (1 rank and 2 ranks) is
 killed with SIGKILL, process group and all, in its second LoRA epoch; `--resume` then takes exactly the
-uninterrupted run's later steps (LoRA dropout on) and ends with its weights. The killed run's lock on
-the output directory is taken over."""
+uninterrupted run's later steps (LoRA dropout on) and ends with its weights. The stage's record is the
+uninterrupted run's too: metrics.json, the report's loss line and TensorBoard's loss scalars hold every
+step once, in order. The killed run's lock on the output directory is taken over."""
 
 from __future__ import annotations
 
@@ -60,6 +61,15 @@ def _kill_in_second_epoch(cmd: list[str], tmp: Path, ckpts: Path) -> None:
     assert checkpoint.latest_tag(ckpts) == "epoch0001"
 
 
+def _tb_losses(log_dir: Path) -> list[tuple[int, float]]:
+    """(step, loss) as TensorBoard shows them: events an interrupted run logged after its checkpoint are purged."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(log_dir))
+    events.Reload()
+    return [(e.step, pytest.approx(e.value, rel=1e-6)) for e in events.Scalars("lora/loss")]
+
+
 @pytest.fixture(scope="module")
 def start_model(tmp_path_factory):
     from hsft.model import build_model
@@ -80,9 +90,16 @@ def test_sigkill_mid_epoch_then_resume_matches_the_uninterrupted_run(tmp_path, s
 
     expected = json.loads((full / "lora" / "metrics.json").read_text())
     resumed = json.loads((cut / "lora" / "metrics.json").read_text())
-    steps_per_epoch = SAMPLES // 2
     assert resumed["resumed_from"].endswith("epoch0001")
-    assert resumed["losses"] == expected["losses"][steps_per_epoch:]
+    assert len(expected["losses"]) == EPOCHS * SAMPLES // 2
+    for key in ("losses", "grad_norms", "first_loss", "last_loss", "optimizer_steps", "global_step_end", "skipped"):
+        assert resumed[key] == expected[key], key
+    assert [e["epoch"] for e in resumed["epochs"]] == [1, 2]
+    loss_lines = [[line for line in (run / "report.md").read_text().splitlines() if "loss" in line]
+                  for run in (full, cut)]
+    assert loss_lines[0] and loss_lines[0] == loss_lines[1]
+    assert _tb_losses(cut / "tb" / "lora") == _tb_losses(full / "tb" / "lora") == \
+        list(enumerate(expected["losses"], start=1))
     a = load_file(str(full / "lora" / "trainable.safetensors"))
     b = load_file(str(cut / "lora" / "trainable.safetensors"))
     assert a.keys() == b.keys()

@@ -16,7 +16,7 @@ from PIL import Image
 from launch_scripts import launch_main
 from hsft.data import make_fundus
 from hsft.eval import InputError, predict_images
-from hsft.eval.predict import output_stems
+from hsft.eval.predict import field_of_view, output_stems
 from hsft.model import ModelConfig, build_model, save_model
 from hsft.model.chat import IGNORE_INDEX
 from hsft.ops import upsample_masks
@@ -88,13 +88,15 @@ def test_every_image_mode_gives_a_mask_of_the_original_size(model, forcer, tmp_p
     recorded = json.loads((out / "predictions.json").read_text())
     assert [r["image"] for r in recorded] == [str(p) for p, _ in files.values()]
 
-    # The written mask is the generate path's logits upsampled to the file's size, thresholded at 0.
+    # The written mask is the generate path's logits upsampled to the file's size, thresholded at 0, inside
+    # the photograph's field of view; the vessel fraction is over the field of view.
     rgb_path, size = files["RGB"]
     image = np.array(Image.open(rgb_path).convert("RGB"))
     logits = model.generate_seg(model.preprocess([image]), logits_processor=[forcer]).mask_logits
-    expected = upsample_masks(logits.float(), size, threshold=0.0)[0].numpy()
+    fov = field_of_view(image)
+    expected = upsample_masks(logits.float(), size, threshold=0.0)[0].numpy() & fov
     assert np.array_equal(np.asarray(Image.open(predictions[0].mask)) > 0, expected)
-    assert predictions[0].vessel_fraction == pytest.approx(float(expected.mean()))
+    assert predictions[0].vessel_fraction == pytest.approx(float(expected.sum() / fov.sum()))
 
 
 def test_unreadable_images_are_refused_naming_each_file(model, tmp_path):
@@ -126,9 +128,9 @@ def test_launch_refuses_a_bad_checkpoint_naming_it(tmp_path, capsys):
     Image.fromarray(make_fundus(0, 64).image).save(image)
     predict_main = launch_main("predict")
     missing = tmp_path / "no_such_model"
-    assert predict_main(["--checkpoint", str(missing), str(image), "--out", str(tmp_path / "o")]) == 2
+    assert predict_main(["--checkpoint", str(missing), str(image), "--output-dir", str(tmp_path / "o")]) == 2
     assert str(missing) in capsys.readouterr().err
-    assert predict_main(["--checkpoint", str(tmp_path), str(image), "--out", str(tmp_path / "o")]) == 2
+    assert predict_main(["--checkpoint", str(tmp_path), str(image), "--output-dir", str(tmp_path / "o")]) == 2
     err = capsys.readouterr().err
     assert str(tmp_path) in err and "hsft_model.json" in err
 
@@ -142,7 +144,7 @@ def test_predict_command_end_to_end(checkpoint, tmp_path):
     env = dict(os.environ, PYTHONPATH=str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", ""), OMP_NUM_THREADS="1")
     result = subprocess.run(
         [sys.executable, str(REPO / "launch" / "predict.py"), "--checkpoint", str(checkpoint), str(first), str(second),
-         "--out", str(out), "--device", "cpu"],
+         "--out", str(out), "--device", "cpu"],  # --out: the old spelling of --output-dir
         capture_output=True, text=True, env=env, timeout=300,
     )
     assert result.returncode == 0, result.stderr
@@ -152,3 +154,57 @@ def test_predict_command_end_to_end(checkpoint, tmp_path):
         with Image.open(out / f"{path.stem}_mask.png") as mask:
             assert (mask.height, mask.width) == size
         assert (out / f"{path.stem}_overlay.png").is_file()
+
+
+def _photo_with_a_black_frame(size: int = 96) -> np.ndarray:
+    """A fundus-like photograph: a bright disc (the camera aperture) on a black frame."""
+    yy, xx = np.mgrid[:size, :size]
+    disc = (yy - size / 2) ** 2 + (xx - size / 2) ** 2 < (0.4 * size) ** 2
+    image = np.zeros((size, size, 3), np.uint8)
+    image[disc] = (180, 90, 40)
+    return image, disc
+
+
+def test_prediction_marks_nothing_outside_the_field_of_view(model, tmp_path, monkeypatch):
+    import torch
+
+    from hsft.eval import predict as predict_module
+
+    image, disc = _photo_with_a_black_frame()
+    photo = tmp_path / "photo.png"
+    Image.fromarray(image).save(photo)
+    # A model that marks every pixel: what survives is exactly the field of view.
+    monkeypatch.setattr(predict_module, "binary_mask", lambda logits, size: torch.ones(size, dtype=torch.bool))
+    [inside] = predict_images(model, [photo], tmp_path / "fov", progress=False)
+    mask = np.asarray(Image.open(inside.mask)) > 0
+    yy, xx = np.mgrid[:96, :96]
+    near_the_disc = (yy - 48) ** 2 + (xx - 48) ** 2 < (0.4 * 96 + 2) ** 2  # the reader smooths the rim by a pixel
+    assert mask.any() and not (mask & ~near_the_disc).any()
+    # The derived aperture is the disc up to its rim, and the fraction is over it.
+    assert abs(int(mask.sum()) - int(disc.sum())) < 0.05 * disc.sum()
+    assert inside.vessel_fraction == pytest.approx(1.0)
+    assert inside.fov_fraction == pytest.approx(mask.mean())
+    [whole] = predict_images(model, [photo], tmp_path / "whole", progress=False, fov=False)
+    assert (np.asarray(Image.open(whole.mask)) > 0).all() and whole.fov_fraction == 1.0
+
+
+def test_predict_says_what_the_model_is_and_refuses_to_overwrite(checkpoint, tmp_path, capsys):
+    from hsft.model.directory import write_training_record
+
+    image = tmp_path / "x.png"
+    Image.fromarray(make_fundus(0, 64).image).save(image)
+    predict_main = launch_main("predict")
+    stage = tmp_path / "run" / "hsft"
+    import shutil
+
+    shutil.copytree(checkpoint, stage / "model")
+    write_training_record(stage / "model", recipe="tiny", precision="fp32", embedded_default=True, stage="hsft")
+    out = tmp_path / "preds"
+    # A stage directory stands for its model/.
+    assert predict_main(["--model", str(stage), str(image), "--output-dir", str(out), "--device", "cpu"]) == 0
+    printed = capsys.readouterr().out
+    assert "stand-in trained on synthetic" in printed.splitlines()[0]
+    assert predict_main(["--model", str(stage), str(image), "--output-dir", str(out), "--device", "cpu"]) == 2
+    assert "--overwrite" in capsys.readouterr().err
+    assert predict_main(["--model", str(stage), str(image), "--output-dir", str(out), "--device", "cpu",
+                         "--overwrite"]) == 0

@@ -8,6 +8,7 @@ import numpy as np
 from PIL import Image
 from tqdm import tqdm
 
+from hsft.errors import BadValue
 from hsft.data.sample import Sample
 from hsft.data.synthetic import MIN_SIZE, make_fundus
 
@@ -33,15 +34,15 @@ def write_synthetic_set(out_dir: str | Path, n: int, seed: int, size: int = 128,
     overlapping seed ranges) would make the stable per-file split meaningless.
     """
     if n < 1:
-        raise ValueError(f"n must be >= 1, got {n}")
+        raise BadValue(f"--n: must be >= 1, got {n}")
     if seed < 0:
-        raise ValueError(f"seed must be >= 0, got {seed}")
+        raise BadValue(f"--seed: must be >= 0, got {seed}")
     if size < MIN_SIZE:
-        raise ValueError(f"size must be >= {MIN_SIZE}, got {size}")
+        raise BadValue(f"--size: must be >= {MIN_SIZE}, got {size}")
     out_dir = Path(out_dir)
     images = out_dir / "images"
     if images.is_dir() and any(images.iterdir()):
-        raise FileExistsError(f"{images}: already holds files; write the synthetic set to an empty directory")
+        raise BadValue(f"{images}: already holds files; write the synthetic set to an empty directory")
     for index in tqdm(range(n), desc=f"synthetic {size}px", unit="img", disable=not progress):
         write_sample(make_fundus(seed + index, size), out_dir)
     return n

@@ -14,12 +14,14 @@ from hsft.config import DataConfig, EvalConfig
 from hsft.data import Sample, load_splits, scan_dataset
 from hsft.engine.tensorboard import TBWriter
 from hsft.eval.compare import compare_summaries, format_comparison, write_comparison
+from hsft.command_line import prepare_output_dir
 from hsft.errors import UserError
 from hsft.eval.errors import InputError
 from hsft.eval.evaluator import evaluate_model
 from hsft.eval.predict import Prediction, check_images, format_prediction, predict_images
 from hsft.eval.report import format_summary_table
 from hsft.model import Sa2VAModel, load_model
+from hsft.model.directory import describe_model
 from hsft.model.directory import resolve_model_dir as find_model_dir
 from hsft.model.config import validate_instruction
 
@@ -119,30 +121,32 @@ def load_eval_samples(data: DataConfig, split: str = "test", limit: int | None =
     return samples[:limit] if limit is not None else samples
 
 
-def _check_output(output: str | Path) -> Path:
-    out = Path(output)
-    if out.exists() and not out.is_dir():
-        raise InputError(f"--output {out}: exists and is not a directory")
-    return out
+def _prepare_output(output: str | Path, overwrite: bool) -> Path:
+    try:
+        return prepare_output_dir(output, overwrite)
+    except UserError as error:
+        raise InputError(str(error)) from None
 
 
 def run_evaluate(checkpoint: str | Path, output: str | Path, *, data: DataConfig, split: str = "test",
                  compare: str | Path | None = None, cfg: EvalConfig | None = None, device: str = "auto",
                  dtype: str | None = None, limit: int | None = None, tensorboard: bool = True,
-                 prompt: str | None = None, echo: Callable[[str], None] = print) -> dict:
+                 prompt: str | None = None, overwrite: bool = False, echo: Callable[[str], None] = print) -> dict:
     """Evaluate `checkpoint` (and `compare`, on the same samples) into `output`; returns
     {"summary": ..., "compare_summary": ..., "comparison": ...} (the last two None without compare).
 
     Layout: OUT/eval.{json,md}, per_sample.csv, overlays/ for the checkpoint; with compare also
     OUT/compare/ (the same for the second checkpoint) and OUT/comparison.{json,md,csv}, where
-    'before' is the checkpoint and 'after' the compared one; OUT/tb holds the TensorBoard logs.
+    'before' is the checkpoint and 'after' the compared one; OUT/tb holds the TensorBoard logs. A non-empty
+    OUT is refused unless `overwrite`, which empties it first (two models' TensorBoard files never mix).
     """
     cfg = cfg or EvalConfig()
     try:
         cfg.validate()
     except ValueError as error:
         raise InputError(str(error)) from None
-    out = _check_output(output)
+    if Path(output).exists() and not Path(output).is_dir():
+        raise InputError(f"--output-dir {output}: exists and is not a directory")
     target = resolve_device(device)
     # Check both model directories before the (long) first evaluation starts.
     resolve_model_dir(checkpoint)
@@ -150,6 +154,7 @@ def run_evaluate(checkpoint: str | Path, output: str | Path, *, data: DataConfig
         resolve_model_dir(compare, "--compare")
     check_prompt(prompt)
     samples = load_eval_samples(data, split, limit)
+    out = _prepare_output(output, overwrite)  # the inputs are known good: now the output may be replaced
     echo(f"evaluating {len(samples)} samples of the {data.format} {split} split")
 
     tb = TBWriter(out / "tb", enabled=tensorboard)
@@ -179,15 +184,20 @@ def run_evaluate(checkpoint: str | Path, output: str | Path, *, data: DataConfig
 
 def run_predict(checkpoint: str | Path, images: Sequence[str | Path], out: str | Path, *, batch_size: int = 8,
                 max_new_tokens: int = 16, device: str = "auto", dtype: str | None = None,
-                prompt: str | None = None, echo: Callable[[str], None] = print) -> list[Prediction]:
+                prompt: str | None = None, fov: bool = True, overwrite: bool = False,
+                echo: Callable[[str], None] = print) -> list[Prediction]:
+    """Predict `images` with the model `checkpoint` into `out` (refused when non-empty unless `overwrite`);
+    says first what the model is, and restricts every mask to the photograph's field of view unless not `fov`."""
     files = [Path(p) for p in images]
     target = resolve_device(device)
-    resolve_model_dir(checkpoint)
+    path = resolve_model_dir(checkpoint)
     check_prompt(prompt)
     check_images(files)  # before the model is loaded: a typo should not cost a model load
+    out = _prepare_output(out, overwrite)
+    echo(f"model {path}: {describe_model(path)}")
     model = load_checkpoint(checkpoint, device=target, dtype=dtype, prompt=prompt)
     predictions = predict_images(model, files, out, batch_size=batch_size, max_new_tokens=max_new_tokens,
-                                 validate=False)
+                                 validate=False, fov=fov)
     for prediction in predictions:
         echo(format_prediction(prediction))
     misses = sum(not p.seg_emitted for p in predictions)
