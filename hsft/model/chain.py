@@ -44,6 +44,8 @@ DELTA_FILE = "delta.safetensors"
 META_FILE = "hsft_model.json"
 ID_FILE = "hsft_model_id"  # beside a full directory's metadata: its id, for the lean directories that refer to it
 _MAX_CHAIN = 32
+# (input dtype, stage dtype) pairs in which every input value is exactly representable
+_EXACT_WIDENINGS = {(torch.bfloat16, torch.float32), (torch.float16, torch.float32)}
 
 
 def _meta(directory: Path) -> dict:
@@ -111,7 +113,12 @@ def make_lean(directory: str | os.PathLike, base: str | os.PathLike, load_model)
     model = load_model(str(directory))
     reference = load_model(str(base))
     if model.dtype != reference.dtype:
-        return -1  # a delta across dtypes would not be bit-exact: stay full
+        if (reference.dtype, model.dtype) not in _EXACT_WIDENINGS:
+            return -1  # a delta across these dtypes would not be bit-exact: stay full
+        # A stage that trains a bfloat16 import writes float32 (its trained weights unrounded); every
+        # frozen tensor is the input's value widened exactly, which is what loading the input in float32
+        # gives back, so only the trained tensors need storing.
+        reference = reference.to(model.dtype)
     ours, theirs = model.state_dict(), reference.state_dict()
     if ours.keys() != theirs.keys() or any(ours[k].shape != theirs[k].shape for k in ours):
         return -1  # another architecture: nothing to share
