@@ -107,8 +107,9 @@ def test_two_rank_checkpoint_resumes_on_one_rank(tmp_path, start_model):
     resumed = json.loads((cut / "lora" / "metrics.json").read_text())
     steps_per_epoch = SAMPLES // 2
     assert resumed["resumed_from"].endswith("epoch0001")
-    assert len(resumed["losses"]) == steps_per_epoch
-    assert resumed["losses"] == pytest.approx(expected["losses"][steps_per_epoch:], rel=1e-4)
+    assert len(resumed["losses"]) == 2 * steps_per_epoch
+    assert resumed["losses"][:steps_per_epoch] == expected["losses"][:steps_per_epoch]  # the checkpoint's record
+    assert resumed["losses"][steps_per_epoch:] == pytest.approx(expected["losses"][steps_per_epoch:], rel=1e-4)
     a = load_file(str(full / "lora" / "trainable.safetensors"))
     b = load_file(str(cut / "lora" / "trainable.safetensors"))
     assert a.keys() == b.keys()
@@ -136,9 +137,10 @@ def test_one_rank_checkpoint_resumes_on_two_ranks(tmp_path, start_model):
 
     resumed = json.loads((cut / "lora" / "metrics.json").read_text())
     assert resumed["resumed_from"].endswith("epoch0001")
-    # The second epoch on global batch 4: 16 / 4 steps, each finite and of a plausible size.
+    # The first epoch's 8 steps from the checkpoint's record, then the second on global batch 4: 16 / 4 steps,
+    # each finite and of a plausible size.
     losses = resumed["losses"]
-    assert len(losses) == SAMPLES // 4 and all(0.0 < loss < 10.0 for loss in losses)
+    assert len(losses) == SAMPLES // 2 + SAMPLES // 4 and all(0.0 < loss < 10.0 for loss in losses)
 
 
 def test_the_schedule_moves_to_a_step_as_if_stepped_there():
