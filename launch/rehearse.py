@@ -9,6 +9,7 @@ beside it, tokens per sample, disk written, each stage's evidence).
 """
 
 import argparse
+import shlex
 import sys
 
 import _import_hsft  # noqa: F401  (first: makes `import hsft` find the package)
@@ -32,10 +33,13 @@ def parse(argv) -> RehearsalConfig:
     parser.add_argument("--max-new-tokens", type=int, default=None,
                         help="generation budget of mining and evaluation (default: the main command's)")
     parser.add_argument("--overwrite", action="store_true", help="replace a non-empty --output-dir")
+    parser.add_argument("--main-args", default="", metavar="OPTIONS",
+                        help="more options for the main command, one string (e.g. '--hsft-cuda-graph')")
     args = parser.parse_args(argv)
     return RehearsalConfig(shape=args.shape, device=args.device, images=args.images, output_dir=args.output_dir,
                            precision=args.precision, deepspeed=args.deepspeed, epochs=args.epochs,
-                           max_new_tokens=args.max_new_tokens, overwrite=args.overwrite)
+                           max_new_tokens=args.max_new_tokens, overwrite=args.overwrite,
+                           main_args=tuple(shlex.split(args.main_args)))
 
 
 def main(argv=None) -> int:

@@ -59,6 +59,7 @@ class RehearsalConfig:
     epochs: int = 1  # of LoRA, DPO, HSFT and the control: the cap that makes the run finish
     max_new_tokens: int | None = None  # generation budget of mining, DPO pairs and evaluation (None: default)
     overwrite: bool = False
+    main_args: tuple[str, ...] = ()  # more options of the main command (e.g. --hsft-cuda-graph)
 
     def validate(self) -> None:
         if self.shape not in SHAPES:
@@ -265,6 +266,7 @@ def rehearse(cfg: RehearsalConfig, echo=print) -> dict:
             "--hsft-epochs", str(cfg.epochs)]
     if cfg.max_new_tokens is not None:
         args += ["--mining-max-new-tokens", str(cfg.max_new_tokens), "--eval-max-new-tokens", str(cfg.max_new_tokens)]
+    args += list(cfg.main_args)
     before = disk_bytes(out)
     pipeline = _run_child(_main_command(cfg) + args, log, env, echo)
     report_file = run / "report.json"
