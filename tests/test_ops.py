@@ -175,17 +175,20 @@ def test_gradient_is_deterministic_across_thread_counts() -> None:
 
 
 @needs_compiled
-def test_opcheck() -> None:
+@pytest.mark.parametrize("mid_size", [None, [14, 15]])
+def test_opcheck(mid_size: list[int] | None) -> None:
     logits, target = make_inputs(2, 5, 6, 11, 13, seed=6)
     x = logits.clone().requires_grad_(True)
     fov = torch.rand(2, 11, 13) > 0.2
-    grad_loss = torch.ones(2, dtype=torch.float64)
+    grad_loss = torch.tensor([1.0, 0.5], dtype=torch.float64)
     for field in (None, fov):
-        torch.library.opcheck(torch.ops.hsft.dice_bce_loss.default, (x, target, field, 1.0, 0.5, 1e-8))
-        _, sums = torch.ops.hsft.dice_bce_loss(logits, target, field, 1.0, 0.5, 1e-8)
-        torch.library.opcheck(
-            torch.ops.hsft.dice_bce_loss_backward.default, (grad_loss, logits, target, field, sums, 1.0, 0.5, 1e-8)
-        )
+        torch.library.opcheck(torch.ops.hsft.dice_bce_loss.default, (x, target, field, 1.0, 0.5, 1e-8, mid_size))
+        for with_adjoint in (False, True):
+            torch.library.opcheck(torch.ops.hsft.dice_bce_loss_forward.default,
+                                  (logits, target, field, 1.0, 0.5, 1e-8, mid_size, with_adjoint))
+        _, sums, adjoint = torch.ops.hsft.dice_bce_loss_forward(logits, target, field, 1.0, 0.5, 1e-8, mid_size, True)
+        torch.library.opcheck(torch.ops.hsft.dice_bce_loss_backward.default,
+                              (grad_loss, sums, adjoint, 1.0, 0.5, 1e-8, torch.float64))
     torch.library.opcheck(torch.ops.hsft.upsample_masks.default, (logits, [11, 13], None))
     torch.library.opcheck(torch.ops.hsft.upsample_masks.default, (logits[:, None], [11, 13], 0.25))
     torch.library.opcheck(torch.ops.hsft.mask_stats.default, (logits, target, fov))
@@ -421,6 +424,107 @@ def test_fov_argument_is_checked() -> None:
         ops.dice_bce_loss(logits, target, fov=torch.ones(2, 9, 8, dtype=torch.bool))
     with pytest.raises(TypeError, match="fov must be bool or uint8"):
         ops.dice_bce_loss(logits, target, fov=torch.ones(2, 9, 9))
+
+
+# ---- the gradient computed in the forward pass, half precision read natively ----------------------------
+
+@needs_compiled
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_half_precision_gradient_is_the_float32_gradient_rounded_once(dtype: torch.dtype) -> None:
+    # The kernels read bfloat16 / float16 logits as stored and write the gradient in that dtype: the
+    # same numbers as float32 logits of the same values, rounded once (to nearest even, as .to() does).
+    logits, target = make_inputs(3, 13, 11, 41, 30, dtype=dtype, seed=31)
+    fov = disc_fov(3, 41, 30, empty_last=True)
+    loss_h, grad_h = loss_and_grad(ops.dice_bce_loss, logits, target, fov=fov)
+    loss_f, grad_f = loss_and_grad(ops.dice_bce_loss, logits.float(), target, fov=fov)
+    assert grad_h.dtype == dtype and loss_h.dtype == torch.float32
+    assert torch.equal(loss_h, loss_f)
+    assert torch.equal(grad_h, grad_f.to(dtype))
+
+
+@needs_compiled
+def test_forward_without_a_graph_gives_the_same_loss() -> None:
+    # Without a graph to record the forward skips the adjoint planes; the sums are the same bits.
+    logits, target = make_inputs(2, 19, 9, 50, 31, dtype=torch.float32, seed=32)
+    with_graph = ops.dice_bce_loss(logits.clone().requires_grad_(True), target, reduction="none")
+    with torch.no_grad():
+        without = ops.dice_bce_loss(logits.clone().requires_grad_(True), target, reduction="none")
+    assert with_graph.grad_fn is not None and without.grad_fn is None
+    assert torch.equal(with_graph.detach(), without)
+
+
+@needs_compiled
+def test_backward_is_one_elementwise_op() -> None:
+    logits, target = make_inputs(2, 8, 8, 30, 30, dtype=torch.float32, seed=33)
+    x = logits.clone().requires_grad_(True)
+    loss = ops.dice_bce_loss(x, target, reduction="none").sum()
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+        loss.backward()
+    names = [event.name for event in prof.events()]
+    assert names.count("hsft::dice_bce_loss_backward") == 1
+    assert "hsft::dice_bce_loss_forward" not in names and "aten::_to_copy" not in names
+
+
+# ---- the release's two-step resize ------------------------------------------------------------------------
+
+TWO_STEP_CASES = {
+    "the release's 4x, then to the image": dict(n=2, h=8, w=8, big_h=27, big_w=41, mid=[32, 32]),
+    "odd sizes, the second step shrinks": dict(n=3, h=5, w=7, big_h=9, big_w=8, mid=[11, 13]),
+    "equal first step, N=1": dict(n=1, h=6, w=5, big_h=17, big_w=12, mid=[6, 5]),
+    "(N, 1, h, w) logits, many logit rows": dict(n=2, h=35, w=6, big_h=51, big_w=13, mid=[70, 12], four_d=True),
+}
+
+
+def two_step_inputs(case: dict, **kwargs) -> tuple[torch.Tensor, torch.Tensor, list[int]]:
+    spec = {k: v for k, v in case.items() if k != "mid"}
+    logits, target = make_inputs(**spec, **kwargs)
+    return logits, target, case["mid"]
+
+
+def test_reference_two_step_is_two_interpolations() -> None:
+    logits, target = make_inputs(2, 8, 8, 27, 41, seed=34)
+    mid = F.interpolate(logits[:, None], size=(32, 32), mode="bilinear", align_corners=False)[:, 0]
+    torch.testing.assert_close(reference.dice_bce_loss(logits, target, mid_size=(32, 32), reduction="none"),
+                               reference.dice_bce_loss(mid, target, reduction="none"), rtol=0, atol=0)
+
+
+@needs_compiled
+@pytest.mark.parametrize("case", TWO_STEP_CASES.values(), ids=TWO_STEP_CASES.keys())
+@pytest.mark.parametrize("use_fov", [False, True])
+def test_two_step_matches_the_eager_two_step(case: dict, use_fov: bool) -> None:
+    logits, target, mid = two_step_inputs(case, seed=35)
+    fov = disc_fov(case["n"], case["big_h"], case["big_w"], empty_last=case["n"] > 1) if use_fov else None
+    loss, grad = loss_and_grad(ops.dice_bce_loss, logits, target, fov=fov, mid_size=mid, bce_weight=0.7)
+    ref_loss, ref_grad = loss_and_grad(reference.dice_bce_loss, logits, target, fov=fov, mid_size=mid,
+                                       bce_weight=0.7)
+    torch.testing.assert_close(loss, ref_loss, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(grad, ref_grad, rtol=1e-10, atol=1e-13)
+    # float32 logits: the kernels build the intermediate rows as the first F.interpolate does
+    loss32, grad32 = loss_and_grad(ops.dice_bce_loss, logits.float(), target, fov=fov, mid_size=mid, bce_weight=0.7)
+    ref32, _ = loss_and_grad(reference.dice_bce_loss, logits.float(), target, fov=fov, mid_size=mid, bce_weight=0.7)
+    torch.testing.assert_close(loss32, ref32, rtol=2e-6, atol=2e-6)
+    torch.testing.assert_close(grad32.double(), ref_grad, rtol=1e-3, atol=2e-5 * ref_grad.abs().max().item())
+    # one step is the same loss exactly when the first step is the identity
+    one_step = loss_and_grad(ops.dice_bce_loss, logits, target, fov=fov, bce_weight=0.7)[0]
+    identity = mid == [case["h"], case["w"]]
+    assert torch.equal(loss, one_step) if identity else not torch.allclose(loss, one_step)
+
+
+@needs_compiled
+def test_two_step_gradcheck_float64() -> None:
+    logits, target = make_inputs(2, 3, 4, 9, 11, seed=36, target="soft")
+    fov = disc_fov(2, 9, 11)
+    x = logits.clone().requires_grad_(True)
+    assert torch.autograd.gradcheck(
+        lambda z: ops.dice_bce_loss(z, target, fov=fov, mid_size=(7, 8), reduction="none"), (x,))
+
+
+def test_mid_size_argument_is_checked() -> None:
+    logits, target = make_inputs(2, 8, 8, 20, 20)
+    with pytest.raises(ValueError, match="mid_size .* is smaller than the logits"):
+        ops.dice_bce_loss(logits, target, mid_size=(4, 16))
+    with pytest.raises(ValueError, match="mid_size must be None or two positive ints"):
+        ops.dice_bce_loss(logits, target, mid_size=(16,))
 
 
 # ---- CUDA ---------------------------------------------------------------------------------------------

@@ -232,4 +232,115 @@ HSFT_HD T dice_bce_pixel_grad(const DiceBceGradCoefficients<T>& k, const Logisti
   return (k.a + k.b * g) * t.dp + k.c * (t.p - g);
 }
 
+// ---- the gradient computed in the forward pass ----------------------------------------------
+
+// dL/dz = a dp + b (g dp) + c (p - g) is linear in the per-mask scalars a, b, c, which are known only
+// once the forward's sums are. So the forward accumulates the three planes U^T(m dp), U^T(m g dp) and
+// U^T(m (p - g)) at the logits' resolution (U the upsampling, m the field of view), and the backward
+// is a * plane0 + b * plane1 + c * plane2: one elementwise pass over the low-resolution planes.
+enum AdjointPlane : int { kAdjointDp = 0, kAdjointTargetDp = 1, kAdjointProbMinusTarget = 2, kNumAdjoint = 3 };
+
+template <typename T>
+struct PixelAdjoint {
+  T v[kNumAdjoint];
+};
+
+// The three per-pixel values of the adjoint planes; m is 1 inside the field of view, 0 outside.
+template <typename T>
+HSFT_HD PixelAdjoint<T> dice_bce_pixel_adjoint(const LogisticTerms<T>& t, T g, T m) {
+  PixelAdjoint<T> out;
+  const T dp = t.dp * m;
+  out.v[kAdjointDp] = dp;
+  out.v[kAdjointTargetDp] = g * dp;
+  out.v[kAdjointProbMinusTarget] = (t.p - g) * m;
+  return out;
+}
+
+// Gradient at one low-resolution cell from its three adjoint values.
+template <typename T>
+HSFT_HD T dice_bce_grad_from_adjoint(const DiceBceGradCoefficients<T>& k, T dp, T target_dp, T prob_minus_target) {
+  return k.a * dp + k.b * target_dp + k.c * prob_minus_target;
+}
+
+// ---- 16-bit floating-point storage ----------------------------------------------------------
+
+// bfloat16 / float16 values as stored (raw bits), read and written by the kernels directly so that
+// half-precision logits and gradients need no conversion pass. Conversions round to nearest even.
+struct BFloat16Bits {
+  uint16_t bits;
+};
+struct Float16Bits {
+  uint16_t bits;
+};
+
+HSFT_HD float bits_to_float(uint32_t bits) {
+#if defined(__CUDA_ARCH__)
+  return __uint_as_float(bits);
+#else
+  float out;
+  __builtin_memcpy(&out, &bits, sizeof(out));
+  return out;
+#endif
+}
+
+HSFT_HD uint32_t float_to_bits(float value) {
+#if defined(__CUDA_ARCH__)
+  return __float_as_uint(value);
+#else
+  uint32_t out;
+  __builtin_memcpy(&out, &value, sizeof(out));
+  return out;
+#endif
+}
+
+HSFT_HD float to_compute(BFloat16Bits v) { return bits_to_float(static_cast<uint32_t>(v.bits) << 16); }
+
+HSFT_HD float to_compute(Float16Bits v) {
+  const uint32_t sign = static_cast<uint32_t>(v.bits & 0x8000u) << 16;
+  const uint32_t exponent = (v.bits >> 10) & 0x1fu;
+  const uint32_t mantissa = v.bits & 0x3ffu;
+  if (exponent == 0x1fu) return bits_to_float(sign | 0x7f800000u | (mantissa << 13));  // inf / nan
+  if (exponent != 0) return bits_to_float(sign | ((exponent + 112u) << 23) | (mantissa << 13));
+  // Zero or subnormal: mantissa * 2^-24, exact in float.
+  const float magnitude = static_cast<float>(mantissa) * 5.9604644775390625e-8f;
+  return sign != 0 ? -magnitude : magnitude;
+}
+
+HSFT_HD float to_compute(float v) { return v; }
+HSFT_HD double to_compute(double v) { return v; }
+
+// Stores a compute value in an element of a plane: float and double as they are, 16-bit types
+// rounded to nearest even (what PyTorch's conversions do).
+HSFT_HD void store(float* out, float v) { *out = v; }
+HSFT_HD void store(double* out, double v) { *out = v; }
+
+HSFT_HD void store(BFloat16Bits* out, float v) {
+  const uint32_t bits = float_to_bits(v);
+  if ((bits & 0x7fffffffu) > 0x7f800000u) {
+    out->bits = static_cast<uint16_t>((bits >> 16) | 0x40u);  // quiet nan
+  } else {
+    out->bits = static_cast<uint16_t>((bits + 0x7fffu + ((bits >> 16) & 1u)) >> 16);
+  }
+}
+
+HSFT_HD void store(Float16Bits* out, float v) {
+  const uint32_t bits = float_to_bits(v);
+  const uint32_t sign = (bits >> 16) & 0x8000u;
+  const uint32_t magnitude = bits & 0x7fffffffu;
+  if (magnitude > 0x7f800000u) {
+    out->bits = static_cast<uint16_t>(sign | 0x7e00u);
+  } else if (magnitude >= 0x477ff000u) {
+    out->bits = static_cast<uint16_t>(sign | 0x7c00u);  // rounds to infinity
+  } else if (magnitude >= 0x38800000u) {
+    // Normal: rebias the exponent, round the 13 dropped mantissa bits to nearest even.
+    const uint32_t rounded = magnitude + 0xfffu + ((magnitude >> 13) & 1u);
+    out->bits = static_cast<uint16_t>(sign | ((rounded - 0x38000000u) >> 13));
+  } else {
+    // Subnormal or zero: v * 2^24 rounded to an integer, nearest even (adding 2^23 makes the float
+    // addition do that rounding, for values below 2^10).
+    const float shifted = bits_to_float(magnitude) * 16777216.0f + 8388608.0f;
+    out->bits = static_cast<uint16_t>(sign | (float_to_bits(shifted) - 0x4b000000u));
+  }
+}
+
 }  // namespace hsft

@@ -11,30 +11,49 @@
 namespace hsft::torch_glue {
 
 // The compute type of the kernels: float64 stays float64, every other float type runs in
-// float32 (low-resolution logits are converted, which is cheap).
+// float32. Logits are read in their own dtype (bfloat16 / float16 included), never converted.
 inline at::ScalarType compute_dtype(const at::Tensor& logits) {
   return logits.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
 }
 
 struct PreparedLogits {
-  at::Tensor planes;  // (N, h, w), contiguous, compute dtype
+  at::Tensor planes;  // (N, h, w), contiguous, the logits' dtype
   int64_t num_masks;
   int64_t in_h;
   int64_t in_w;
 };
 
+// The logits as (N, h, w) planes: a view when they are contiguous (the usual case), a copy otherwise.
 inline PreparedLogits prepare_logits(const char* op, const at::Tensor& logits) {
   const bool four_d = logits.dim() == 4 && logits.size(1) == 1;
   TORCH_CHECK(logits.dim() == 3 || four_d, op, ": logits must have shape (N, h, w) or (N, 1, h, w), got ",
               logits.sizes());
-  TORCH_CHECK(at::isFloatingType(logits.scalar_type()), op,
-              ": logits must be float64, float32, bfloat16 or float16, got ", logits.scalar_type());
+  const at::ScalarType type = logits.scalar_type();
+  TORCH_CHECK(type == at::kDouble || type == at::kFloat || type == at::kBFloat16 || type == at::kHalf, op,
+              ": logits must be float64, float32, bfloat16 or float16, got ", type);
   const int64_t n = logits.size(0);
   const int64_t h = logits.size(-2);
   const int64_t w = logits.size(-1);
   TORCH_CHECK(h > 0 && w > 0, op, ": logits planes must not be empty, got ", logits.sizes());
-  at::Tensor planes = logits.reshape({n, h, w}).to(compute_dtype(logits)).contiguous();
+  at::Tensor planes = logits.reshape({n, h, w}).contiguous();
   return {planes, n, h, w};
+}
+
+// (mid_h, mid_w) of the two-step resize, or (0, 0) for one step.
+struct MidSize {
+  int64_t h = 0;
+  int64_t w = 0;
+};
+
+inline MidSize check_mid_size(const char* op, at::OptionalIntArrayRef mid_size, const PreparedLogits& logits) {
+  if (!mid_size.has_value()) return {};
+  const at::IntArrayRef size = *mid_size;
+  TORCH_CHECK(size.size() == 2 && size[0] > 0 && size[1] > 0, op,
+              ": mid_size must be None or two positive ints (H, W), got ", size);
+  TORCH_CHECK(size[0] >= logits.in_h && size[1] >= logits.in_w, op, ": mid_size ", size,
+              " is smaller than the logits (", logits.in_h, ", ", logits.in_w,
+              "); the two-step resize needs a first step that does not shrink");
+  return {size[0], size[1]};
 }
 
 // A (N, H, W) plane stack read by the kernels: bool / uint8 as bytes, floats in `float_dtype`.
@@ -88,17 +107,24 @@ inline void check_loss_weights(const char* op, double dice_weight, double bce_we
 }
 
 inline void check_backward_inputs(const char* op, const at::Tensor& grad_loss, const at::Tensor& sums,
-                                  const at::Tensor& logits, int64_t num_masks) {
+                                  const at::Tensor& adjoint, at::ScalarType dtype) {
+  TORCH_CHECK(adjoint.dim() == 4 && adjoint.size(1) == 3 && adjoint.is_contiguous(), op,
+              ": adjoint must be the forward's contiguous (N, 3, h, w) planes, got ", adjoint.sizes());
+  const int64_t num_masks = adjoint.size(0);
   TORCH_CHECK(grad_loss.dim() == 1 && grad_loss.size(0) == num_masks, op, ": grad_loss must have shape (",
               num_masks, ",), got ", grad_loss.sizes());
-  TORCH_CHECK(sums.dim() == 2 && sums.size(0) == num_masks && sums.size(1) == 5, op, ": sums must have shape (",
-              num_masks, ", 5), got ", sums.sizes());
-  TORCH_CHECK(grad_loss.device() == logits.device() && sums.device() == logits.device(), op,
-              ": grad_loss and sums must be on the logits' device ", logits.device());
+  TORCH_CHECK(sums.dim() == 2 && sums.size(0) == num_masks && sums.size(1) == 5 && sums.is_contiguous() &&
+                  sums.scalar_type() == at::kDouble,
+              op, ": sums must be the forward's contiguous float64 (", num_masks, ", 5) tensor, got ", sums.sizes(),
+              " ", sums.scalar_type());
+  TORCH_CHECK(grad_loss.scalar_type() == adjoint.scalar_type(), op, ": grad_loss is ", grad_loss.scalar_type(),
+              " but the forward computed in ", adjoint.scalar_type());
+  TORCH_CHECK(grad_loss.device() == adjoint.device() && sums.device() == adjoint.device(), op,
+              ": grad_loss and sums must be on the adjoint planes' device ", adjoint.device());
+  TORCH_CHECK((adjoint.scalar_type() == at::kDouble) == (dtype == at::kDouble) &&
+                  (dtype == at::kDouble || dtype == at::kFloat || dtype == at::kBFloat16 || dtype == at::kHalf),
+              op, ": cannot write a gradient of ", dtype, " from ", adjoint.scalar_type(), " adjoint planes");
 }
-
-// Loss dtype: float64 for float64 logits, float32 otherwise.
-inline at::ScalarType loss_dtype(const at::Tensor& logits) { return compute_dtype(logits); }
 
 // (N, H, W) result back in the caller's layout: (N, 1, H, W) when logits were 4-D.
 inline at::Tensor restore_layout(const at::Tensor& planes, const at::Tensor& logits) {

@@ -18,6 +18,7 @@ __all__ = [
     "check_size",
     "check_reduction",
     "check_loss_weights",
+    "check_mid_size",
     "REDUCTIONS",
 ]
 
@@ -86,3 +87,18 @@ def check_loss_weights(op: str, dice_weight: float, bce_weight: float, eps: floa
         raise ValueError(f"{op}: dice_weight and bce_weight must be >= 0, got {dice_weight} and {bce_weight}")
     if eps < 0:
         raise ValueError(f"{op}: eps must be >= 0, got {eps}")
+
+
+def check_mid_size(op: str, mid_size: Sequence[int] | None, logits: torch.Tensor) -> tuple[int, int] | None:
+    """The intermediate grid of a two-step resize: None, or two ints at least the logits' own sides
+    (the first step must not shrink, as the release's 256 -> 1024 does not)."""
+    if mid_size is None:
+        return None
+    values = tuple(mid_size)
+    if len(values) != 2 or not all(isinstance(v, (int, torch.SymInt)) and not isinstance(v, bool) and v > 0
+                                   for v in values):
+        raise ValueError(f"{op}: mid_size must be None or two positive ints (H, W), got {mid_size!r}")
+    if values[0] < logits.shape[-2] or values[1] < logits.shape[-1]:
+        raise ValueError(f"{op}: mid_size {values} is smaller than the logits ({logits.shape[-2]}, "
+                         f"{logits.shape[-1]}); the two-step resize needs a first step that does not shrink")
+    return values[0], values[1]

@@ -23,7 +23,7 @@ BUILD_HINT = (
     "build it with `pip install --no-build-isolation -e .` from the repository root (needs cmake, ninja and a "
     f"C++ compiler), or point {ENV_VAR} at a built _C*.so"
 )
-OP_NAMES = ("dice_bce_loss", "dice_bce_loss_backward", "upsample_masks", "mask_stats")
+OP_NAMES = ("dice_bce_loss", "dice_bce_loss_forward", "dice_bce_loss_backward", "upsample_masks", "mask_stats")
 
 
 class OpsFallbackWarning(RuntimeWarning):

@@ -11,6 +11,7 @@ from hsft.ops.inputs import (
     check_fov,
     check_logits,
     check_loss_weights,
+    check_mid_size,
     check_planes,
     check_reduction,
     check_size,
@@ -28,6 +29,7 @@ def mask_loss(
     bce_weight: float = 0.5,
     eps: float = 1e-8,
     reduction: str = "mean",
+    mid_size: Sequence[int] | None = None,
 ) -> torch.Tensor:
     """dice_weight * Dice loss + bce_weight * mean BCE-with-logits, fused with the upsampling.
 
@@ -41,12 +43,13 @@ def mask_loss(
     check_fov(op, fov, target, logits)
     check_loss_weights(op, dice_weight, bce_weight, eps)
     check_reduction(op, reduction)
+    mid = check_mid_size(op, mid_size, logits)
     if library.has_kernel(logits.device):
         per_mask, _ = torch.ops.hsft.dice_bce_loss(logits, target, fov, float(dice_weight), float(bce_weight),
-                                                   float(eps))
+                                                   float(eps), None if mid is None else list(mid))
     else:
         per_mask = reference.mask_loss(logits, target, fov=fov, dice_weight=dice_weight, bce_weight=bce_weight,
-                                       eps=eps)
+                                       eps=eps, mid_size=mid)
     return per_mask.mean() if reduction == "mean" else per_mask
 
 
@@ -58,6 +61,7 @@ def dice_bce_loss(
     bce_weight: float = 0.5,
     eps: float = 1e-8,
     reduction: str = "mean",
+    mid_size: Sequence[int] | None = None,
 ) -> torch.Tensor:
     """Dice + bce_weight * BCE-with-logits of low-resolution mask logits against full-size targets.
 
@@ -78,13 +82,20 @@ def dice_bce_loss(
         bce_weight: weight of the BCE term (>= 0).
         eps: smoothing of the Dice ratio (>= 0).
         reduction: "mean" (scalar, mean over masks) or "none" (per-mask vector of shape (N,)).
+        mid_size: optional (H', W') of an intermediate grid: the logits are resized to it first and
+            then to the target's size, both bilinear align_corners=False, exactly as two
+            F.interpolate calls would (in the compute dtype) but without storing the intermediate
+            grid. The release's models resize their 256 x 256 masks to 1024 x 1024 and then to the
+            image; H' >= h and W' >= w.
 
     Returns:
-        float64 for float64 logits, float32 otherwise (bfloat16 / float16 logits are computed in
-        float32). Differentiable w.r.t. ``logits``; the gradient comes back in the logits' dtype
-        and is deterministic (no floating-point atomics).
+        float64 for float64 logits, float32 otherwise (bfloat16 / float16 logits are read as they
+        are and computed in float32). Differentiable w.r.t. ``logits``: the forward also computes
+        what the gradient needs, the backward is one elementwise pass; the gradient comes back in
+        the logits' dtype and is deterministic (no floating-point atomics).
     """
-    return mask_loss(logits, target, fov=fov, dice_weight=1.0, bce_weight=bce_weight, eps=eps, reduction=reduction)
+    return mask_loss(logits, target, fov=fov, dice_weight=1.0, bce_weight=bce_weight, eps=eps, reduction=reduction,
+                     mid_size=mid_size)
 
 
 def upsample_masks(logits: torch.Tensor, size: Sequence[int], *, threshold: float | None = None) -> torch.Tensor:

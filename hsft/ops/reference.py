@@ -18,6 +18,7 @@ from hsft.ops.inputs import (
     check_fov,
     check_logits,
     check_loss_weights,
+    check_mid_size,
     check_planes,
     check_reduction,
     check_size,
@@ -27,9 +28,12 @@ from hsft.ops.inputs import (
 __all__ = ["upsample_masks", "mask_loss", "dice_bce_loss", "mask_stats", "target_values"]
 
 
-def _upsample(logits: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
-    """(N, H, W) bilinear upsampling (align_corners=False) in the compute dtype."""
+def _upsample(logits: torch.Tensor, size: tuple[int, int], mid_size: tuple[int, int] | None = None) -> torch.Tensor:
+    """(N, H, W) bilinear upsampling (align_corners=False) in the compute dtype; with `mid_size`, in two
+    steps through that grid (materialised here), as the release resizes its 1024 x 1024 masks."""
     planes = logits.reshape(logits.shape[0], 1, logits.shape[-2], logits.shape[-1]).to(compute_dtype(logits))
+    if mid_size is not None:
+        planes = F.interpolate(planes, size=mid_size, mode="bilinear", align_corners=False)
     return F.interpolate(planes, size=size, mode="bilinear", align_corners=False)[:, 0]
 
 
@@ -66,18 +70,20 @@ def mask_loss(
     dice_weight: float = 1.0,
     bce_weight: float = 0.5,
     eps: float = 1e-8,
+    mid_size: Sequence[int] | None = None,
 ) -> torch.Tensor:
     """Per-mask dice_weight * Dice loss + bce_weight * mean BCE-with-logits, shape (N,).
 
     With `fov`, only pixels where it is non-zero count: the Dice sums run over them and the BCE is
-    their mean (0 for an empty field of view).
+    their mean (0 for an empty field of view). With `mid_size` the logits are resized in two steps.
     """
     op = "hsft.ops.reference.mask_loss"
     check_logits(op, logits)
     check_planes(op, "target", target, logits, allow_float=True)
     check_fov(op, fov, target, logits)
     check_loss_weights(op, dice_weight, bce_weight, eps)
-    z = _upsample(logits, (target.shape[1], target.shape[2]))
+    mid = check_mid_size(op, mid_size, logits)
+    z = _upsample(logits, (target.shape[1], target.shape[2]), mid)
     g = target_values(target, z.dtype)
     p = torch.sigmoid(z)
     bce_map = F.binary_cross_entropy_with_logits(z, g, reduction="none")
@@ -103,10 +109,12 @@ def dice_bce_loss(
     bce_weight: float = 0.5,
     eps: float = 1e-8,
     reduction: str = "mean",
+    mid_size: Sequence[int] | None = None,
 ) -> torch.Tensor:
     """Dice + bce_weight * BCE of sigmoid(upsampled logits); see hsft.ops.dice_bce_loss."""
     check_reduction("hsft.ops.reference.dice_bce_loss", reduction)
-    per_mask = mask_loss(logits, target, fov=fov, dice_weight=1.0, bce_weight=bce_weight, eps=eps)
+    per_mask = mask_loss(logits, target, fov=fov, dice_weight=1.0, bce_weight=bce_weight, eps=eps,
+                         mid_size=mid_size)
     return per_mask.mean() if reduction == "mean" else per_mask
 
 
