@@ -24,13 +24,14 @@ from hsft.engine.ds_config import load_ds_config
 from hsft.engine.files import write_json
 from hsft.engine.output_lock import hold_output_dir
 from hsft.engine.resources import measure
+from hsft.memory_plan import format_plan, plan_for_run
 from hsft.model import build_model, is_model_directory, load_model, save_model
 from hsft.engine.verbosity import set_verbosity
 from hsft.errors import UserError, run_command
 from hsft.model.chain import make_lean
 from hsft.model.directory import EMBEDDED_DESCRIPTION, resolve_model_dir, write_training_record
-from hsft.stages import (all_data, anti_curriculum, base, control, curriculum, dpo, evaluation, hsft, iterative, lora,
-                         loss_weighted, mining)
+from hsft.stages import (all_data, anti_curriculum, base, control, curriculum, dpo, easy_control, evaluation, hsft,
+                         iterative, lora, loss_weighted, mining, unet)
 from hsft.stages.training import StageResult, is_complete, model_dir
 
 
@@ -63,6 +64,8 @@ STAGES = (
     Stage("anti_curriculum", anti_curriculum.run, "hsft", trains=True, beside="hsft"),
     Stage("loss_weighted", loss_weighted.run, "hsft", trains=True, beside="hsft"),
     Stage("iterative", iterative.run, "hsft", trains=True, beside="hsft"),
+    Stage("easy_control", easy_control.run, "hsft", trains=True, beside="hsft"),
+    Stage("unet", unet.run, "unet", trains=False),
     Stage("eval", evaluation.run, "eval", trains=False, report_key="evaluation"),
 )
 STAGE_BY_NAME = {stage.name: stage for stage in STAGES}
@@ -76,6 +79,8 @@ class PipelineError(UserError):
 
 
 RUN_CONFIG_FILE = "run_config.json"
+# The memory plan and each finished stage's wall time and peak memory (also in report.json at the end).
+RESOURCES_FILE = "resources.json"
 # A stage's StageResult, kept in its directory so a resumed run's report holds every stage.
 RESULT_FILE = "stage_result.json"
 # Settings that do not change what a run computes: a resumed run may give them differently.
@@ -267,6 +272,11 @@ def _run_locked(cfg: RunConfig, ds_file_config: dict, out: Path) -> dict:
     if cfg.stages[0] != STAGE_ORDER[0]:
         _continue_global_step(ctx, STAGE_ORDER[STAGE_ORDER.index(cfg.stages[0]) - 1])
     current, start_label = _starting_model(ctx)
+    plan = plan_for_run(cfg, ctx.ds_config, device=ctx.device.type, precision=ctx.precision,
+                        world_size=distributed.world_size(), splits=splits, start=current)
+    if distributed.is_main():
+        print(format_plan(plan), flush=True)
+        write_json(out / RESOURCES_FILE, {"memory_plan": plan.to_dict(), "stages": {}})
     if current is not None and cfg.eval.evaluate_start:
         ctx.models.append(("start", current))
     results: dict[str, StageResult] = {}
@@ -291,6 +301,8 @@ def _run_locked(cfg: RunConfig, ds_file_config: dict, out: Path) -> dict:
             with measure(ctx.device) as usage:
                 result = stage.run(ctx, getattr(cfg, stage.config), start)
             resources[stage.name] = {**usage.to_dict(), "notes": list(result.notes)}
+            if distributed.is_main():  # kept as the run goes, so a run stopped early still shows its stages
+                write_json(out / RESOURCES_FILE, {"memory_plan": plan.to_dict(), "stages": resources})
             if stage.trains and stage.name != "base" and not cfg.standalone and current is not None:
                 keep_only_changes(result.model_dir, current)
             if distributed.is_main():
@@ -326,6 +338,7 @@ def _run_locked(cfg: RunConfig, ds_file_config: dict, out: Path) -> dict:
     for name, result in results.items():
         report[STAGE_BY_NAME[name].report_key or name] = result.summary
     report["resources"] = resources
+    report["memory_plan"] = plan.to_dict()
     written["TensorBoard"] = str(out / "tb")
     report["written"] = written
     report["final_model"] = None if current is None else str(current)

@@ -18,6 +18,11 @@ from hsft.recipes import RECIPES, config_from_arguments
 
 
 def parse(argv):
+    return parse_with_plan(argv)[0]
+
+
+def parse_with_plan(argv):
+    """The run's config, and (--plan, --plan-gpu-memory in GiB or None)."""
     parser = Parser(
         prog="launch/hsft.py",
         description=__doc__,
@@ -34,17 +39,35 @@ def parse(argv):
                              f"{','.join(DEFAULT_STAGES)}; 'base' only runs for the embedded default model; e.g. "
                              "base,mining,hsft,eval skips LoRA and DPO, mining,hsft,curriculum,eval adds a variant)")
     parser.add_argument("--local_rank", type=int, default=-1, help=argparse.SUPPRESS)
+    parser.add_argument("--plan", action="store_true",
+                        help="print the memory plan (GiB per stage and rank on a GPU: parameters, gradients, optimizer, "
+                             "activations, caches) and exit without running; every run prints it at its start")
+    parser.add_argument("--plan-gpu-memory", default=None, metavar="SIZE",
+                        help="with --plan: also say which DeepSpeed configs beside --deepspeed fit a GPU of SIZE "
+                             "(e.g. 24GiB, 80GB)")
     dests = add_config_arguments(parser, RunConfig, aliases=RUN_ALIASES, recipes={"tiny": RECIPES["tiny"]})
     args = parser.parse_args(argv)
     cfg = config_from_arguments(args, dests)
     stages = tuple(s.strip() for s in args.stages.split(",") if s.strip())
     if args.stages == ",".join(DEFAULT_STAGES) and not cfg.embedded_default:
         stages = stages[1:]  # stage 0 only exists for the embedded default model
-    return dataclasses.replace(cfg, stages=stages)
+    gpu_memory = None
+    if args.plan_gpu_memory is not None:
+        from hsft.memory_plan import parse_size
+
+        try:
+            gpu_memory = parse_size(args.plan_gpu_memory)
+        except ValueError as error:
+            parser.error(str(error))
+    return dataclasses.replace(cfg, stages=stages), (args.plan, gpu_memory)
 
 
 def main(argv=None) -> int:
-    cfg = parse(sys.argv[1:] if argv is None else argv)
+    cfg, (plan, gpu_memory) = parse_with_plan(sys.argv[1:] if argv is None else argv)
+    if plan:
+        from hsft.memory_plan import main as print_plan
+
+        return print_plan(cfg, gpu_memory=gpu_memory)
     from hsft.pipeline import main as run
 
     return run(cfg)
