@@ -269,11 +269,9 @@ def rehearse(cfg: RehearsalConfig, echo=print) -> dict:
     args += list(cfg.main_args)
     before = disk_bytes(out)
     pipeline = _run_child(_main_command(cfg) + args, log, env, echo)
-    report_file = run / "report.json"
-    report = json.loads(report_file.read_text()) if report_file.is_file() else {}
-    summary["memory_plan"] = report.get("memory_plan")
+    summary["memory_plan"], measured = _stage_resources(run)
     for stage in PIPELINE_STAGES:
-        used = (report.get("resources") or {}).get(stage)
+        used = measured.get(stage)
         if used is None:
             continue
         row = {"step": stage, **{k: v for k, v in used.items() if k != "notes"}, "returncode": 0,
@@ -304,6 +302,38 @@ def rehearse(cfg: RehearsalConfig, echo=print) -> dict:
     echo(format_markdown(summary))
     if not summary["passed"]:
         raise RehearsalError(f"the re-imported export's masks differ from the HSFT model's: {check}")
+    return summary
+
+
+def _stage_resources(run: Path) -> tuple[dict | None, dict]:
+    """The memory plan and each finished stage's measured cost, as the main command records them as it
+    goes (resources.json; report.json at the end)."""
+    for name, key in (("report.json", "resources"), ("resources.json", "stages")):
+        path = run / name
+        if path.is_file():
+            data = json.loads(path.read_text())
+            return data.get("memory_plan"), data.get(key) or {}
+    return None, {}
+
+
+def summarise_partial(output_dir: str | Path) -> dict:
+    """rehearsal.json and rehearsal.md of a rehearsal stopped during the main command: the steps before it
+    and the stages the main command finished."""
+    out = Path(output_dir)
+    summary = json.loads((out / "rehearsal.json").read_text())
+    summary["memory_plan"], measured = _stage_resources(out / "run")
+    done = {row["step"] for row in summary["steps"]}
+    for stage in PIPELINE_STAGES:
+        if stage in measured and stage not in done:
+            used = measured[stage]
+            row = {"step": stage, **{k: v for k, v in used.items() if k != "notes"}, "returncode": 0,
+                   "evidence": used.get("notes", [])}
+            if (out / "run" / stage).exists():
+                row["disk_gib"] = disk_bytes(out / "run" / stage) / GiB
+            summary["steps"].append(row)
+    summary["stopped"] = f"during the main command, after {len(measured)} of {len(PIPELINE_STAGES)} stages"
+    _save(out, summary)
+    (out / "rehearsal.md").write_text(format_markdown(summary), encoding="utf-8")
     return summary
 
 
@@ -393,6 +423,7 @@ def format_markdown(summary: dict) -> str:
     cuda = summary["config"]["device"] == "cuda"
     peak = "peak GPU GiB" if cuda else "peak host GiB"
     lines = [f"# Rehearsal: {summary['shape']} on {summary['machine']}", "",
+             *([f"Stopped {summary['stopped']}.", ""] if summary.get("stopped") else []),
              f"{summary['threads']} threads, {summary['precision']}, {summary['config']['images']} images, "
              f"epochs capped at {summary['config']['epochs']}, {summary['date']}, commit {summary['commit']}", "",
              f"| step | wall s | {peak} | plan GiB | plan / measured | disk written GiB |",
