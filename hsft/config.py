@@ -27,6 +27,7 @@ __all__ = [
     "DPOStageConfig",
     "MiningConfig",
     "HSFTStageConfig",
+    "UNetStageConfig",
     "EvalConfig",
     "RunConfig",
     "STAGE_ORDER",
@@ -38,7 +39,7 @@ __all__ = [
 # control: HSFT's settings on a random training subset of the hard set's size, from the model HSFT
 # started from.
 STAGE_ORDER = ("base", "lora", "dpo", "mining", "hsft", "control", "all_data", "curriculum", "anti_curriculum",
-               "loss_weighted", "iterative", "eval")
+               "loss_weighted", "iterative", "easy_control", "unet", "eval")
 # What the main command runs unless --stages says otherwise. The other variants beside HSFT (full
 # fine-tuning, the curricula, loss-weighted sampling, iterative HSFT) train at HSFT's compute from the
 # model HSFT starts from; launch/experiments.py runs them, and --stages selects them by name.
@@ -373,6 +374,33 @@ class EvalConfig:
 
 
 @dataclass
+class UNetStageConfig:
+    """The U-Net reference row (hsft.stages.unet): a MONAI UNet trained from scratch on the training split
+    until the validation Dice stops improving."""
+
+    base_channels: int = field(default=16, metadata={"help": "U-Net channels at full resolution (doubled a level)"})
+    levels: int = field(default=4, metadata={"help": "U-Net resolution levels (stride 2 between them)"})
+    res_units: int = field(default=2, metadata={"help": "residual units per U-Net level"})
+    lr: float = field(default=3e-3, metadata={"help": "U-Net AdamW learning rate"})
+    batch_size: int = field(default=8, metadata={"help": "U-Net images per step"})
+    max_epochs: int = field(default=200, metadata={"help": "U-Net epochs at most"})
+    patience: int = field(default=10, metadata={"help": "stop after this many epochs without a better validation Dice"})
+    min_improvement: float = field(default=0.005, metadata={
+        "help": "a validation Dice counts as better when it beats the best so far by more than this"})
+    flip: bool = field(default=True, metadata={"help": "random horizontal flips while training the U-Net"})
+
+    def validate(self) -> None:
+        for name in ("base_channels", "res_units", "batch_size", "max_epochs", "patience"):
+            value = getattr(self, name)
+            _check(isinstance(value, int) and value >= (0 if name == "res_units" else 1), f"unet.{name}",
+                   f"must be a positive integer, got {value!r}")
+        _check(isinstance(self.levels, int) and 2 <= self.levels <= 6, "unet.levels",
+               f"must lie in [2, 6], got {self.levels!r}")
+        _check(self.lr > 0, "unet.lr", f"must be > 0, got {self.lr}")
+        _check(0 <= self.min_improvement < 1, "unet.min_improvement", f"must lie in [0, 1), got {self.min_improvement}")
+
+
+@dataclass
 class RunConfig:
     """Everything one invocation of the main command needs."""
 
@@ -411,6 +439,7 @@ class RunConfig:
     dpo: DPOStageConfig = field(default_factory=DPOStageConfig)
     mining: MiningConfig = field(default_factory=MiningConfig)
     hsft: HSFTStageConfig = field(default_factory=HSFTStageConfig)
+    unet: UNetStageConfig = field(default_factory=UNetStageConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
 
     def eval_settings(self) -> EvalConfig:
@@ -440,7 +469,7 @@ class RunConfig:
         _check(self.recipe in (None, "paper", "tiny"), "recipe", f"must be 'paper' or 'tiny', got {self.recipe!r}")
         self.model.validate()
         self.data.validate()
-        for stage_cfg in (self.base, self.lora, self.dpo, self.mining, self.hsft, self.eval):
+        for stage_cfg in (self.base, self.lora, self.dpo, self.mining, self.hsft, self.unet, self.eval):
             stage_cfg.validate()
 
 

@@ -33,7 +33,11 @@ def parse(argv):
     parser.add_argument("--suite", default="paper", choices=sorted(SUITES),
                         help="paper: every table (about 20 runs a seed); smoke: a CI-sized subset on a shrunken run")
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2],
-                        help="seeds of the training stages (LoRA onwards); stage 0 and the data splits stay fixed")
+                        help="seeds of every run: stage 0 of the embedded default (unless --shared-stage0), the "
+                             "validation split's draw, LoRA onwards; the held-out split stays fixed")
+    parser.add_argument("--shared-stage0", action="store_true",
+                        help="embedded default: train stage 0 once for every seed (as a released checkpoint is one "
+                             "model), instead of once per seed")
     parser.add_argument("--reference", type=Path, default=None,
                         help="JSON of the paper's own numbers, {table key: {row: value}}, shown as a labelled column")
     parser.add_argument("--local_rank", type=int, default=-1, help=argparse.SUPPRESS)
@@ -49,7 +53,7 @@ def main(argv=None) -> int:
     from hsft.experiments import main as run
 
     return run(dataclasses.replace(cfg, output_dir=str(args.output_dir)), args.suite, args.seeds, args.output_dir,
-               args.reference)
+               args.reference, shared_stage0=args.shared_stage0)
 
 
 if __name__ == "__main__":

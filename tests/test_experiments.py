@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 from hsft.config import replace_nested
-from hsft.eval.statistics import paired_bootstrap
+from hsft.eval.statistics import effect_interval, paired_bootstrap
 from hsft.experiments.results import _paired, verdict
 from hsft.experiments.suites import build_suite
 from hsft.recipes import recipe_config
@@ -32,7 +32,22 @@ def test_the_paper_suite_holds_every_table_of_the_study():
     assert f"x {scale:g}" in tables["4.5.4"].title
     assert [a.name for a in tables["4.5.4"].arms if a.same_as] == [f"lr-{cfg.hsft.train.lr:.0e}"]
     assert {a.stage for a in tables["5.1"].arms if not a.same_as} == {"all_data", "curriculum", "anti_curriculum",
-                                                                      "loss_weighted"}
+                                                                      "loss_weighted", "easy_control", "unet"}
+    # Every subset row has its own random-subset control with the row's settings, run right after the row and
+    # reading the row's hard set when the row mines its own; the prefix's HSFT rows use the prefix's control.
+    subset_rows = [a for key in ("4.4.2", "4.5.2") for a in tables[key].arms] + [
+        a for a in tables["5.3"].arms if a.name.startswith("quantile")]
+    assert len(subset_rows) == 10 and all(a.control is not None for a in subset_rows)
+    order = [a.name for a in suite.arms()]
+    for row in subset_rows:
+        if row.same_as == "hsft":
+            assert row.control.same_as == "control"
+            continue
+        control = row.control
+        assert control.stage == "control" and control.overrides == row.overrides and not control.remine
+        assert control.mining_from == (row.name if row.remine else None)
+        assert order.index(control.name) == order.index(row.name) + 1
+    assert not any(a.control for a in tables["5.1"].arms + tables["4.5.3"].arms + tables["4.5.4"].arms)
     assert {a.same_as for a in tables["5.1"].arms if a.same_as} == {"hsft", "control"}
     # Rows whose settings are the prefix's reuse its HSFT; the others run, with settings a run accepts.
     assert [a.name for a in tables["4.5.2"].arms if a.same_as] == ["tau-0.75"]
@@ -47,24 +62,33 @@ def test_the_paper_suite_holds_every_table_of_the_study():
         build_suite("nope", cfg)
 
 
-def test_a_cell_pools_the_paired_differences_over_seeds_and_lists_each_seed():
+def test_a_cell_is_the_crossed_interval_over_seeds_and_images_and_lists_each_seed():
     cfg = recipe_config("tiny")
     rng = np.random.default_rng(0)
-    before = {s: {f"img{i}": (float(rng.uniform()), 0.0) for i in range(20)} for s in (0, 1)}
-    after = {s: {k: (v[0] + 0.05 * (s + 1), 0.0) for k, v in rows.items()} for s, rows in before.items()}
+    before = {s: {f"img{i}": (float(rng.uniform()), 0.0) for i in range(20)} for s in (0, 1, 2)}
+    after = {s: {k: (v[0] + 0.05 * (s + 1) + 0.01 * rng.normal(), 0.0) for k, v in rows.items()}
+             for s, rows in before.items()}
     effect = _paired(before, after, cfg)
-    pooled = paired_bootstrap([before[s][f"img{i}"][0] for s in (0, 1) for i in sorted(range(20), key=str)],
-                              [after[s][f"img{i}"][0] for s in (0, 1) for i in sorted(range(20), key=str)],
-                              resamples=cfg.eval.bootstrap_resamples, seed=cfg.eval.bootstrap_seed)
-    assert effect["n"] == 40 and effect["mean"] == pytest.approx(0.075)
-    assert effect["per_seed"] == pytest.approx({"0": 0.05, "1": 0.10})
-    assert effect["low"] <= effect["mean"] <= effect["high"] and effect["mean"] == pytest.approx(pooled["mean"])
+    ids = sorted(before[0])
+    diffs = np.array([[after[s][i][0] - before[s][i][0] for i in ids] for s in (0, 1, 2)])
+    expected = effect_interval(diffs)
+    assert effect["mean"] == pytest.approx(diffs.mean()) and (effect["low"], effect["high"]) == pytest.approx(
+        (expected["low"], expected["high"]))
+    assert effect["method"].startswith("seeds x images crossed") and effect["seeds"] == 3 and effect["images"] == 20
+    assert effect["per_seed"] == pytest.approx({str(s): diffs[s].mean() for s in (0, 1, 2)})
+    # The seeds disagree (0.05, 0.10, 0.15): the interval is about as wide as that spread allows, far wider than
+    # the pooled bootstrap of the 60 pairs as if independent.
+    pooled = paired_bootstrap(np.zeros(diffs.size), diffs.ravel(), resamples=2000, seed=0)
+    assert effect["high"] - effect["low"] > 5 * (pooled["high"] - pooled["low"])
+    assert effect["detectable"] > 0
+    part = _paired(before, after, cfg, images=["img3", "img7"])
+    assert part["images"] == 2 and part["mean"] == pytest.approx(diffs[:, [ids.index("img3"), ids.index("img7")]].mean())
     with pytest.raises(ValueError, match="different held-out images"):
-        _paired(before, {0: after[0], 1: {"other": (0.0, 0.0)}}, cfg)
+        _paired(before, {0: after[0], 1: {"other": (0.0, 0.0)}, 2: after[2]}, cfg)
 
 
 def _row(name, low, high, dice=0.5, hsft=None):
-    effect = {"mean": (low + high) / 2, "low": low, "high": high, "per_seed": {0: (low + high) / 2}}
+    effect = {"mean": (low + high) / 2, "low": low, "high": high, "per_seed": {0: (low + high) / 2}, "detectable": 0.02}
     return {"name": name, "row": name, "dice": {"mean": dice, "sd": 0.0}, "delta_start": effect, "delta_hsft": hsft}
 
 
@@ -74,6 +98,10 @@ def test_the_verdict_says_which_way_each_interval_falls():
     text = verdict(body)
     assert "rose with up and fell with down" in text and "Highest mean: up" in text
     assert "worse than HSFT: flat" in text and "Better than HSFT: none" in text
+    # A change an interval cannot tell from 0 is stated with its detectable-effect bound, never as "no effect".
+    stages = verdict({"kind": "stages", "rows": [_row("start", 0, 0), {**_row("lora", -0.01, 0.01),
+                                                                       "delta_prev": _row("x", -0.01, 0.01)["delta_start"]}]})
+    assert "no measurable change (+0.0000 [-0.0100, +0.0100]; a true effect, if any, is likely smaller than 0.0200)" in stages
 
 
 def _launch(args, tmp, check=True):
@@ -159,10 +187,13 @@ def test_the_runner_starts_from_a_given_model_and_shares_the_prefix(monkeypatch,
     runner.run_suite(cfg, "paper", [3], tmp_path / "exp")
     prefix, arms = calls[0], calls[1:]
     assert prefix.stages == runner.PREFIX_STAGES and prefix.start_model == str(tiny_model_dir) and prefix.seed == 3
+    assert prefix.data.seed == 3  # the validation split is drawn per seed
     assert prefix.lora.seg_rows is True  # a real checkpoint's default, fixed for every run of the suite
     assert len(arms) == len(build_suite("paper", cfg)[0].arms())
     dpo = str(tmp_path / "exp" / "seed3" / "prefix" / "dpo" / "model")
-    assert all(a.start_model == dpo and a.seed == 3 and a.stages[-1] == "eval" for a in arms)
+    assert all(a.start_model == dpo and a.seed == 3 and a.data.seed == 3 for a in arms)
+    assert all(a.stages[-1] == "eval" for a in arms if Path(a.output_dir).name != "unet")
+    assert {Path(a.output_dir).name: a.stages for a in arms}["unet"] == ("unet",)
     assert not any(a.eval.evaluate_start for a in arms)
     remined = {Path(a.output_dir).name for a in arms if a.stages[0] == "mining"}
     assert remined == {"tau-0.60", "tau-0.70", "tau-0.80", "quantile-0.25"}

@@ -44,6 +44,8 @@ __all__ = [
     "SEEDS_PER_RANGE",
     "TRAIN_SEED_BASE",
     "TEST_SEED_BASE",
+    "UNTOUCHED_SEED_BASE",
+    "SEEDS_PER_SPLIT",
     "POOL_SEED_BASE",
 ]
 
@@ -51,11 +53,14 @@ MIN_SIZE = 32  # below this the disc, macula and vessels no longer fit as distin
 
 # Generator seed ranges, kept disjoint so no synthetic image is ever in two roles:
 #   [0, 1e6)                      in-memory training split (sample i has seed i)
-#   [1e6, 2e6)                    in-memory test split (sample i has seed 1e6 + i)
+#   [1e6, 1.5e6)                  in-memory test split, the development split (sample i has seed 1e6 + i)
+#   [1.5e6, 2e6)                  in-memory untouched test split (sample i has seed 1.5e6 + i)
 #   [2e6 + s*1e6, 2e6 + (s+1)*1e6) pre-training pool number s (synthetic_pool(n, seed=s))
 SEEDS_PER_RANGE = 1_000_000
+SEEDS_PER_SPLIT = SEEDS_PER_RANGE // 2  # the two held-out splits share the second range, half each
 TRAIN_SEED_BASE = 0
 TEST_SEED_BASE = SEEDS_PER_RANGE
+UNTOUCHED_SEED_BASE = TEST_SEED_BASE + SEEDS_PER_SPLIT
 POOL_SEED_BASE = 2 * SEEDS_PER_RANGE
 
 # Latent hardness distribution: right-skewed so most samples are easy with a tail of hard ones.

@@ -37,14 +37,14 @@ def draw_grid(body: dict, x_label: str, log_x: bool, path: Path) -> None:
     fig, axes = plt.subplots(1, 2 if with_train else 1, figsize=(10 if with_train else 5.5, 4), squeeze=False)
     ax = axes[0][0]
     ax.fill_between(xs, [r["delta_start"]["low"] for r in rows], [r["delta_start"]["high"] for r in rows],
-                    alpha=0.25, label="95% interval (pooled over seeds)")
+                    alpha=0.25, label="95% interval (seeds x images)")
     ax.plot(xs, [r["delta_start"]["mean"] for r in rows], marker="o", label="mean")
     for row in rows:
         seeds = list(row["delta_start"]["per_seed"].values())
         ax.scatter([row["value"]] * len(seeds), seeds, s=12, color="black", alpha=0.6, zorder=3)
     ax.axhline(0.0, color="grey", linewidth=0.8)
     ax.set_xlabel(x_label)
-    ax.set_ylabel("held-out Dice - DPO model's")
+    ax.set_ylabel(f"Dice - DPO model's ({body.get('split_name', 'held-out')} split)")
     ax.set_title(f"{body['key']}: {x_label}")
     if log_x:
         ax.set_xscale("log")

@@ -1,24 +1,29 @@
-"""Run a suite: the starting model once, then for every seed its prefix and its arms, each an ordinary
-run directory; then the results (hsft.experiments.results).
+"""Run a suite: for every seed its starting model, its prefix and its arms, each an ordinary run
+directory; then the results (hsft.experiments.results).
 
     <out>/suite.json            the suite, the seeds and the resolved config (a resumed suite must match)
-    <out>/base/                 stage 0 of the embedded default, once for all seeds (it stands in for a
-                                released checkpoint, which seeds do not change)
+    <out>/seed<s>/base/         stage 0 of the embedded default trained with seed s (a cached function of its
+                                settings and the seed), so the study's spread includes stage 0's
+    <out>/base/                 with shared_stage0: one stage 0 for every seed, as a released checkpoint is
     <out>/seed<s>/prefix/       LoRA, DPO, mining, HSFT, control, evaluation with seed s
     <out>/seed<s>/<arm>/        one fine-tuning stage from the prefix's DPO model, evaluated
     <out>/results.{json,md}, <out>/plots/*.png, <out>/tb/
 
-Resumable: a run directory with its report.json is finished and skipped; an unfinished one continues
-with --resume semantics (finished stages skipped, the latest checkpoint resumed). The held-out split is
-only ever read by the evaluation stage and the results; the validation split is the only one any choice
-(the picked tau) is made on.
+Every run of seed s draws its validation split with seed s as well. Resumable: a run directory with its
+report.json is finished and skipped; an unfinished one continues with --resume semantics (finished stages
+skipped, the latest checkpoint resumed). The held-out split is only ever read by the evaluation stage and
+the results; the validation split is the only one any choice (the picked tau) is made on. The console
+gets one line per finished run; each run's own output goes to its `log.txt` (all of it with verbose).
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
+import os
 import shutil
+import sys
 import time
 from dataclasses import asdict
 from pathlib import Path
@@ -30,6 +35,7 @@ from hsft.engine.context import RunContext, run_precision
 from hsft.engine.ds_config import load_ds_config
 from hsft.engine.files import write_json
 from hsft.engine.output_lock import hold_output_dir
+from hsft.errors import BadValue
 from hsft.eval.inference import generate_and_score
 from hsft.experiments.suites import Arm, build_suite
 from hsft.model import load_model
@@ -42,26 +48,80 @@ PREFIX_STAGES = ("lora", "dpo", "mining", "hsft", "control", "eval")
 TRAIN_DICE_FILE = "train_dice.json"
 
 
-class SuiteError(ValueError):
-    pass
+class SuiteError(BadValue):
+    """A suite command the user can fix (its seeds, its output directory, its reference file)."""
 
 
 def _finished(run_dir: Path) -> bool:
     return (run_dir / "report.json").is_file()
 
 
-def _run(cfg: RunConfig, run_dir: Path, label: str, progress: dict) -> None:
-    """One pipeline run into `run_dir`, unless it already finished."""
+LOG_FILE = "log.txt"
+
+
+@contextlib.contextmanager
+def _output_to(log: Path | None):
+    """Everything the process writes to stdout and stderr (Python, DeepSpeed's loggers, progress bars, C++)
+    goes to `log` while the block runs; None leaves the console as it is."""
+    if log is None:
+        yield
+        return
+    log.parent.mkdir(parents=True, exist_ok=True)
+    sys.stdout.flush()
+    sys.stderr.flush()
+    saved = [os.dup(1), os.dup(2)]
+    try:
+        with open(log, "a", encoding="utf-8") as handle:
+            os.dup2(handle.fileno(), 1)
+            os.dup2(handle.fileno(), 2)
+            try:
+                yield
+            finally:
+                sys.stdout.flush()
+                sys.stderr.flush()
+    finally:
+        os.dup2(saved[0], 1)
+        os.dup2(saved[1], 2)
+        for fd in saved:
+            os.close(fd)
+
+
+def _outcome(run_dir: Path) -> str:
+    """A finished run in a few words: the held-out Dice of what it trained last."""
+    report = json.loads((run_dir / "report.json").read_text())
+    rows = report.get("evaluation") or []
+    if report.get("unet"):
+        unet = report["unet"]
+        return f"U-Net Dice {unet['dice']:.4f} on the {unet['split']} split after {unet['epochs']} epochs"
+    if not rows:
+        return "done"
+    last = rows[-1]
+    return f"{last['stage']} Dice {last['dice']:.4f} on the {last.get('split', 'test')} split"
+
+
+def _run(cfg: RunConfig, run_dir: Path, label: str, progress: dict, verbose: bool = False) -> None:
+    """One pipeline run into `run_dir`, unless it already finished; one console line when it ends."""
     progress["done"] += 1
     head = f"[experiments] ({progress['done']}/{progress['total']}) {label}"
     if _finished(run_dir):
         if distributed.is_main():
-            print(f"{head}: finished earlier, kept ({run_dir})", flush=True)
+            print(f"{head}: finished earlier, kept", flush=True)
         return
+    started = time.time()
+    if verbose and distributed.is_main():
+        print(f"{head} -> {run_dir}", flush=True)
+    log = None if verbose else run_dir / (LOG_FILE if distributed.is_main() else f"log.rank{distributed.rank()}.txt")
+    try:
+        with _output_to(log):
+            run_pipeline(dataclasses.replace(cfg, output_dir=str(run_dir), resume=True, overwrite=False))
+    except BaseException:
+        if log is not None and distributed.is_main():
+            print(f"{head}: stopped; its output is in {log}", flush=True)
+        raise
     if distributed.is_main():
         elapsed = time.time() - progress["started"]
-        print(f"{head} -> {run_dir} ({elapsed / 60:.1f} min into the suite)", flush=True)
-    run_pipeline(dataclasses.replace(cfg, output_dir=str(run_dir), resume=True, overwrite=False))
+        print(f"{head}: {_outcome(run_dir)}, {(time.time() - started) / 60:.1f} min "
+              f"({elapsed / 60:.1f} min into the suite)", flush=True)
 
 
 def _check_same_suite(out: Path, record: dict) -> None:
@@ -109,20 +169,28 @@ def arm_config(cfg: RunConfig, arm: Arm, seed: int, prefix: Path) -> RunConfig:
     # The DPO model was evaluated in the prefix, with overlays: an arm evaluates only what it trained.
     arm_cfg = replace_nested(cfg, **{"eval.evaluate_start": False, "eval.overlays": 0, "eval.fixed_overlays": 0,
                                      **dict(arm.overrides)})
-    stages = (("mining",) if arm.remine else ()) + (arm.stage, "eval")
+    stages = (("mining",) if arm.remine else ()) + (arm.stage,) + (() if arm.evaluated_by_stage else ("eval",))
     return dataclasses.replace(arm_cfg, seed=seed, start_model=str(model_dir(prefix / "dpo")), stages=stages)
 
 
-def _share_mining(prefix: Path, run_dir: Path) -> None:
-    """An arm with the prefix's mining settings reads the prefix's hard set instead of mining again."""
+def _share_mining(source: Path, run_dir: Path) -> None:
+    """An arm with another run's mining settings (the prefix's, or the subset row it controls) reads that
+    run's hard set instead of mining again."""
     if distributed.is_main() and not (run_dir / "mining").exists():
         run_dir.mkdir(parents=True, exist_ok=True)
-        shutil.copytree(prefix / "mining", run_dir / "mining")
+        shutil.copytree(source / "mining", run_dir / "mining")
     distributed.barrier()
 
 
-def run_suite(cfg: RunConfig, suite_name: str, seeds: list[int], out: Path, *, reference: Path | None = None) -> dict:
-    """Run (or continue) the suite and write its results; returns results.json's content."""
+def seed_config(cfg: RunConfig, seed: int) -> RunConfig:
+    """Every run of one seed: the training seed and the validation split's draw."""
+    return replace_nested(cfg, seed=seed, **{"data.seed": seed})
+
+
+def run_suite(cfg: RunConfig, suite_name: str, seeds: list[int], out: Path, *, reference: Path | None = None,
+              shared_stage0: bool = False, verbose: bool = False) -> dict:
+    """Run (or continue) the suite and write its results; returns results.json's content. For the embedded
+    default every seed trains its own stage 0 unless `shared_stage0`."""
     from hsft.experiments.results import collect, write_results
 
     distributed.init_distributed()
@@ -135,7 +203,9 @@ def run_suite(cfg: RunConfig, suite_name: str, seeds: list[int], out: Path, *, r
     cfg = _suite_config(cfg)  # reads the DeepSpeed file: a bad one stops here, not after the first run
     reference_table = read_reference(reference) if reference else None
     out = Path(out)
-    record = {"suite": suite.name, "seeds": list(seeds), "config": json.loads(json.dumps(asdict(cfg), default=str))}
+    shared_stage0 = shared_stage0 or not cfg.embedded_default  # a given model is one model for every seed
+    record = {"suite": suite.name, "seeds": list(seeds), "shared_stage0": shared_stage0,
+              "config": json.loads(json.dumps(asdict(cfg), default=str))}
     lock = hold_output_dir(out)
     try:
         _check_same_suite(out, record)
@@ -144,27 +214,39 @@ def run_suite(cfg: RunConfig, suite_name: str, seeds: list[int], out: Path, *, r
             write_json(out / "suite.json", record)
         distributed.barrier()
         arms = suite.arms()
-        progress = {"done": 0, "total": (1 if cfg.embedded_default else 0) + len(seeds) * (1 + len(arms)),
-                    "started": time.time()}
-        if cfg.embedded_default:
-            _run(dataclasses.replace(cfg, stages=("base",)), out / "base", "stage 0 (embedded default)", progress)
-            start = model_dir(out / "base" / "base")
-        else:
-            start = Path(cfg.start_model)
+        stage0_runs = (0 if not cfg.embedded_default else 1 if shared_stage0 else len(seeds))
+        progress = {"done": 0, "total": stage0_runs + len(seeds) * (1 + len(arms)), "started": time.time()}
+        if distributed.is_main():
+            print(f"[experiments] suite {suite.name}, seeds {', '.join(map(str, seeds))}: {progress['total']} runs; "
+                  + ("stage 0 trained per seed" if not shared_stage0 else
+                     "one stage 0 for every seed" if cfg.embedded_default else f"every seed from {cfg.start_model}")
+                  + ("" if verbose else "; each run's output in its log.txt"), flush=True)
+        if cfg.embedded_default and shared_stage0:
+            _run(dataclasses.replace(cfg, stages=("base",)), out / "base", "stage 0 (embedded default, shared)",
+                 progress, verbose)
         for seed in seeds:
+            seed_cfg = seed_config(cfg, seed)
+            if not cfg.embedded_default:
+                start = Path(cfg.start_model)
+            elif shared_stage0:
+                start = model_dir(out / "base" / "base")
+            else:
+                _run(dataclasses.replace(seed_cfg, stages=("base",)), out / f"seed{seed}" / "base",
+                     f"seed {seed}: stage 0", progress, verbose)
+                start = model_dir(out / f"seed{seed}" / "base" / "base")
             prefix = out / f"seed{seed}" / "prefix"
-            _run(dataclasses.replace(cfg, seed=seed, start_model=str(start), stages=PREFIX_STAGES), prefix,
-                 f"seed {seed}: prefix ({', '.join(PREFIX_STAGES)})", progress)
+            _run(dataclasses.replace(seed_cfg, start_model=str(start), stages=PREFIX_STAGES), prefix,
+                 f"seed {seed}: prefix ({', '.join(PREFIX_STAGES)})", progress, verbose)
             if any(a.train_dice and a.same_as for t in suite.tables for a in t.arms):
-                measure_train_dice(cfg, model_dir(prefix / "hsft"), prefix / TRAIN_DICE_FILE)
+                measure_train_dice(seed_cfg, model_dir(prefix / "hsft"), prefix / TRAIN_DICE_FILE)
             for arm in arms:
                 run_dir = out / f"seed{seed}" / arm.name
                 if not arm.remine:
-                    _share_mining(prefix, run_dir)
-                _run(arm_config(cfg, arm, seed, prefix), run_dir, f"seed {seed}: {arm.label}", progress)
+                    _share_mining(out / f"seed{seed}" / (arm.mining_from or "prefix"), run_dir)
+                _run(arm_config(seed_cfg, arm, seed, prefix), run_dir, f"seed {seed}: {arm.label}", progress, verbose)
                 if arm.train_dice:
-                    measure_train_dice(cfg, model_dir(run_dir / arm.stage), run_dir / TRAIN_DICE_FILE)
-        results = collect(suite, seeds, out, cfg, reference=reference_table)
+                    measure_train_dice(seed_cfg, model_dir(run_dir / arm.stage), run_dir / TRAIN_DICE_FILE)
+        results = collect(suite, seeds, out, cfg, reference=reference_table, shared_stage0=shared_stage0)
         if distributed.is_main():
             write_results(results, suite, out)
             print(f"\n[experiments] results: {out / 'results.md'} ({(time.time() - progress['started']) / 60:.1f} min)")

@@ -8,16 +8,25 @@ HSFT) from the prefix's DPO model, in an ordinary run directory of its own, eval
 held-out split. An arm re-mines only when its mining settings differ (tau, a quantile); otherwise it
 reuses the prefix's mining.
 
+Every row that trains on a subset (a tau, a fraction of the hard set, the k hardest, a quantile) has its
+own control: the control stage with the row's settings, i.e. a seeded random training subset of the row's
+subset size, trained from the same model with the same steps and schedule, reading the row's hard set. A
+row's verdict is against its control ("a smaller, harder set helps" against "fewer steps help"). The
+easy-only control trains on a random subset of the easy samples (disjoint from the hard set), and the
+U-Net reference row is a plain MONAI U-Net trained on the same training split.
+
 The learning-rate grid is the published one {1e-6, 5e-6, 1e-5, 5e-5} scaled by the ratio of the run's
 HSFT learning rate to the published 1e-5 (the identity for the paper recipe); the table says which grid ran.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass
 
 from hsft.config import RunConfig, replace_nested
+from hsft.errors import BadValue
 
 __all__ = ["Arm", "Table", "Suite", "SUITES", "build_suite", "PUBLISHED_HSFT_LR"]
 
@@ -36,7 +45,9 @@ class Arm:
     """One row of a table. `name` is its run directory below `seed<s>/`; `stage` the stage it trains
     (hsft or a variant beside it); `overrides` dotted RunConfig fields; `remine`: its mining settings differ
     from the prefix's. `same_as` names a prefix stage whose settings the row has (no run of its own);
-    `value` is the row's x value in a grid plot; `train_dice`: also measure the training split's Dice."""
+    `value` is the row's x value in a grid plot; `train_dice`: also measure the training split's Dice.
+    `control`: the row's own random-subset control (an arm run right after it); `mining_from`: the arm whose
+    hard set this one reads (default the prefix's)."""
 
     name: str
     label: str
@@ -46,6 +57,18 @@ class Arm:
     same_as: str | None = None
     value: float | None = None
     train_dice: bool = False
+    control: Arm | None = None
+    mining_from: str | None = None
+    evaluated_by_stage: bool = False  # the stage scores its own model (the U-Net): no evaluation stage after it
+
+    def with_control(self) -> Arm:
+        """This subset row with its random-subset control of the same size, steps and schedule."""
+        if self.same_as == "hsft":  # the prefix's own HSFT: its control is the prefix's
+            control = Arm("control", "random subset (the prefix's control)", stage="control", same_as="control")
+        else:
+            control = Arm(f"{self.name}-control", f"random subset, the size of {self.label}", stage="control",
+                          overrides=self.overrides, mining_from=self.name if self.remine else None)
+        return dataclasses.replace(self, control=control)
 
 
 @dataclass(frozen=True)
@@ -70,10 +93,11 @@ class Suite:
     tables: tuple[Table, ...]
 
     def arms(self) -> list[Arm]:
-        """Every arm that needs a run of its own, once each (tables may share one)."""
+        """Every arm that needs a run of its own, once each (tables may share one), each row's control right
+        after the row (it may read the row's hard set)."""
         seen: dict[str, Arm] = {}
         for table in self.tables:
-            for arm in table.arms:
+            for arm in (a for row in table.arms for a in (row, row.control) if a is not None):
                 if arm.same_as is None:
                     if arm.name in seen and seen[arm.name] != arm:
                         raise ValueError(f"suite {self.name}: two different arms named {arm.name!r}")
@@ -89,11 +113,11 @@ def _close(a: float, b: float) -> bool:
 
 
 def _tau_arms(cfg: RunConfig, taus) -> tuple[Arm, ...]:
-    return tuple(Arm(f"tau-{tau:.2f}", f"tau = {tau:.2f}", same_as="hsft", value=tau)
-                 if _close(tau, cfg.mining.tau) and cfg.mining.hard_quantile is None else
-                 Arm(f"tau-{tau:.2f}", f"tau = {tau:.2f}", overrides=(("mining.tau", tau),
-                                                                      ("mining.hard_quantile", None)),
-                     remine=True, value=tau)
+    return tuple((Arm(f"tau-{tau:.2f}", f"tau = {tau:.2f}", same_as="hsft", value=tau)
+                  if _close(tau, cfg.mining.tau) and cfg.mining.hard_quantile is None else
+                  Arm(f"tau-{tau:.2f}", f"tau = {tau:.2f}", overrides=(("mining.tau", tau),
+                                                                       ("mining.hard_quantile", None)),
+                      remine=True, value=tau)).with_control()
                  for tau in taus)
 
 
@@ -126,7 +150,7 @@ def _fraction_arms(cfg: RunConfig, fractions, k: int) -> tuple[Arm, ...]:
         else:
             arms.append(Arm(f"fraction-{fraction:.2f}", f"hardest {fraction:.0%} of the hard set",
                             overrides=(("hsft.hard_fraction", fraction),), value=fraction))
-    return tuple(arms)
+    return tuple(arm.with_control() for arm in arms)
 
 
 ALTERNATIVES = (
@@ -135,6 +159,9 @@ ALTERNATIVES = (
     Arm("curriculum", "easy-to-hard curriculum over all data", stage="curriculum"),
     Arm("anti_curriculum", "hard-to-easy (anti-)curriculum over all data", stage="anti_curriculum"),
     Arm("loss_weighted", "loss-weighted sampling over all data", stage="loss_weighted"),
+    Arm("easy_control", "easy-only control: random easy samples, disjoint from the hard set", stage="easy_control"),
+    Arm("unet", "U-Net reference (MONAI UNet from scratch on the training split, no VLM)", stage="unet",
+        evaluated_by_stage=True),
     Arm("hsft", "HSFT (the hard set)", same_as="hsft"),
 )
 
@@ -145,7 +172,7 @@ def _beyond(cfg: RunConfig, rounds: int) -> Table:
         Arm("iterative", f"iterative HSFT, {rounds} rounds x {per_round} epochs", stage="iterative",
             overrides=(("hsft.rounds", rounds), ("hsft.train.epochs", per_round))),
         Arm(f"quantile-{QUANTILE:.2f}", f"adaptive tau: the hardest {QUANTILE:.0%} of the training split",
-            overrides=(("mining.hard_quantile", QUANTILE),), remine=True),
+            overrides=(("mining.hard_quantile", QUANTILE),), remine=True).with_control(),
         Arm("unified", "unified path: [SEG] state from the generate path", overrides=(("hsft.seg_form", "generate"),)),
         Arm("hsft", "HSFT (teacher-forced [SEG] state, tau fixed, one round)", same_as="hsft"),
     ), note="Iterative HSFT re-mines before every round (its steps are not matched: see the steps column); "
@@ -180,7 +207,7 @@ SMOKE_SETTINGS = (
     ("data.synthetic_test", 6), ("data.synthetic_size", 64), ("lora.train.epochs", 1), ("lora.rank", 4),
     ("dpo.train.epochs", 1),
     ("hsft.train.epochs", 1), ("eval.overlays", 0), ("eval.fixed_overlays", 0), ("eval.bootstrap_resamples", 500),
-    ("precision", "fp32"),
+    ("data.synthetic_untouched", 8), ("unet.max_epochs", 3), ("unet.patience", 2), ("precision", "fp32"),
 )
 
 
@@ -190,10 +217,8 @@ def smoke_suite(cfg: RunConfig) -> Suite:
         Table("4.4.3", "Per sample: Easy/Hard x Better/Stable/Worse, HSFT and the random-subset control", "per_sample"),
         Table("4.5.2", "tau: the hard-set threshold", "arms", arms=_tau_arms(cfg, (0.70, cfg.mining.tau)),
               x_label="tau"),
-        Table("5.1", "Alternatives at matched compute", "arms", arms=(
-            Arm("curriculum", "easy-to-hard curriculum over all data", stage="curriculum"),
-            Arm("control", "uniform random subset of the hard set's size", same_as="control"),
-            Arm("hsft", "HSFT (the hard set)", same_as="hsft"))),
+        Table("5.1", "Alternatives at matched compute", "arms", arms=tuple(
+            a for a in ALTERNATIVES if a.name in ("curriculum", "control", "easy_control", "unet", "hsft"))),
         Table("5.3-tau", "Adaptive tau picked on the validation split", "picked", picks_from="4.5.2"),
     ))
 
@@ -204,7 +229,7 @@ SUITES = {"paper": (paper_suite, ()), "smoke": (smoke_suite, SMOKE_SETTINGS)}
 def build_suite(name: str, cfg: RunConfig) -> tuple[Suite, RunConfig]:
     """The suite and the run config its runs use (the suite's own settings written over `cfg`)."""
     if name not in SUITES:
-        raise ValueError(f"--suite: unknown suite {name!r}; valid suites are {', '.join(SUITES)}")
+        raise BadValue(f"--suite: unknown suite {name!r}; valid suites are {', '.join(SUITES)}")
     build, settings = SUITES[name]
     cfg = replace_nested(cfg, **dict(settings))
     return build(cfg), cfg

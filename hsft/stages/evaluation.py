@@ -1,20 +1,26 @@
 """The evaluation stage: every model of the run (the starting model and each training stage's output)
-through the evaluator (hsft.eval) on the held-out split, which no stage trains or mines on.
+through the evaluator (hsft.eval) on the held-out split, which no stage trains or mines on: the untouched
+test split when the synthetic data has one (hsft.data.splits), else the test split.
 
 Each training stage's held-out effect is measured against the model that stage started from, on the
-same samples: the mean per-image Dice difference with a paired-bootstrap 95 % interval. When both
-a stage and a variant beside it ran (HSFT and its matched-compute control), the stage is also compared
-with the variant directly.
+same samples: the mean per-image Dice difference with a 95 % interval over the images
+(hsft.eval.statistics.effect_interval with one seed). That interval covers the images only, for this
+pair of checkpoints: another seed or another stage 0 trains other checkpoints, and the study
+(launch/experiments.py) measures that spread. When both a stage and a variant beside it ran (HSFT and its
+matched-compute control), the stage is also compared with the variant directly.
 """
 
 from __future__ import annotations
 
 from pathlib import Path
 
+import numpy as np
+
 from hsft.config import EvalConfig
+from hsft.data.splits import split_description
 from hsft.engine.context import RunContext
 from hsft.eval import evaluate_model
-from hsft.eval.statistics import paired_bootstrap
+from hsft.eval.statistics import effect_interval
 from hsft.model import load_model
 from hsft.stages.training import StageResult
 
@@ -23,13 +29,21 @@ def _per_sample_dice(summary: dict) -> list[float]:
     return [row["scores"]["generate"]["dice"] for row in sorted(summary["samples"], key=lambda r: r["index"])]
 
 
+def _effect(before: list[float], after: list[float], cfg: EvalConfig) -> dict:
+    """after - before on the same images, one pair of checkpoints: the images-only interval."""
+    return effect_interval(np.asarray(after) - np.asarray(before), seed=cfg.bootstrap_seed,
+                           resamples=cfg.bootstrap_resamples)
+
+
 def run(ctx: RunContext, cfg: EvalConfig, start: Path | None) -> StageResult:
     cfg = cfg.following(ctx.cfg.mining)  # the hard/easy threshold of the flips: mining's, unless set
     rows, dice = [], {}
     label_of = {Path(path): name for name, path in ctx.models}
+    split_name, samples = ctx.splits.report_split()
+    split = split_description(split_name, len(samples), ctx.cfg.data)
     for name, path in ctx.models:
         tb = ctx.tb(f"eval_{name}")
-        summary = evaluate_model(load_model(path, device=ctx.device, dtype=ctx.dtype), ctx.splits.test, cfg,
+        summary = evaluate_model(load_model(path, device=ctx.device, dtype=ctx.dtype), samples, cfg,
                                  out_dir=ctx.stage_dir("eval") / name, tb=tb, step=ctx.global_step, tag=f"eval/{name}")
         tb.close()
         gen, fwd = summary["paths"]["generate"], summary["paths"]["forward"]
@@ -39,18 +53,16 @@ def run(ctx: RunContext, cfg: EvalConfig, start: Path | None) -> StageResult:
                      "forward_dice": fwd["dice"], "seg_rate": summary["generate"]["seg_rate"],
                      "misses": summary["generate"]["misses"], "n": summary["n"],
                      "started_from": label_of.get(Path(parent)) if parent is not None else None,
-                     "beside": ctx.variants.get(name)})
+                     "beside": ctx.variants.get(name), "split": split_name})
     baseline = rows[0]["dice"] if rows else 0.0
     for i, row in enumerate(rows):
         row["delta_prev"] = row["dice"] - rows[i - 1]["dice"] if i else 0.0
         row["delta_base"] = row["dice"] - baseline
         parent = row["started_from"]
-        row["effect"] = (paired_bootstrap(dice[parent], dice[row["stage"]], resamples=cfg.bootstrap_resamples,
-                                          seed=cfg.bootstrap_seed) if parent in dice else None)
-    comparisons = [{"after": a, "before": b, **paired_bootstrap(dice[b], dice[a], resamples=cfg.bootstrap_resamples,
-                                                                seed=cfg.bootstrap_seed)}
+        row["effect"] = _effect(dice[parent], dice[row["stage"]], cfg) if parent in dice else None
+    comparisons = [{"after": a, "before": b, **_effect(dice[b], dice[a], cfg)}
                    for b, a in ctx.variants.items() if a in dice and b in dice]
-    return StageResult(summary=rows, section=results_table(rows, comparisons),
+    return StageResult(summary=rows, section=results_table(rows, comparisons, split),
                        written={"evaluation": str(ctx.stage_dir("eval"))})
 
 
@@ -60,12 +72,15 @@ def _interval(effect: dict | None) -> str:
     return f"{effect['mean']:+.4f} [{effect['low']:+.4f}, {effect['high']:+.4f}]"
 
 
-def results_table(rows: list[dict], comparisons: list[dict] | None = None) -> list[str]:
+def results_table(rows: list[dict], comparisons: list[dict] | None = None, split: str = "held-out split") -> list[str]:
     n = rows[0]["n"] if rows else 0
     lines = ["## Held-out results (generate path, as a user's inference runs)", "",
+             f"Split: {split}.", "",
              f"Δ start: the stage's effect on the same {n} held-out images, its Dice minus the Dice of the model it "
-             "started from (mean over images, paired-bootstrap 95% interval); an interval that contains 0 means "
-             "this split cannot tell the effect from none.", "",
+             "started from (mean over images, 95% interval: images only; this pair of checkpoints). An interval "
+             "that contains 0 means these images cannot tell the effect from none; an interval that excludes 0 "
+             "still says nothing about another seed or another stage 0, which train other checkpoints "
+             "(the study, launch/experiments.py, measures that spread).", "",
              "| stage | Dice | started from | Δ start [95% CI] | Δ baseline | IoU | forward-path Dice | [SEG] rate |",
              "|---|---:|---|---|---:|---:|---:|---:|"]
     for row in rows:
