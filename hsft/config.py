@@ -14,7 +14,9 @@ import math
 from dataclasses import dataclass, field
 
 from hsft.data.config import DataConfig
-from hsft.errors import BadValue
+from hsft.engine.config import TrainConfig
+from hsft.errors import check as _check
+from hsft.eval.config import DEFAULT_TAU, EvalConfig
 from hsft.model.config import ModelConfig, PromptConfig
 
 __all__ = [
@@ -45,46 +47,6 @@ STAGE_ORDER = ("base", "lora", "dpo", "mining", "hsft", "control", "all_data", "
 # model HSFT starts from; launch/experiments.py runs them, and --stages selects them by name.
 DEFAULT_STAGES = ("base", "lora", "dpo", "mining", "hsft", "control", "eval")
 PRECISIONS = ("bf16", "fp32")
-
-
-def _check(condition: bool, name: str, message: str) -> None:
-    if not condition:
-        raise BadValue(f"{name}: {message}")
-
-
-@dataclass
-class TrainConfig:
-    """Optimisation settings shared by every training stage's DeepSpeed loop."""
-
-    epochs: int = field(default=1, metadata={"help": "passes over the stage's training set"})
-    micro_batch: int = field(default=1, metadata={"help": "samples per rank per forward/backward"})
-    grad_accum: int = field(default=1, metadata={"help": "micro-batches accumulated per optimizer step"})
-    lr: float = field(default=1e-5, metadata={"help": "peak learning rate"})
-    min_lr: float = field(default=1e-7, metadata={"help": "cosine schedule floor"})
-    warmup_ratio: float = field(default=0.0, metadata={"help": "fraction of optimizer steps spent in linear warm-up"})
-    weight_decay: float = field(default=0.01, metadata={"help": "AdamW weight decay (not applied to biases and norms)"})
-    betas: tuple[float, float] = (0.9, 0.999)
-    clip: float = field(default=1.0, metadata={"help": "global gradient-norm clipping threshold (0 disables)"})
-    max_nonfinite_steps: int = field(
-        default=3,
-        metadata={"help": "consecutive skipped (non-finite) optimizer steps before the stage stops after saving"},
-    )
-    log_every: int = field(default=1, metadata={"help": "optimizer steps between TensorBoard scalar writes"})
-
-    def validate(self, prefix: str = "train") -> None:
-        _check(self.epochs >= 1, f"{prefix}.epochs", f"must be >= 1, got {self.epochs}")
-        _check(self.micro_batch >= 1, f"{prefix}.micro_batch", f"must be >= 1, got {self.micro_batch}")
-        _check(self.grad_accum >= 1, f"{prefix}.grad_accum", f"must be >= 1, got {self.grad_accum}")
-        _check(self.lr > 0 and math.isfinite(self.lr), f"{prefix}.lr", f"must be a positive number, got {self.lr}")
-        _check(0 <= self.min_lr <= self.lr, f"{prefix}.min_lr", f"must lie in [0, lr={self.lr}], got {self.min_lr}")
-        _check(0 <= self.warmup_ratio < 1, f"{prefix}.warmup_ratio", f"must lie in [0, 1), got {self.warmup_ratio}")
-        _check(self.weight_decay >= 0, f"{prefix}.weight_decay", f"must be >= 0, got {self.weight_decay}")
-        _check(self.clip >= 0, f"{prefix}.clip", f"must be >= 0, got {self.clip}")
-        _check(self.max_nonfinite_steps >= 1, f"{prefix}.max_nonfinite_steps", "must be >= 1")
-        _check(self.log_every >= 1, f"{prefix}.log_every", "must be >= 1")
-
-    def global_batch(self, world_size: int) -> int:
-        return self.micro_batch * self.grad_accum * world_size
 
 
 @dataclass
@@ -226,7 +188,7 @@ DICE_BUCKETS = ((0.30, "very hard"), (0.50, "hard"), (0.65, "moderate"), (0.75, 
 class MiningConfig:
     """Hard-sample mining: run the inference path over the training split, keep Dice < tau."""
 
-    tau: float = field(default=0.75, metadata={"help": "Dice threshold below which a training sample is hard"})
+    tau: float = field(default=DEFAULT_TAU, metadata={"help": "Dice threshold below which a training sample is hard"})
     hard_quantile: float | None = field(
         default=None, metadata={"help": "instead of tau, keep the hardest fraction q of the training split"}
     )
@@ -318,59 +280,6 @@ class HSFTStageConfig:
         if self.max_hard is not None:
             keep = min(keep, self.max_hard)
         return hard[:keep]
-
-
-@dataclass
-class EvalConfig:
-    """The two-path evaluation (hsft.eval): forward, [SEG]-in-prompt and generate paths, discrepancy."""
-
-    batch_size: int = field(default=8, metadata={"help": "samples per evaluation batch"})
-    max_new_tokens: int = field(default=16, metadata={"help": "generation budget per sample"})
-    overlays: int = field(default=4, metadata={"help": "worst-k samples drawn as overlay pictures"})
-    fixed_overlays: int = field(
-        default=4, metadata={"help": "first-k samples always drawn as overlays (the same pictures in every stage)"}
-    )
-    tau: float | None = field(
-        default=None,
-        metadata={"help": "Dice threshold of the hard/easy label in the flip list and the comparison table (none: "
-                          "the mining tau, so evaluation and mining call the same samples hard)"},
-    )
-    stable_tolerance: float = field(
-        default=0.01, metadata={"help": "checkpoint comparison: |delta Dice| <= this counts as Stable"}
-    )
-    bootstrap_resamples: int = field(
-        default=2000,
-        metadata={"help": "paired-bootstrap resamples for the 95 percent interval of a mean Dice difference"},
-    )
-    bootstrap_seed: int = field(default=0, metadata={"help": "seed of the paired bootstrap"})
-    evaluate_start: bool = field(
-        default=True,
-        metadata={"help": "also evaluate the model the first stage started from (off: only the models the run "
-                          "trained, e.g. when the starting model was evaluated already)"},
-    )
-
-    def validate(self) -> None:
-        _check(self.batch_size >= 1, "eval.batch_size", "must be >= 1")
-        _check(self.max_new_tokens >= 1, "eval.max_new_tokens", "must be >= 1")
-        _check(self.overlays >= 0, "eval.overlays", "must be >= 0")
-        _check(self.fixed_overlays >= 0, "eval.fixed_overlays", "must be >= 0")
-        if self.tau is not None:
-            _check(0 < self.tau <= 1, "eval.tau", f"must lie in (0, 1], got {self.tau}")
-        _check(0 <= self.stable_tolerance < 1, "eval.stable_tolerance",
-               f"must lie in [0, 1), got {self.stable_tolerance}")
-        _check(self.bootstrap_resamples >= 1, "eval.bootstrap_resamples",
-               f"must be >= 1, got {self.bootstrap_resamples}")
-        _check(self.bootstrap_seed >= 0, "eval.bootstrap_seed", f"must be >= 0, got {self.bootstrap_seed}")
-
-    def following(self, mining: MiningConfig) -> EvalConfig:
-        """These settings with `tau` following the mining tau unless it was set, so evaluation and mining
-        call the same samples hard."""
-        return self if self.tau is not None else dataclasses.replace(self, tau=mining.tau)
-
-    @property
-    def threshold(self) -> float:
-        """The hard/easy threshold in use: `tau`, or the default mining tau when it follows mining."""
-        return self.tau if self.tau is not None else MiningConfig().tau
 
 
 @dataclass

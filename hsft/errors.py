@@ -17,7 +17,7 @@ import signal
 import sys
 from collections.abc import Callable
 
-__all__ = ["UserError", "BadValue", "MissingFile", "RunStopped", "run_command"]
+__all__ = ["UserError", "BadValue", "MissingFile", "RunStopped", "check", "run_command"]
 
 
 class UserError(Exception):
@@ -30,6 +30,12 @@ class BadValue(UserError, ValueError):
 
 class MissingFile(UserError, FileNotFoundError):
     """A file or directory the command needs does not exist."""
+
+
+def check(condition: bool, name: str, message: str) -> None:
+    """The configs' validation: a false `condition` is a BadValue naming the field `name`."""
+    if not condition:
+        raise BadValue(f"{name}: {message}")
 
 
 class RunStopped(RuntimeError):

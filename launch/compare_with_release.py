@@ -32,7 +32,7 @@ def parse(argv):
     parser.add_argument("--release-code", required=True, metavar="DIR",
                         help="the release's remote-code files (modeling_sa2va_chat.py, sam2.py, ...)")
     command_line.add_model(parser, "--model", aliases=("--checkpoint",),
-                           help="an hsft model directory imported from a release (or a run's stage directory)")
+                           help="an hsft model directory imported from a release")
     parser.add_argument("--images", required=True, nargs="+", metavar="IMAGE", help="image files")
     parser.add_argument("--prompt", default=DEFAULT_PROMPT,
                         help=f"the request, starting with <image> (default: {DEFAULT_PROMPT!r})")

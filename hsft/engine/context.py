@@ -25,12 +25,13 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from hsft.config import RunConfig
 from hsft.engine import distributed
 from hsft.engine.ds_config import DeepSpeedConfigError, apply_precision, precision_of
 from hsft.engine.tensorboard import TBWriter
 
 if TYPE_CHECKING:
+    # The run's settings are built above this layer (hsft.config) and only read here: a type, not an import.
+    from hsft.config import RunConfig
     from hsft.data import DataSplits
 
 DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}

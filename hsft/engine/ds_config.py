@@ -12,7 +12,7 @@ import json
 from pathlib import Path
 from typing import Any
 
-from hsft.config import TrainConfig
+from hsft.engine.config import TrainConfig
 from hsft.errors import BadValue
 
 # Keys this module owns: they are derived from the stage's TrainConfig and the world size.

@@ -19,7 +19,7 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
-from hsft.config import TrainConfig
+from hsft.engine.config import TrainConfig
 from hsft.engine import checkpoint, distributed, rng_state
 from hsft.engine.ds_config import stage_ds_config
 from hsft.engine.schedule import build_scheduler, move_to_step

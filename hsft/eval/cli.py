@@ -10,7 +10,8 @@ from pathlib import Path
 
 import torch
 
-from hsft.config import DataConfig, EvalConfig
+from hsft.data.config import DataConfig
+from hsft.eval.config import EvalConfig
 from hsft.data import Sample, load_splits, scan_dataset
 from hsft.engine.tensorboard import TBWriter
 from hsft.eval.compare import compare_summaries, format_comparison, write_comparison

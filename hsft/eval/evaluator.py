@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from hsft.config import EvalConfig
+from hsft.eval.config import EvalConfig
 from hsft.data import Sample
 from hsft.engine import distributed
 from hsft.engine.tensorboard import TBWriter

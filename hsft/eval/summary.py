@@ -12,7 +12,7 @@ from collections.abc import Sequence
 import torch
 
 from hsft import metrics
-from hsft.config import EvalConfig
+from hsft.eval.config import EvalConfig
 from hsft.eval.records import METRIC_NAMES, PATHS, TEACHER_FORCED, SampleRecord
 from hsft.eval.statistics import describe, label_flips, paired_bootstrap
 

@@ -207,13 +207,17 @@ def run_release(release_python: str | os.PathLike, release_code: Path, checkpoin
 def run_hsft(model_dir: Path, images: Sequence[Path], prompt: str, max_new_tokens: int
              ) -> tuple[list[ImageResult], list[int]]:
     """hsft's inference as launch/predict.py runs it (float32, CPU, one image per generate call)."""
+    import dataclasses
+
     import torch
 
     from hsft.data.imageio import read_rgb
-    from hsft.eval.cli import load_checkpoint
-    from hsft.eval.scoring import binary_mask
+    from hsft.model.checkpoint import load_model
+    from hsft.model.directory import resolve_model_dir
+    from hsft.ops import upsample_masks
 
-    model = load_checkpoint(model_dir, device="cpu", dtype="float32", argument="--model", prompt=prompt)
+    model = load_model(resolve_model_dir(model_dir, "--model"), device="cpu", dtype="float32")
+    model.prompt = dataclasses.replace(model.prompt, instruction=prompt)
     model.eval()
     results = []
     with torch.no_grad():
@@ -226,7 +230,9 @@ def run_hsft(model_dir: Path, images: Sequence[Path], prompt: str, max_new_token
                 text=out.text[0], ids=out.generated_ids[0].tolist(), tiles=int(batch.num_tiles[0]),
                 size=(int(image.shape[0]), int(image.shape[1])),
                 prompt=out.seg_embedding[0].float().numpy() if emitted else None,
-                mask=binary_mask(out.mask_logits[0], image.shape[:2]).cpu().numpy() if emitted else None))
+                # The mask convention: bilinear upsampling to the image's size, logit > 0.
+                mask=upsample_masks(out.mask_logits[0][None].float(), image.shape[:2], threshold=0.0)[0].bool()
+                .cpu().numpy() if emitted else None))
     end_ids = sorted({int(model.eos_token_id), int(model.pad_token_id)})
     return results, end_ids
 
