@@ -108,44 +108,87 @@ def _launch(args, tmp, check=True):
     return run_deepspeed("experiments", args, tmp, port=29700 + os.getpid() % 200, check=check, timeout=1200)
 
 
+SMOKE_SEEDS = ("0", "1", "2")
+SMOKE_RUNS = ("base", "prefix", "tau-0.70", "tau-0.70-control", "curriculum", "easy_control", "unet")
+
+
 @pytest.fixture(scope="module")
 def smoke(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("experiments")
     out = tmp / "exp"
-    proc = _launch(["--suite", "smoke", "--seeds", "0", "1", "--output-dir", str(out)], tmp)
+    proc = _launch(["--suite", "smoke", "--seeds", *SMOKE_SEEDS, "--output-dir", str(out)], tmp)
     return tmp, out, proc
+
+
+def _effects(node, path=""):
+    """Every difference in results.json: each dict holding an interval (mean, low, high)."""
+    if isinstance(node, dict):
+        if {"mean", "low", "high"} <= set(node) and "confidence" in node:
+            yield path, node
+        for key, value in node.items():
+            yield from _effects(value, f"{path}/{key}")
+    elif isinstance(node, list):
+        for i, value in enumerate(node):
+            yield from _effects(value, f"{path}/{i}")
 
 
 def test_the_smoke_suite_writes_every_table_with_its_statistics_and_plots(smoke):
     tmp, out, proc = smoke
     results = json.loads((out / "results.json").read_text())
-    assert results["seeds"] == [0, 1] and set(results["tables"]) == {"4.4.1", "4.4.3", "4.5.2", "5.1", "5.3-tau"}
-    for seed in (0, 1):
-        for run in ("prefix", "tau-0.70", "curriculum"):
+    assert results["seeds"] == [0, 1, 2] and set(results["tables"]) == {"4.4.1", "4.4.3", "4.5.2", "5.1", "5.3-tau"}
+    for seed in SMOKE_SEEDS:
+        for run in SMOKE_RUNS:
             assert (out / f"seed{seed}" / run / "report.json").is_file(), run
-    # An arm with the prefix's mining settings reused its hard set; the tau arm mined its own.
-    prefix_hard = json.loads((out / "seed0" / "prefix" / "mining" / "hard_samples.json").read_text())
-    assert json.loads((out / "seed0" / "curriculum" / "mining" / "hard_samples.json").read_text()) == prefix_hard
-    tau_report = json.loads((out / "seed0" / "tau-0.70" / "report.json").read_text())
-    assert tau_report["stages"] == ["mining", "hsft", "eval"] and "Dice < tau = 0.7" in tau_report["mining"]["rule"]
+    # One console line per run, the runs' own output in their log.txt.
+    lines = [line for line in proc.stdout.splitlines() if line.startswith("[experiments] (")]
+    assert len(lines) == len(SMOKE_SEEDS) * len(SMOKE_RUNS) and "[lora] epoch" not in proc.stdout
+    assert "[lora]" in (out / "seed1" / "prefix" / "log.txt").read_text()
+    # Each seed trained its own stage 0 (its own cache entry) and drew its own validation split: the starting
+    # model's Dice differs by seed.
+    start_dice = {next(r["dice"] for r in json.loads((out / f"seed{s}" / "prefix" / "report.json").read_text())[
+        "evaluation"] if r["stage"] == "start") for s in SMOKE_SEEDS}
+    assert len(start_dice) == 3
+    caches = {json.loads((out / f"seed{s}" / "base" / "report.json").read_text())["base"]["cache"] for s in SMOKE_SEEDS}
+    assert len(caches) == 3
+    assert [json.loads((out / f"seed{s}" / "prefix" / "run_config.json").read_text())["data"]["seed"]
+            for s in SMOKE_SEEDS] == [0, 1, 2]
+    # Every difference carries each seed's value and the method of its interval (seeds x images crossed).
+    effects = list(_effects(results["tables"]))
+    assert len(effects) > 20
+    for path, effect in effects:
+        assert set(effect["per_seed"]) == set(SMOKE_SEEDS) and effect["method"].startswith("seeds x images"), path
+    # Final numbers come from the untouched split, and every table names it.
+    assert results["split_name"] == "untouched" and results["held_out_images"] == 8
+    assert all(body["split"].startswith("untouched test split (8 synthetic images") for body in
+               results["tables"].values())
     # Every cell is the mean over seeds of what the runs' own evaluations measured.
     stages = {r["name"]: r for r in results["tables"]["4.4.1"]["rows"]}
-    per_seed = [json.loads((out / f"seed{s}" / "prefix" / "report.json").read_text())["evaluation"] for s in (0, 1)]
+    per_seed = [json.loads((out / f"seed{s}" / "prefix" / "report.json").read_text())["evaluation"] for s in SMOKE_SEEDS]
     hsft_dice = [next(r["dice"] for r in rows if r["stage"] == "hsft") for rows in per_seed]
     assert stages["hsft"]["dice"]["mean"] == pytest.approx(np.mean(hsft_dice))
     assert stages["hsft"]["dice"]["sd"] == pytest.approx(np.std(hsft_dice, ddof=1))
     assert stages["hsft"]["delta_prev"]["per_seed"]["1"] == pytest.approx(hsft_dice[1] - next(
         r["dice"] for r in per_seed[1] if r["stage"] == "dpo"))
+    # The subset row against its own control, on every image and on the hard and easy ones.
+    tau_row = next(r for r in results["tables"]["4.5.2"]["rows"] if r["name"] == "tau-0.70")
+    vs = tau_row["vs_control"]
+    assert vs["hard_images"] + vs["easy_images"] == 8 and vs["all"]["images"] == 8
+    control_hard = json.loads((out / "seed0" / "tau-0.70-control" / "mining" / "hard_samples.json").read_text())
+    assert control_hard == json.loads((out / "seed0" / "tau-0.70" / "mining" / "hard_samples.json").read_text())
+    alternatives = {r["name"]: r for r in results["tables"]["5.1"]["rows"]}
+    assert {"easy_control", "unet"} <= set(alternatives) and alternatives["unet"]["hard"] is None
     counts = results["tables"]["4.4.3"]["hsft"]["counts"]
-    assert sum(sum(c.values()) for c in counts.values()) == 2 * results["held_out_images"]
+    assert sum(sum(c.values()) for c in counts.values()) == 3 * results["held_out_images"]
     rows = (out / "per_sample_4.4.3.csv").read_text().splitlines()
-    assert rows[0].startswith("model,seed,sample") and len(rows) == 1 + 2 * 2 * results["held_out_images"]
+    assert rows[0].startswith("model,seed,sample") and len(rows) == 1 + 2 * 3 * results["held_out_images"]
     picked = results["tables"]["5.3-tau"]["rows"][0]
     assert set(picked["picks"].values()) <= {"tau = 0.70", "tau = 0.75"}
     md = (out / "results.md").read_text()
     for key in results["tables"]:
         assert f"## {key}:" in md
     assert md.count("**Reading:**") == len(results["tables"])
+    assert "checks the plumbing, not the method" in md and "{'" not in md and "stage 0: embedded default, trained " \
+        "per seed" in md
     assert (out / "plots" / "4.5.2.png").stat().st_size > 1000 and (out / "plots" / "4.4.3.png").is_file()
     assert any((out / "tb").rglob("events.out.tfevents.*"))
 
@@ -154,15 +197,18 @@ def test_a_finished_suite_is_kept_an_unfinished_run_is_finished_and_other_settin
     tmp, out, _ = smoke
     first = json.loads((out / "results.json").read_text())
     (out / "seed1" / "curriculum" / "report.json").unlink()  # as if killed before its report
-    again = _launch(["--suite", "smoke", "--seeds", "0", "1", "--output-dir", str(out)], tmp)
-    assert again.stdout.count("finished earlier, kept") == 6
-    assert "seed 1: easy-to-hard curriculum over all data ->" in again.stdout
+    again = _launch(["--suite", "smoke", "--seeds", *SMOKE_SEEDS, "--output-dir", str(out)], tmp)
+    assert again.stdout.count("finished earlier, kept") == len(SMOKE_SEEDS) * len(SMOKE_RUNS) - 1
+    assert "seed 1: easy-to-hard curriculum over all data: curriculum Dice" in again.stdout
     assert json.loads((out / "results.json").read_text())["tables"] == first["tables"]
     refused = _launch(["--suite", "smoke", "--seeds", "0", "--hsft-lr", "0.5", "--output-dir", str(out)], tmp,
                       check=False)
     assert refused.returncode == 2
     assert f"experiments: error: --output-dir {out} holds a suite run with other settings" in refused.stderr
     assert "Traceback" not in refused.stderr
+    shared = _launch(["--suite", "smoke", "--seeds", "0", "--shared-stage0", "--output-dir", str(out)], tmp,
+                     check=False)
+    assert shared.returncode == 2 and "holds a suite run with other" in shared.stderr
 
 
 def test_the_runner_starts_from_a_given_model_and_shares_the_prefix(monkeypatch, tmp_path, tiny_model_dir):
@@ -221,3 +267,28 @@ def test_bad_input_to_the_experiments_command_is_one_line_before_any_run(args, m
     err = capsys.readouterr().err.strip().splitlines()
     assert code == 2 and len(err) == 1 and err[0].startswith("experiments: error: ") and message in err[0]
     assert not (tmp_path / "exp" / "base").exists()
+
+
+def test_the_study_ships_each_stages_spread_over_stage0_seeds_and_a_run_shows_it(tmp_path):
+    from hsft.experiments.results import stage_spread
+    from hsft.stages.evaluation import results_table, shipped_spread
+
+    results = {"suite": "core", "seeds": [0, 1, 2], "split": "untouched test split (256 synthetic images)",
+               "shared_stage0": False, "tables": {"4.4.1": {"kind": "stages", "rows": [
+                   {"name": "start", "delta_prev": None},
+                   {"name": "lora", "delta_prev": {"per_seed": {"0": 0.10, "1": 0.05, "2": 0.07}}}]}}}
+    spread = stage_spread(results, machine="Some CPU", threads=2, date="2026-12-07")
+    assert spread["stages"]["lora"]["min"] == 0.05 and spread["stages"]["lora"]["max"] == 0.10
+    assert spread["machine"] == "Some CPU" and spread["seeds"] == [0, 1, 2]
+    assert stage_spread({**results, "shared_stage0": True}, machine="x", threads=1, date="d") is None
+    path = tmp_path / "spread.json"
+    path.write_text(json.dumps(spread))
+    effect = effect_interval(np.array([0.1, 0.12, 0.08]))
+    row = {"stage": "lora", "dice": 0.6, "started_from": "start", "effect": effect, "delta_base": 0.1, "iou": 0.4,
+           "forward_dice": 0.6, "seg_rate": 1.0, "n": 3}
+    text = "\n".join(results_table([row], [], "development split (3 images)", shipped_spread(path)))
+    assert "| [+0.0500, +0.1000] |" in text and "Some CPU, 2 threads, 2026-12-07" in text
+    assert "not bit-reproducible across thread counts and CPUs" in text and "images only; this pair of checkpoints" in text
+    assert "Split: development split (3 images)." in text
+    assert "over stage-0 seeds" not in "\n".join(results_table([row], [], "x", None))
+    assert shipped_spread(tmp_path / "none.json") is None

@@ -14,9 +14,12 @@ from __future__ import annotations
 
 import csv
 import json
+import platform
+import time
 from pathlib import Path
 
 import numpy as np
+import torch
 
 from hsft.config import RunConfig
 from hsft.data.splits import split_description
@@ -25,7 +28,7 @@ from hsft.eval.compare import CHANGES, DIFFICULTIES, categorise
 from hsft.eval.statistics import effect_interval
 from hsft.experiments.suites import Arm, Suite, Table
 
-__all__ = ["collect", "write_results", "format_results", "write_per_sample_csv", "RunReader"]
+__all__ = ["collect", "write_results", "format_results", "write_per_sample_csv", "RunReader", "stage_spread"]
 
 STAGE_ROWS = (("start", "starting model"), ("lora", "LoRA"), ("dpo", "DPO"), ("hsft", "HSFT"))
 
@@ -73,6 +76,16 @@ class RunReader:
     def train_dice(self, file: str) -> float | None:
         path = self.dir / file
         return json.loads(path.read_text())["mean"] if path.is_file() else None
+
+
+def cpu_model() -> str:
+    """The CPU's model name (as lscpu shows it), for the record of what measured a number."""
+    cpuinfo = Path("/proc/cpuinfo")
+    if cpuinfo.is_file():
+        for line in cpuinfo.read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    return platform.processor() or platform.machine()
 
 
 def _mean_sd(values: list[float]) -> dict:
@@ -483,6 +496,23 @@ def write_per_sample_csv(body: dict, path: Path) -> None:
                                  f"{row['delta']:.6f}", row["difficulty"], row["change"]])
 
 
+def stage_spread(results: dict, *, machine: str, threads: int, date: str) -> dict | None:
+    """Each stage's Δ against the model it started from, over the suite's seeds (the per-stage table's per-seed
+    values): the range a single run of the same settings falls in, with what measured it. None without a
+    per-stage table or with one stage 0 for every seed (then the range says nothing about stage 0)."""
+    table = next((t for t in results["tables"].values() if t["kind"] == "stages"), None)
+    if table is None or results.get("shared_stage0"):
+        return None
+    stages = {}
+    for row in table["rows"]:
+        effect = row.get("delta_prev")
+        if effect and effect.get("per_seed"):
+            values = list(effect["per_seed"].values())
+            stages[row["name"]] = {"min": min(values), "max": max(values), "per_seed": effect["per_seed"]}
+    return {"suite": results["suite"], "seeds": results["seeds"], "split": results["split"], "machine": machine,
+            "threads": threads, "date": date, "stages": stages}
+
+
 def write_results(results: dict, suite: Suite, out: Path) -> None:
     """results.json, results.md, plots/*.png and TensorBoard hparams under `out`."""
     from hsft.experiments.plots import draw_plots, log_hparams
@@ -490,6 +520,10 @@ def write_results(results: dict, suite: Suite, out: Path) -> None:
     out = Path(out)
     write_json(out / "results.json", results)
     (out / "results.md").write_text(format_results(results))
+    spread = stage_spread(results, machine=cpu_model(), threads=torch.get_num_threads(),
+                          date=time.strftime("%Y-%m-%d", time.gmtime()))
+    if spread:
+        write_json(out / "stage_spread.json", spread)
     for body in results["tables"].values():
         if body["kind"] == "per_sample":
             write_per_sample_csv(body, out / f"per_sample_{body['key']}.csv")

@@ -133,9 +133,12 @@ def _check_same_suite(out: Path, record: dict) -> None:
         held = json.loads(path.read_text())
     except json.JSONDecodeError as err:
         raise SuiteError(f"{path}: not valid JSON ({err}); remove it or choose another --output-dir") from None
-    if held.get("suite") != record["suite"] or held.get("config") != record["config"]:
+    same_stage0 = held.get("shared_stage0", False) == record["shared_stage0"]
+    if held.get("suite") != record["suite"] or held.get("config") != record["config"] or not same_stage0:
         changed = sorted(k for k in set(held.get("config", {})) | set(record["config"])
                          if held.get("config", {}).get(k) != record["config"].get(k))
+        if not same_stage0:
+            changed.append("--shared-stage0")
         what = f"suite {held.get('suite')!r}" if held.get("suite") != record["suite"] else f"settings ({', '.join(changed)})"
         raise SuiteError(f"--output-dir {out} holds a suite run with other {what}; continue it with the same command "
                          "or choose another --output-dir")
