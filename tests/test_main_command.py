@@ -261,7 +261,7 @@ def test_main_command_from_local_transformers_checkpoints(tmp_path):
     (["--recipe", "huge"], "recipe: must be 'paper' or 'tiny'"),
     (["--hsft-train-feature-convs", "true"], "hsft.train_feature_convs"),
     (["--stages", "hsft", "--output-dir", "empty"], "needs a starting model"),
-    (["--model", "nowhere"], "--model nowhere: not a saved hsft model directory"),
+    (["--model", "nowhere"], "--model nowhere: no such directory"),
     (["--vlm", "nowhere", "--sam2", "nowhere"], "model.vlm: checkpoint directory 'nowhere' does not exist"),
     (["--data-format", "drive", "--data-root", "."], "training: missing directory (DRIVE layout"),
 ])
