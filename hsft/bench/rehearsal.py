@@ -348,14 +348,15 @@ def compare_masks(hsft_dir: Path, reimported_dir: Path, data: Path, *, device: t
 
     paths = sorted((data / "train" / "images").iterdir()) + sorted((data / "test" / "images").iterdir())
     pictures = [read_rgb(p) for p in paths]
+    # Every model in float32, loaded as such: a model loaded in bfloat16 and cast would also carry its
+    # bfloat16-computed non-persistent buffers (rotary frequencies), which are not the weights' doing.
     trained = load_model(hsft_dir, device=device, dtype="float32")
-    again = load_model(reimported_dir, device=device)
+    again = load_model(reimported_dir, device=device, dtype="float32")
     rounded = load_model(hsft_dir, device=device, dtype="float32")
-    release_dtypes = dict(again.named_parameters())
+    stored = getattr(torch, json.loads((Path(reimported_dir) / "hsft_model.json").read_text())["dtype"])
     with torch.no_grad():
-        for name, param in rounded.named_parameters():
-            param.copy_(param.to(release_dtypes[name].dtype).float())
-    again = again.float()
+        for param in rounded.parameters():
+            param.copy_(param.to(stored).float())
 
     def masks(model) -> list[torch.Tensor]:
         found = []
