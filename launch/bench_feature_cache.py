@@ -8,11 +8,13 @@ import _import_hsft  # noqa: F401  (first: makes `import hsft` find the package)
 
 from hsft import command_line
 from hsft.bench.feature_cache import format_summary, run
+from hsft.model.directory import resolve_model_dir
 
 
 def main(argv=None) -> int:
     parser = command_line.Parser(prog="launch/bench_feature_cache.py", description=__doc__)
-    parser.add_argument("--model", default=None, help="saved hsft model directory (default: a fresh preset)")
+    command_line.add_model(parser, "--model", aliases=(), required=False,
+                           help="an hsft model directory or a run's stage directory (default: a fresh preset)")
     parser.add_argument("--preset", default="tiny", help="preset when --model is not given")
     parser.add_argument("--samples", type=int, default=16, help="hard-set size")
     parser.add_argument("--size", type=int, default=128, help="synthetic image side in pixels")
@@ -24,7 +26,8 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
 
     def work() -> None:
-        summary = run(model_dir=args.model, preset=args.preset, samples=args.samples, size=args.size,
+        model = None if args.model is None else str(resolve_model_dir(args.model, "--model"))
+        summary = run(model_dir=model, preset=args.preset, samples=args.samples, size=args.size,
                       epochs=args.epochs, precision=args.precision, ds_config=args.deepspeed,
                       out=Path(args.output_dir))
         print(format_summary(summary))

@@ -22,7 +22,7 @@ from hsft import command_line
 from hsft.arguments import add_config_arguments
 from hsft.config import RunConfig
 from hsft.recipe_search import DEFAULT_GRID, format_table, search_recipe
-from hsft.recipes import config_from_arguments
+from hsft.recipes import RECIPES, config_from_arguments
 
 
 def main(argv=None) -> int:
@@ -37,7 +37,7 @@ def main(argv=None) -> int:
             grid_options[key] = (flag, type(values[0]))
             parser.add_argument(flag, default=",".join(str(v) for v in values),
                                 help=f"comma-separated values of {key} (default: %(default)s)")
-    dests = add_config_arguments(parser, RunConfig)
+    dests = add_config_arguments(parser, RunConfig, recipes={"tiny": RECIPES["tiny"]})
     args = parser.parse_args(argv)
     cfg = config_from_arguments(args, dests)
     if cfg.output_dir == RunConfig().output_dir:
