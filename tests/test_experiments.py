@@ -82,7 +82,8 @@ def test_a_cell_is_the_crossed_interval_over_seeds_and_images_and_lists_each_see
     assert effect["high"] - effect["low"] > 5 * (pooled["high"] - pooled["low"])
     assert effect["detectable"] > 0
     part = _paired(before, after, cfg, images=["img3", "img7"])
-    assert part["images"] == 2 and part["mean"] == pytest.approx(diffs[:, [ids.index("img3"), ids.index("img7")]].mean())
+    picked = diffs[:, [ids.index("img3"), ids.index("img7")]]
+    assert part["images"] == 2 and part["mean"] == pytest.approx(picked.mean())
     with pytest.raises(ValueError, match="different held-out images"):
         _paired(before, {0: after[0], 1: {"other": (0.0, 0.0)}, 2: after[2]}, cfg)
 
@@ -99,9 +100,10 @@ def test_the_verdict_says_which_way_each_interval_falls():
     assert "rose with up and fell with down" in text and "Highest mean: up" in text
     assert "worse than HSFT: flat" in text and "Better than HSFT: none" in text
     # A change an interval cannot tell from 0 is stated with its detectable-effect bound, never as "no effect".
-    stages = verdict({"kind": "stages", "rows": [_row("start", 0, 0), {**_row("lora", -0.01, 0.01),
-                                                                       "delta_prev": _row("x", -0.01, 0.01)["delta_start"]}]})
-    assert "no measurable change (+0.0000 [-0.0100, +0.0100]; a true effect, if any, is likely smaller than 0.0200)" in stages
+    flat = {**_row("lora", -0.01, 0.01), "delta_prev": _row("x", -0.01, 0.01)["delta_start"]}
+    stages = verdict({"kind": "stages", "rows": [_row("start", 0, 0), flat]})
+    assert ("no measurable change (+0.0000 [-0.0100, +0.0100]; a true effect, if any, is likely smaller than "
+            "0.0200)") in stages
 
 
 def _launch(args, tmp, check=True):
@@ -163,7 +165,8 @@ def test_the_smoke_suite_writes_every_table_with_its_statistics_and_plots(smoke)
                results["tables"].values())
     # Every cell is the mean over seeds of what the runs' own evaluations measured.
     stages = {r["name"]: r for r in results["tables"]["4.4.1"]["rows"]}
-    per_seed = [json.loads((out / f"seed{s}" / "prefix" / "report.json").read_text())["evaluation"] for s in SMOKE_SEEDS]
+    per_seed = [json.loads((out / f"seed{s}" / "prefix" / "report.json").read_text())["evaluation"]
+                for s in SMOKE_SEEDS]
     hsft_dice = [next(r["dice"] for r in rows if r["stage"] == "hsft") for rows in per_seed]
     assert stages["hsft"]["dice"]["mean"] == pytest.approx(np.mean(hsft_dice))
     assert stages["hsft"]["dice"]["sd"] == pytest.approx(np.std(hsft_dice, ddof=1))
@@ -288,7 +291,8 @@ def test_the_study_ships_each_stages_spread_over_stage0_seeds_and_a_run_shows_it
            "forward_dice": 0.6, "seg_rate": 1.0, "n": 3}
     text = "\n".join(results_table([row], [], "development split (3 images)", shipped_spread(path)))
     assert "| [+0.0500, +0.1000] |" in text and "Some CPU, 2 threads, 2026-12-07" in text
-    assert "not bit-reproducible across thread counts and CPUs" in text and "images only; this pair of checkpoints" in text
+    assert "not bit-reproducible across thread counts and CPUs" in text
+    assert "images only; this pair of checkpoints" in text
     assert "Split: development split (3 images)." in text
     assert "over stage-0 seeds" not in "\n".join(results_table([row], [], "x", None))
     assert shipped_spread(tmp_path / "none.json") is None

@@ -139,7 +139,8 @@ def _check_same_suite(out: Path, record: dict) -> None:
                          if held.get("config", {}).get(k) != record["config"].get(k))
         if not same_stage0:
             changed.append("--shared-stage0")
-        what = f"suite {held.get('suite')!r}" if held.get("suite") != record["suite"] else f"settings ({', '.join(changed)})"
+        what = (f"suite {held.get('suite')!r}" if held.get("suite") != record["suite"] else
+                f"settings ({', '.join(changed)})")
         raise SuiteError(f"--output-dir {out} holds a suite run with other {what}; continue it with the same command "
                          "or choose another --output-dir")
 
@@ -227,6 +228,8 @@ def run_suite(cfg: RunConfig, suite_name: str, seeds: list[int], out: Path, *, r
         if cfg.embedded_default and shared_stage0:
             _run(dataclasses.replace(cfg, stages=("base",)), out / "base", "stage 0 (embedded default, shared)",
                  progress, verbose)
+        # Every seed's starting model and prefix first (the per-stage and per-sample tables), then the arms: a
+        # suite stopped part-way has its main tables for every seed.
         for seed in seeds:
             seed_cfg = seed_config(cfg, seed)
             if not cfg.embedded_default:
@@ -242,6 +245,8 @@ def run_suite(cfg: RunConfig, suite_name: str, seeds: list[int], out: Path, *, r
                  f"seed {seed}: prefix ({', '.join(PREFIX_STAGES)})", progress, verbose)
             if any(a.train_dice and a.same_as for t in suite.tables for a in t.arms):
                 measure_train_dice(seed_cfg, model_dir(prefix / "hsft"), prefix / TRAIN_DICE_FILE)
+        for seed in seeds:
+            seed_cfg, prefix = seed_config(cfg, seed), out / f"seed{seed}" / "prefix"
             for arm in arms:
                 run_dir = out / f"seed{seed}" / arm.name
                 if not arm.remine:

@@ -81,7 +81,10 @@ def run(ctx: RunContext, cfg: EvalConfig, start: Path | None) -> StageResult:
     comparisons = [{"after": a, "before": b, **_effect(dice[b], dice[a], cfg)}
                    for b, a in ctx.variants.items() if a in dice and b in dice]
     spread = shipped_spread() if ctx.cfg.embedded_default else None
-    return StageResult(summary=rows, section=results_table(rows, comparisons, split, spread),
+    section = results_table(rows, comparisons, split, spread)
+    if ctx.cfg.embedded_default and spread is None:
+        section[-1:-1] = [NOT_REPRODUCIBLE, ""]
+    return StageResult(summary=rows, section=section,
                        written={"evaluation": str(ctx.stage_dir("eval"))})
 
 
@@ -114,8 +117,9 @@ def results_table(rows: list[dict], comparisons: list[dict] | None = None, split
                      f"| {row['delta_base']:+.4f} | {row['iou']:.4f} | {row['forward_dice']:.4f} | "
                      f"{row['seg_rate']:.2f} |" + (f" {_range(spread, row['stage'])} |" if spread else ""))
     if spread:
+        seeds = ", ".join(map(str, spread["seeds"]))
         lines += ["", f"Δ start over stage-0 seeds: the lowest and highest Δ of each stage over {len(spread['seeds'])} "
-                      f"runs of the default settings, stage 0 trained with seeds {', '.join(map(str, spread['seeds']))} "
+                      f"runs of the default settings, stage 0 trained with seeds {seeds} "
                       f"(the shipped `hsft/stages/default_spread.json`: {spread['machine']}, {spread['threads']} "
                       f"threads, {spread['date']}, on the {spread['split']}). {NOT_REPRODUCIBLE}"]
     for comparison in comparisons or []:
