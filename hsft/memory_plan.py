@@ -45,9 +45,10 @@ TEXT_TOKENS = 32
 # LLM activations kept for backward, bytes per token, layer and hidden unit at 2-byte precision
 # (attention without the quadratic score matrix: SDPA; Korthikanti et al.'s 34 per layer without it).
 LLM_ACT_PER_HIDDEN = 34
-# The LM head over every position of a LoRA micro-batch in float32: logits, their float32 shifted copy,
-# log-softmax and its gradient.
-LOGIT_COPIES = 4
+# LoRA's LM loss applies the LM head to the answer's positions only (hsft.model.sa2va.labelled_lm_loss):
+# about this many per sample, in float32: logits, log-softmax and its gradient.
+ANSWER_TOKENS = 16
+LOGIT_COPIES = 3
 # SAM2's image encoder, largest transient per image per (input pixel) at 4-byte precision: Hiera's
 # first stage at 1/4 resolution with its 4x MLP, a few tensors alive at once.
 SAM_BYTES_PER_PIXEL = 96
@@ -286,7 +287,7 @@ def plan_run(cfg, shape: ModelShape, *, ds_config: dict, device: str, precision:
                 tiles = train_tiles[:min(mb, len(train_tiles))] or [1]
                 tokens = shape.tokens(max(tiles)) * len(tiles)
                 llm = shape.llm_layers * tokens * LLM_ACT_PER_HIDDEN * shape.llm_hidden * p / 2
-                logits = tokens * shape.vocab * 4 * LOGIT_COPIES
+                logits = len(tiles) * ANSWER_TOKENS * shape.vocab * 4 * LOGIT_COPIES
                 plan.activations_gib = (llm + logits + _inference_transient(shape, tiles, 0, p)) / GiB
                 plan.params_gib += trainable * p / GiB  # the adapters sit beside the frozen weights
                 plan.notes.append(f"LoRA micro-batch of {len(tiles)}, longest {shape.tokens(max(tiles))} tokens")

@@ -14,10 +14,10 @@ import sys
 
 import _import_hsft  # noqa: F401  (first: makes `import hsft` find the package)
 
-from hsft.bench.rehearsal import SHAPES, RehearsalConfig, RehearsalError, rehearse
+from hsft.bench.rehearsal import SHAPES, RehearsalConfig, RehearsalError, format_markdown, rehearse, summarise
 
 
-def parse(argv) -> RehearsalConfig:
+def parse(argv) -> tuple[RehearsalConfig, str | None]:
     parser = argparse.ArgumentParser(prog="launch/rehearse.py", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--shape", choices=SHAPES, default="sa2va-1b",
@@ -33,21 +33,30 @@ def parse(argv) -> RehearsalConfig:
     parser.add_argument("--max-new-tokens", type=int, default=None,
                         help="generation budget of mining and evaluation (default: the main command's)")
     parser.add_argument("--overwrite", action="store_true", help="replace a non-empty --output-dir")
+    parser.add_argument("--summarise", default=None, metavar="DIR",
+                        help="write DIR/rehearsal.json and .md again from what DIR holds (a rehearsal stopped during "
+                             "the main command: the stages it finished), with the memory plan of this code")
     parser.add_argument("--main-args", default="", metavar="OPTIONS",
                         help="more options for the main command, one string (e.g. '--hsft-cuda-graph')")
     args = parser.parse_args(argv)
     return RehearsalConfig(shape=args.shape, device=args.device, images=args.images, output_dir=args.output_dir,
                            precision=args.precision, deepspeed=args.deepspeed, epochs=args.epochs,
                            max_new_tokens=args.max_new_tokens, overwrite=args.overwrite,
-                           main_args=tuple(shlex.split(args.main_args)))
+                           main_args=tuple(shlex.split(args.main_args))), args.summarise
 
 
 def main(argv=None) -> int:
-    cfg = parse(sys.argv[1:] if argv is None else argv)
+    cfg, again = parse(sys.argv[1:] if argv is None else argv)
     try:
+        if again is not None:
+            print(format_markdown(summarise(again, replanned=True)))
+            return 0
         rehearse(cfg, echo=lambda line: print(line, flush=True))
     except ValueError as error:
         print(f"launch/rehearse.py: error: {error}", file=sys.stderr)
+        return 2
+    except (OSError, KeyError) as error:
+        print(f"launch/rehearse.py: error: --summarise {again}: {error}", file=sys.stderr)
         return 2
     except RehearsalError as error:
         print(f"launch/rehearse.py: failed: {error}", file=sys.stderr)

@@ -117,6 +117,19 @@ def test_tiny_rehearsal_end_to_end(tmp_path, capsys):
         assert 0.6 < ratio < 1.6, (stage, ratio)
     text = (out / "rehearsal.md").read_text()
     assert "| lora |" in text and "plan / measured" in text and "identical" in text
+    # a rehearsal stopped during the main command: its finished stages, the plan of this code beside them
+    run = out / "run"
+    resources = json.loads((run / "resources.json").read_text())
+    resources["stages"] = {k: v for k, v in resources["stages"].items() if k in ("lora", "dpo")}
+    (run / "resources.json").write_text(json.dumps(resources))
+    (run / "report.json").unlink()
+    summary["steps"] = [row for row in summary["steps"] if row["step"] in ("write release", "import-sa2va", "data")]
+    del summary["round_trip"]
+    (out / "rehearsal.json").write_text(json.dumps(summary))
+    assert launch_main("rehearse")(["--summarise", str(out)]) == 0
+    text = (out / "rehearsal.md").read_text()
+    assert "Stopped during the main command, after 2 of 6 stages" in text and "| dpo |" in text
+    assert "| mining |" not in text and "recomputed after the run" in text
 
 
 def test_bad_arguments_are_one_line(tmp_path, capsys):

@@ -35,8 +35,8 @@ import torch
 
 from hsft.engine.resources import GiB, disk_bytes, measure
 
-__all__ = ["SHAPES", "DATASET_SIZES", "RehearsalConfig", "rehearse", "format_markdown", "image_plan",
-           "build_shape_model"]
+__all__ = ["SHAPES", "DATASET_SIZES", "RehearsalConfig", "rehearse", "summarise", "replan", "format_markdown",
+           "image_plan", "build_shape_model"]
 
 REPO = Path(__file__).resolve().parents[2]
 SHAPES = ("tiny", "sa2va-1b", "sa2va-4b")
@@ -316,12 +316,52 @@ def _stage_resources(run: Path) -> tuple[dict | None, dict]:
     return None, {}
 
 
-def summarise_partial(output_dir: str | Path) -> dict:
-    """rehearsal.json and rehearsal.md of a rehearsal stopped during the main command: the steps before it
-    and the stages the main command finished."""
+def _from_dict(cls, data: dict):
+    """A (nested) config dataclass from its asdict() form, as run_config.json holds it."""
+    import dataclasses
+    import typing
+
+    hints = typing.get_type_hints(cls)
+    values = {}
+    for f in dataclasses.fields(cls):
+        if f.name not in data:
+            continue
+        value, kind = data[f.name], hints[f.name]
+        if dataclasses.is_dataclass(kind) and isinstance(value, dict):
+            value = _from_dict(kind, value)
+        elif isinstance(value, list):
+            value = tuple(value)
+        values[f.name] = value
+    return cls(**values)
+
+
+def replan(run: Path) -> dict:
+    """The memory plan of a finished or stopped run, by this code: its run_config.json, its starting model
+    and its data (so a plan changed after the run can stand beside the run's measured peaks)."""
+    from hsft.config import RunConfig
+    from hsft.data import load_splits
+    from hsft.engine.ds_config import apply_precision, load_ds_config
+    from hsft.memory_plan import plan_for_run
+
+    saved = json.loads((run / "run_config.json").read_text())
+    cfg = _from_dict(RunConfig, saved)
+    report = json.loads((run / "resources.json").read_text()).get("memory_plan") or {}
+    precision, device = report.get("precision", cfg.precision or "fp32"), report.get("device", "cpu")
+    ds = apply_precision(load_ds_config(cfg.deepspeed), precision)
+    plan = plan_for_run(cfg, ds, device=device, precision=precision, world_size=report.get("world_size", 1),
+                        splits=load_splits(cfg.data), start=Path(cfg.start_model) if cfg.start_model else None)
+    return plan.to_dict()
+
+
+def summarise(output_dir: str | Path, *, replanned: bool = False) -> dict:
+    """rehearsal.json and rehearsal.md again from what the output directory holds: for a rehearsal stopped
+    during the main command, the steps before it and the stages the main command finished; with
+    `replanned`, the plan column from this code (replan) instead of the one the run printed."""
     out = Path(output_dir)
     summary = json.loads((out / "rehearsal.json").read_text())
-    summary["memory_plan"], measured = _stage_resources(out / "run")
+    plan, measured = _stage_resources(out / "run")
+    summary["memory_plan"] = replan(out / "run") if replanned else plan
+    summary["plan_source"] = "recomputed after the run" if replanned else "printed by the run"
     done = {row["step"] for row in summary["steps"]}
     for stage in PIPELINE_STAGES:
         if stage in measured and stage not in done:
@@ -331,7 +371,8 @@ def summarise_partial(output_dir: str | Path) -> dict:
             if (out / "run" / stage).exists():
                 row["disk_gib"] = disk_bytes(out / "run" / stage) / GiB
             summary["steps"].append(row)
-    summary["stopped"] = f"during the main command, after {len(measured)} of {len(PIPELINE_STAGES)} stages"
+    if "round_trip" not in summary:
+        summary["stopped"] = f"during the main command, after {len(measured)} of {len(PIPELINE_STAGES)} stages"
     _save(out, summary)
     (out / "rehearsal.md").write_text(format_markdown(summary), encoding="utf-8")
     return summary
@@ -425,6 +466,7 @@ def format_markdown(summary: dict) -> str:
     peak = "peak GPU GiB" if cuda else "peak host GiB"
     lines = [f"# Rehearsal: {summary['shape']} on {summary['machine']}", "",
              *([f"Stopped {summary['stopped']}.", ""] if summary.get("stopped") else []),
+             *([f"Plan column: {summary['plan_source']}.", ""] if summary.get("plan_source") else []),
              f"{summary['threads']} threads, {summary['precision']}, {summary['config']['images']} images, "
              f"epochs capped at {summary['config']['epochs']}, {summary['date']}, commit {summary['commit']}", "",
              f"| step | wall s | {peak} | plan GiB | plan / measured | disk written GiB |",
