@@ -1,6 +1,7 @@
 """Benchmark the fused mask loss against eager PyTorch and torch.compile; see hsft.bench.kernels.
 
-    python launch/bench_kernels.py [--quick] [--device cpu|cuda] [--out results/bench_kernels]
+    python launch/bench_kernels.py [--quick] [--device cpu|cuda] [--dtype float32|bfloat16] [--shapes 16x256->1024 ...]
+                                   [--out results/bench_kernels]
 """
 
 from __future__ import annotations
@@ -19,15 +20,27 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--device", default="cpu", help="cpu or cuda (default cpu)")
     parser.add_argument("--quick", action="store_true", help="two shapes, 3 repeats: a smoke run")
+    parser.add_argument("--dtype", default="float32", choices=sorted(benchmark.DTYPES), help="logits dtype")
+    parser.add_argument("--shapes", nargs="+", default=None, metavar="NxLOW->HIGH",
+                        help="shapes to run, e.g. 16x256->1024 (default: the standard set, or --quick's)")
     parser.add_argument("--providers", nargs="+", default=list(benchmark.PROVIDERS), choices=benchmark.PROVIDERS)
     parser.add_argument("--modes", nargs="+", default=list(benchmark.MODES), choices=benchmark.MODES)
     parser.add_argument("--repeats", type=int, default=None, help="timed repeats per row (default 7, quick 3)")
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's)")
     parser.add_argument("--out", type=Path, default=Path("results/bench_kernels"), help="results directory")
+    parser.add_argument("--targets", action="store_true",
+                        help="check ours' fwd+bwd rows against the goals (5x eager, 1.5x torch.compile, 40%% of "
+                             "the memory roofline); exit 1 when one is missed")
     args = parser.parse_args()
     if args.repeats is not None and args.repeats < 1:
         parser.error("--repeats must be >= 1")
+    shapes = benchmark.QUICK_SHAPES if args.quick else benchmark.DEFAULT_SHAPES
+    if args.shapes:
+        try:
+            shapes = tuple(benchmark.Shape.parse(text) for text in args.shapes)
+        except ValueError as error:
+            parser.error(f"--shapes: {error}")
 
     import torch
 
@@ -36,7 +49,8 @@ def main() -> None:
     try:
         rows = benchmark.run(
             device=args.device,
-            shapes=benchmark.QUICK_SHAPES if args.quick else benchmark.DEFAULT_SHAPES,
+            shapes=shapes,
+            dtype=benchmark.DTYPES[args.dtype],
             providers=args.providers,
             modes=args.modes,
             repeats=args.repeats or (3 if args.quick else 7),
@@ -47,6 +61,12 @@ def main() -> None:
     print(benchmark.format_table(rows))
     json_path, csv_path = benchmark.write_results(rows, args.out, command=shlex.join([sys.executable, *sys.argv]))
     print(f"wrote {json_path} and {csv_path}")
+    if args.targets:
+        verdicts = benchmark.check_targets(rows)
+        for line, met in verdicts:
+            print(("target met: " if met else "TARGET MISSED: ") + line)
+        if not verdicts or not all(met for _, met in verdicts):
+            sys.exit(1)
 
 
 if __name__ == "__main__":

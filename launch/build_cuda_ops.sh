@@ -3,6 +3,9 @@
 # flags, sm_80 and sm_90) on a machine that has nvcc but no GPU and possibly a CPU build of torch,
 # then checks that it links and holds the CUDA kernels for every architecture.
 #
+#   0. compiles each csrc/cuda/*.cu (they need no torch headers) with nvcc -Xptxas -v for every
+#      architecture and prints each kernel's registers, stack, shared memory and spills; fails when a
+#      kernel spills registers to local memory (with --report-only it stops there);
 #   1. downloads the CUDA build of the installed torch version from the public index (about 530 MB,
 #      once: kept in the cache) and unpacks its headers, CMake files and libraries; it is never
 #      imported, so the CPU torch of this machine stays in use;
@@ -12,7 +15,7 @@
 #      nvidia-cuda-cuobjdump wheel when the toolkit has none), that the library holds the hsft CUDA
 #      kernels for each architecture; prints their register and shared memory use.
 #
-# Usage (repository root): bash launch/build_cuda_ops.sh [OUT]      (default build/cuda_ops)
+# Usage (repository root): bash launch/build_cuda_ops.sh [--report-only] [OUT]   (default build/cuda_ops)
 # Environment:
 #   PYTHON             the Python whose torch version is built against (default: python)
 #   HSFT_WHEEL_CACHE   download cache (default ~/.cache/hsft/wheels)
@@ -21,12 +24,16 @@ set -euo pipefail
 
 cd "$(dirname "$0")/.."
 PYTHON="${PYTHON:-python}"
+REPORT_ONLY=0
+if [ "${1:-}" = "--report-only" ]; then
+  REPORT_ONLY=1
+  shift
+fi
 OUT="${1:-build/cuda_ops}"
 CACHE="${HSFT_WHEEL_CACHE:-$HOME/.cache/hsft/wheels}"
 NVCC="${NVCC:-$(command -v nvcc || true)}"
 # The kernels the library must hold for each architecture (names as in csrc/cuda/*.cu).
-KERNELS=(dice_bce_forward_kernel dice_bce_finalize_kernel dice_bce_backward_cells_kernel
-         dice_bce_backward_gather_kernel upsample_kernel mask_stats_kernel)
+KERNELS=(dice_bce_forward_kernel dice_bce_backward_kernel upsample_kernel mask_stats_kernel)
 ARCHS=(sm_80 sm_90)
 
 fail() { echo "build_cuda_ops.sh: $*" >&2; exit 1; }
@@ -49,6 +56,60 @@ nvidia_file() {
 }
 
 [ -n "$NVCC" ] && [ -x "$NVCC" ] || fail "no nvcc found (set NVCC or put nvcc on PATH)"
+
+step "registers and spills per kernel (nvcc -Xptxas -v)"
+mkdir -p "$OUT.ptxas"
+GENCODE=()
+for arch in "${ARCHS[@]}"; do GENCODE+=(-gencode "arch=compute_${arch#sm_},code=$arch"); done
+pids=()
+for source in csrc/cuda/*.cu; do
+  name="$(basename "$source" .cu)"
+  "$NVCC" -c "$source" -o "$OUT.ptxas/$name.o" -std=c++17 -O3 -Icsrc "${GENCODE[@]}" -Xptxas -v \
+    > "$OUT.ptxas/$name.log" 2>&1 &
+  pids+=("$!")
+done
+for pid in "${pids[@]}"; do wait "$pid" || { cat "$OUT.ptxas"/*.log >&2; fail "nvcc failed"; }; done
+"$PYTHON" - "$OUT.ptxas" <<'PY'
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+# ptxas -v prints, per kernel and architecture: "Compiling entry function 'NAME' for 'sm_XX'", then
+# "Function properties for NAME" with the stack frame and spills, then "Used N registers, ...".
+rows, kernel, arch, spills = [], None, None, []
+for log in sorted(Path(sys.argv[1]).glob("*.log")):
+    for line in log.read_text().splitlines():
+        entry = re.search(r"Compiling entry function '(\S+)' for '(sm_\d+)'", line)
+        if entry:
+            kernel, arch = entry.groups()
+            frame = stores = loads = 0
+            continue
+        props = re.search(r"(\d+) bytes stack frame, (\d+) bytes spill stores, (\d+) bytes spill loads", line)
+        if props and kernel:
+            frame, stores, loads = map(int, props.groups())
+            continue
+        used = re.search(r"Used (\d+) registers(.*)", line)
+        if used and kernel:
+            smem = re.search(r"(\d+) bytes smem", used.group(2))
+            rows.append((log.stem, kernel, arch, int(used.group(1)), frame, stores, loads,
+                         int(smem.group(1)) if smem else 0))
+            if stores or loads:
+                spills.append(kernel)
+            kernel = None
+names = subprocess.run(["c++filt"], input="\n".join(r[1] for r in rows), capture_output=True, text=True).stdout.split("\n")
+print(f"{'arch':6} {'regs':>4} {'stack':>5} {'spill st':>8} {'spill ld':>8} {'smem':>5}  kernel")
+for row, name in zip(rows, names):
+    short = name.replace("hsft::cuda::(anonymous namespace)::", "").replace("hsft::", "")
+    short = re.sub(r"\(.*", "", short.removeprefix("void "))
+    print(f"{row[2]:6} {row[3]:>4} {row[4]:>5} {row[5]:>8} {row[6]:>8} {row[7]:>5}  {short}")
+if not rows:
+    sys.exit("build_cuda_ops.sh: ptxas reported no kernels")
+if spills:
+    sys.exit(f"build_cuda_ops.sh: {len(spills)} kernel builds spill registers to local memory")
+print(f"no spills in {len(rows)} kernel builds")
+PY
+[ "$REPORT_ONLY" = 1 ] && exit 0
 command -v cmake >/dev/null || fail "cmake not found"
 command -v ninja >/dev/null || fail "ninja not found"
 # The version only, read from the package metadata: importing torch is not needed.

@@ -7,6 +7,11 @@
 #   bench    the kernel benchmark on cuda (eager / torch.compile / ours, 8, 16, 64 masks 256->1024,
 #            forward and forward+backward)
 #   main     the main command on the GPU: embedded default, bf16, stage 0 from .hsft_cache/
+# and, named in HSFT_CHECK_ONLY (the kernels' own check, see docs/kernels.md):
+#   kernels_fp32, kernels_bf16   the kernel benchmark at 16 x 256 -> 1024, forward+backward, against
+#            eager and torch.compile, with CUDA-event / kernel / launch breakdown and the roofline,
+#            checked against the goals (--targets: 5x eager, 1.5x torch.compile, 40 % of the roofline)
+#   memcheck, racecheck          the CUDA op tests under compute-sanitizer (--tool memcheck / racecheck)
 # Each step logs to its own file; a failed step is recorded and the next one still runs; the script
 # exits non-zero at the end when any step failed. OUT gets few files (a GPU machine hands back
 # only a handful): summary.md (card, versions, pass/fail and time per step, the benchmark table,
@@ -151,6 +156,28 @@ if [ "$CPU" = 1 ]; then
              --data-synthetic-size 64 --lora-epochs 1 --lora-rank 8 --hsft-epochs 1)
 fi
 run_step bench 70 "$PY" launch/bench_kernels.py --device "$DEVICE" "${BENCH_ARGS[@]}" --out "$WORK/bench"
+# The kernels at the goals' shape, in float32 and bfloat16 (on --cpu: a small shape, no targets).
+KERNEL_ARGS=(--shapes "16x256->1024" --modes fwd+bwd --repeats 20 --warmup 3 --targets)
+[ "$CPU" = 0 ] || KERNEL_ARGS=(--shapes "4x64->256" --modes fwd+bwd --repeats 2 --warmup 1)
+for pair in fp32:float32 bf16:bfloat16; do
+  run_step "kernels_${pair%%:*}" "${HSFT_CHECK_KERNELS_SECONDS:-120}" "$PY" launch/bench_kernels.py \
+    --device "$DEVICE" --dtype "${pair#*:}" "${KERNEL_ARGS[@]}" --out "$WORK/bench"
+done
+sanitize() {
+  local tool="$1" sanitizer
+  sanitizer="$(command -v compute-sanitizer || ls /usr/local/cuda/bin/compute-sanitizer 2>/dev/null)"
+  [ -n "$sanitizer" ] || { echo "no compute-sanitizer on this machine"; return 1; }
+  "$sanitizer" --tool "$tool" --error-exitcode 3 --target-processes all \
+    "$PY" -m pytest tests/test_ops.py -q -ra -p no:cacheprovider -k "cuda and not fake_gpu"
+}
+export -f sanitize
+if [ "$CPU" = 1 ]; then
+  skip_step memcheck "--cpu: compute-sanitizer needs a GPU"
+  skip_step racecheck "--cpu: compute-sanitizer needs a GPU"
+else
+  run_step memcheck "${HSFT_CHECK_SANITIZER_SECONDS:-120}" sanitize memcheck
+  run_step racecheck "${HSFT_CHECK_SANITIZER_SECONDS:-120}" sanitize racecheck
+fi
 # HSFT_CHECK_MAIN_ARGS: extra options of the main command (e.g. "--hsft-compile default").
 read -r -a EXTRA_MAIN_ARGS <<< "${HSFT_CHECK_MAIN_ARGS:-}"
 run_step main "${HSFT_CHECK_MAIN_SECONDS:-200}" env HSFT_CACHE="$PWD/.hsft_cache" "$(dirname "$(command -v "$PY")")/deepspeed" --num_gpus 1 \
@@ -225,6 +252,21 @@ run_step bench_step "${HSFT_CHECK_BENCH_STEP_SECONDS:-150}" "$PY" launch/bench_s
   echo
   echo "## kernel benchmark"
   sed -n '/^| device/,/^$/p' "$LOGS/bench.log" 2>/dev/null
+  for name in kernels_fp32 kernels_bf16; do
+    [ -f "$LOGS/$name.log" ] || continue
+    echo
+    echo "## $name (16 x 256 -> 1024, forward+backward)"
+    sed -n '/^| device/,/^$/p' "$LOGS/$name.log"
+    grep "^target met\|^TARGET MISSED" "$LOGS/$name.log"
+  done
+  for name in memcheck racecheck; do
+    [ -f "$LOGS/$name.log" ] || continue
+    echo
+    echo "## compute-sanitizer $name"
+    echo '```'
+    grep "ERROR SUMMARY\|RACECHECK SUMMARY\|passed\|failed" "$LOGS/$name.log" | tail -n 5
+    echo '```'
+  done
   echo
   echo "## main command"
   if [ -f "$WORK/run/report.md" ]; then cat "$WORK/run/report.md"; else tail -n 20 "$LOGS/main.log" 2>/dev/null; fi
@@ -239,8 +281,7 @@ run_step bench_step "${HSFT_CHECK_BENCH_STEP_SECONDS:-150}" "$PY" launch/bench_s
   if [ -f "$WORK/experiments/results.md" ]; then sed -n '/^## 4.4.1/,/^\*\*Reading/p' "$WORK/experiments/results.md"
   else tail -n 20 "$LOGS/experiments.log" 2>/dev/null; fi
 } > "$OUT/summary.md"
-cp "$WORK"/bench/*.json "$OUT/bench_kernels.json" 2>/dev/null
-cp "$WORK"/bench/*.csv "$OUT/bench_kernels.csv" 2>/dev/null
+cp "$WORK"/bench/*.json "$WORK"/bench/*.csv "$OUT/" 2>/dev/null
 cp "$WORK/run/report.md" "$OUT/report.md" 2>/dev/null
 cp "$WORK"/bench_step/*.json "$OUT/" 2>/dev/null
 cp "$WORK/experiments/results.md" "$OUT/experiments_results.md" 2>/dev/null

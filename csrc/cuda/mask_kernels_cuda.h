@@ -13,34 +13,45 @@
 
 namespace hsft::cuda {
 
+// mid_h, mid_w > 0: the Dice+BCE op resizes in two steps, in -> mid -> out (common/resize_plan.h).
 struct Geometry {
   int64_t num_masks;
   int64_t in_h;
   int64_t in_w;
   int64_t out_h;
   int64_t out_w;
+  int64_t mid_h = 0;
+  int64_t mid_w = 0;
 };
 
 enum class PlaneType { kByte, kFloat32, kFloat64 };
+// Logits and gradients: bfloat16 / float16 are read and written as stored, computed in float32.
+enum class ValueType { kFloat32, kFloat64, kBFloat16, kFloat16 };
 
-// Scratch the caller allocates (device memory, any alignment of 256 bytes) for each launch.
-size_t dice_bce_forward_workspace_bytes(const Geometry& g);
-size_t dice_bce_backward_workspace_bytes(const Geometry& g, bool is_double);
+// Scratch the caller allocates (device memory, 256-byte aligned) for each forward launch; the
+// forward clears the part that must start at zero itself.
+size_t dice_bce_forward_workspace_bytes(const Geometry& g, bool is_double);
 
-// sums: num_masks x 5 (sum p, sum p g, sum g, sum bce, pixel count; see common/mask_math.h), losses:
-// num_masks, both float64; over the pixels where fov is non-zero (every pixel when fov is null).
+// Dynamic shared memory of one forward block, and whether this device can give it (the largest
+// images do not fit; the caller then refuses the call with a message).
+size_t dice_bce_forward_shared_bytes(const Geometry& g, bool is_double, bool with_adjoint);
+
+// sums: num_masks x 5 (sum p, sum p g, sum g, sum bce, pixel count; see common/mask_math.h) float64,
+// losses: num_masks in T, over the pixels where fov is non-zero (every pixel when fov is null). With
+// adjoint not null, also the gradient's adjoint planes (num_masks x 3 x in_h x in_w, T). T is double
+// for float64 logits, float for the others. One memset and one kernel.
 template <typename T>
-cudaError_t launch_dice_bce_forward(const T* logits, const void* target, PlaneType target_type, const uint8_t* fov,
-                                    const Geometry& g,
-                                    double dice_weight, double bce_weight, double eps, double* sums, double* losses,
+cudaError_t launch_dice_bce_forward(const void* logits, ValueType logits_type, const void* target,
+                                    PlaneType target_type, const uint8_t* fov, const Geometry& g, double dice_weight,
+                                    double bce_weight, double eps, double* sums, T* losses, T* adjoint,
                                     void* workspace, cudaStream_t stream);
 
-// grad_logits (num_masks x h x w) of sum_n grad_loss[n] * loss[n]; sums from the forward (same fov).
+// grad (num_masks x in_h x in_w, grad_type) of sum_n grad_loss[n * grad_loss_stride] * loss[n], from the
+// forward's sums and adjoint planes: one elementwise kernel.
 template <typename T>
-cudaError_t launch_dice_bce_backward(const T* logits, const void* target, PlaneType target_type, const uint8_t* fov,
-                                     const Geometry& g,
-                                     const double* sums, const double* grad_loss, double dice_weight,
-                                     double bce_weight, double eps, T* grad_logits, void* workspace,
+cudaError_t launch_dice_bce_backward(const T* adjoint, const double* sums, const T* grad_loss,
+                                     int64_t grad_loss_stride, const Geometry& g, double dice_weight,
+                                     double bce_weight, double eps, void* grad, ValueType grad_type,
                                      cudaStream_t stream);
 
 // Writes values (if not null) and value > threshold (if above is not null).

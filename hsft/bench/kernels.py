@@ -14,10 +14,19 @@ from mmap and leaves the resident set when freed. It counts everything the call 
 kernels' own scratch included. Timings run before that, with the allocator's default behaviour.
 CUDA: torch.cuda.max_memory_allocated minus memory_allocated before the call.
 
-CUDA rows also report the achieved bandwidth, the bytes the op must move at the least (uint8
-targets and float32 logits read, the float32 gradient written) over the median time, and its
-fraction of the memory roofline: the card's peak memory bandwidth from a table by device name
-(:data:`PEAK_BANDWIDTH_TBS`), or the measured device-to-device copy bandwidth for cards not in it.
+CUDA rows separate three times, because host overhead (launches, allocations, Python) is inside
+every wall-clock number and is not the kernels' speed:
+  - ``median_ms`` (and min / max): the whole op's wall time, perf_counter around the call and a
+    synchronize; what a training step pays;
+  - ``gpu_ms``: CUDA events recorded on the stream right before and after the call; the device's
+    busy span, gaps between launches included;
+  - ``kernel_ms``: the sum of the device durations of the kernels (and memsets / copies) the call
+    launched, from a torch.profiler trace; ``launches`` is how many there were per call.
+``bytes`` is the traffic the op must cause at the least (targets read once, in their dtype; logits
+read once; for a backward the gradient written once, in the logits' dtype), and the roofline
+fractions are those bytes over the time, as a fraction of the card's peak memory bandwidth (a table
+by device name, :data:`PEAK_BANDWIDTH_TBS`, or the measured device-to-device copy bandwidth for
+cards not in it): ``roofline_fraction`` by the whole op's time, ``kernel_roofline`` by the kernels'.
 
 "ours" is the compiled kernel or nothing: when the compiled library has no kernel for the device
 (not built, or built without CUDA) the benchmark refuses to run rather than time the reference
@@ -43,9 +52,11 @@ from hsft.ops import library, reference
 from hsft.ops.mask_ops import dice_bce_loss
 
 __all__ = ["Shape", "Row", "DEFAULT_SHAPES", "QUICK_SHAPES", "PROVIDERS", "MODES", "PEAK_BANDWIDTH_TBS", "run",
-           "peak_bandwidth", "format_table", "write_results", "BenchmarkError", "OursUnavailable"]
+           "peak_bandwidth", "format_table", "write_results", "BenchmarkError", "OursUnavailable", "DTYPES",
+           "moved_bytes", "DeviceActivity", "launch_summary", "Targets", "check_targets"]
 
 PROVIDERS = ("eager", "compile", "ours")
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 MODES = ("fwd", "bwd", "fwd+bwd")
 MMAP_THRESHOLD = 65536
 # Peak memory bandwidth (TB/s, vendor figures) by a fragment of torch.cuda.get_device_name, first
@@ -80,6 +91,14 @@ class Shape:
     def label(self) -> str:
         return f"{self.masks}x{self.low}->{self.high}"
 
+    @classmethod
+    def parse(cls, text: str) -> "Shape":
+        """A shape from its label, e.g. "16x256->1024"."""
+        match = re.fullmatch(r"(\d+)x(\d+)->(\d+)", text.strip())
+        if match is None or min(int(v) for v in match.groups()) < 1:
+            raise ValueError(f"{text!r} is not a shape such as 16x256->1024 (masks x low side -> high side)")
+        return cls(*(int(v) for v in match.groups()))
+
 
 DEFAULT_SHAPES = (Shape(8, 256, 1024), Shape(16, 256, 1024), Shape(64, 256, 1024))
 QUICK_SHAPES = (Shape(8, 64, 256), Shape(8, 256, 1024))
@@ -91,13 +110,19 @@ class Row:
     shape: str
     provider: str
     mode: str
-    median_ms: float
+    median_ms: float  # whole op, wall clock
     min_ms: float
     max_ms: float
     repeats: int
     peak_extra_mib: float
-    bandwidth_gbs: float | None = None
+    dtype: str = "float32"
+    bandwidth_gbs: float | None = None  # bytes over the whole op's median time
     roofline_fraction: float | None = None  # of the peak (or measured copy) memory bandwidth
+    gpu_ms: float | None = None  # CUDA events around the call (median)
+    kernel_ms: float | None = None  # device time of the kernels the call launched (profiler, per call)
+    launches: float | None = None  # kernels + memsets + copies per call (profiler)
+    kernel_roofline: float | None = None  # bytes over kernel_ms, of the peak bandwidth
+    bytes: int | None = None  # the least traffic the op must cause
 
 
 def _pin_malloc_mmap_threshold() -> None:
@@ -195,11 +220,80 @@ def _time_mode(
     return times, prepare_call
 
 
-def _moved_bytes(shape: Shape, mode: str) -> int:
+def moved_bytes(shape: Shape, mode: str, dtype: torch.dtype) -> int:
+    """The least traffic of one call: a bool target read once (1 byte a pixel) and the logits read
+    once; a backward also writes the gradient once, in the logits' dtype. (A backward that recomputes
+    the forward reads both again; an op that computes the gradient in the forward does not.)"""
     pixels = shape.masks * shape.high * shape.high
-    low = shape.masks * shape.low * shape.low * 4
-    per_pass = pixels * 1 + low  # uint8 target + float32 logits
-    return {"fwd": per_pass, "bwd": per_pass + low, "fwd+bwd": 2 * per_pass + low}[mode]
+    low = shape.masks * shape.low * shape.low * torch.empty((), dtype=dtype).element_size()
+    return {"fwd": pixels + low, "bwd": low, "fwd+bwd": pixels + 2 * low}[mode]
+
+
+@dataclass(frozen=True)
+class DeviceActivity:
+    """One device-side event of a profiler trace: a kernel, memset or copy."""
+
+    name: str
+    device_us: float
+
+
+def launch_summary(activities: Sequence[DeviceActivity], calls: int) -> tuple[float, float]:
+    """(launches per call, device milliseconds per call) of the activities `calls` calls caused."""
+    if calls < 1:
+        raise ValueError("launch_summary: calls must be >= 1")
+    return len(activities) / calls, sum(a.device_us for a in activities) / 1e3 / calls
+
+
+def _device_activities(profile: torch.profiler.profile) -> list[DeviceActivity]:
+    """The CUDA-side events (kernels, memsets, copies) of a trace."""
+    out = []
+    for event in profile.events():
+        if event.device_type != torch.autograd.DeviceType.CUDA:
+            continue
+        duration = getattr(event, "device_time", None)
+        if duration is None:
+            duration = event.cuda_time
+        out.append(DeviceActivity(event.name, float(duration)))
+    return out
+
+
+def _cuda_breakdown(
+    fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor], logits: torch.Tensor, target: torch.Tensor,
+    mode: str, repeats: int,
+) -> tuple[float, float, float]:
+    """(median CUDA-event ms, kernel ms per call, launches per call) of `mode` on CUDA."""
+    device = logits.device
+
+    def prepared() -> tuple[Callable[[], None], torch.Tensor | None]:
+        if mode == "bwd":
+            loss = fn(logits, target)
+            _sync(device)
+            return loss.backward, loss
+        if mode == "fwd":
+            return lambda: fn(logits, target) and None, None
+        return lambda: fn(logits, target).backward(), None
+
+    spans = []
+    for _ in range(repeats):
+        call, _keep = prepared()
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        call()
+        end.record()
+        end.synchronize()
+        spans.append(start.elapsed_time(end))
+        logits.grad = None
+    calls = []
+    for _ in range(repeats):
+        calls.append(prepared())
+    _sync(device)
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as profile:
+        for call, _keep in calls:
+            call()
+            logits.grad = None
+        _sync(device)
+    launches, kernel_ms = launch_summary(_device_activities(profile), repeats)
+    return statistics.median(spans), kernel_ms, launches
 
 
 def peak_bandwidth(device: torch.device) -> tuple[float, str]:
@@ -228,9 +322,9 @@ def _copy_bandwidth(device: torch.device) -> float:
 def run(
     *, device: str = "cpu", shapes: Sequence[Shape] = DEFAULT_SHAPES, providers: Sequence[str] = PROVIDERS,
     modes: Sequence[str] = MODES, repeats: int = 7, warmup: int = 2, seed: int = 0,
-    log: Callable[[str], None] = print,
+    log: Callable[[str], None] = print, dtype: torch.dtype = torch.float32,
 ) -> list[Row]:
-    """Times every provider, mode and shape; returns one Row each."""
+    """Times every provider, mode and shape (logits in `dtype`); returns one Row each."""
     dev = torch.device(device)
     if dev.type == "cuda" and not torch.cuda.is_available():
         raise BenchmarkError("benchmark: --device cuda asked for but no CUDA device is available")
@@ -249,7 +343,7 @@ def run(
 
     def inputs(shape: Shape) -> tuple[torch.Tensor, torch.Tensor]:
         gen = torch.Generator().manual_seed(seed)
-        logits = torch.randn(shape.masks, shape.low, shape.low, generator=gen).to(dev).requires_grad_(True)
+        logits = torch.randn(shape.masks, shape.low, shape.low, generator=gen).to(dev, dtype).requires_grad_(True)
         target = (torch.rand(shape.masks, shape.high, shape.high, generator=gen) < 0.2).to(dev)
         return logits, target
 
@@ -261,14 +355,19 @@ def run(
                 times, _ = _time_mode(fn, logits, target, mode, repeats, warmup)
                 median = statistics.median(times)
                 row = Row(dev.type, shape.label, provider, mode, median * 1e3, min(times) * 1e3, max(times) * 1e3,
-                          repeats, float("nan"))
+                          repeats, float("nan"), dtype=str(dtype).removeprefix("torch."))
+                row.bytes = moved_bytes(shape, mode, dtype)
+                detail = ""
                 if peak_bw is not None:
-                    moved = _moved_bytes(shape, mode)
-                    row.bandwidth_gbs = moved / median / 1e9
-                    row.roofline_fraction = moved / peak_bw / median
+                    row.bandwidth_gbs = row.bytes / median / 1e9
+                    row.roofline_fraction = row.bytes / peak_bw / median
+                    row.gpu_ms, row.kernel_ms, row.launches = _cuda_breakdown(fn, logits, target, mode, repeats)
+                    row.kernel_roofline = row.bytes / peak_bw / (row.kernel_ms / 1e3) if row.kernel_ms else None
+                    detail = (f"; events {row.gpu_ms:.3f} ms, kernels {row.kernel_ms:.3f} ms in "
+                              f"{row.launches:.1f} launches")
                 rows.append(row)
                 log(f"  {shape.label:>14} {provider:>8} {mode:>8}: {row.median_ms:9.3f} ms "
-                    f"[{row.min_ms:.3f}, {row.max_ms:.3f}]")
+                    f"[{row.min_ms:.3f}, {row.max_ms:.3f}]{detail}")
         del logits, target
 
     # Memory pass, after all timings (it changes the allocator's behaviour on CPU).
@@ -289,21 +388,72 @@ def run(
 
 
 def format_table(rows: Sequence[Row]) -> str:
-    """Markdown table with the speed-up and memory ratio of every provider against eager."""
-    eager = {(r.device, r.shape, r.mode): r for r in rows if r.provider == "eager"}
-    lines = ["| device | shape | provider | mode | median ms | min-max ms | peak extra MiB | vs eager time |"
-             " vs eager memory | GB/s | roofline |",
-             "|---|---|---|---|---:|---:|---:|---:|---:|---:|---:|"]
+    """Markdown table with the speed-up and memory ratio of every provider against eager (and, on CUDA,
+    against torch.compile, with the event, kernel and launch breakdown and the roofline fractions)."""
+    eager = {(r.device, r.dtype, r.shape, r.mode): r for r in rows if r.provider == "eager"}
+    compiled = {(r.device, r.dtype, r.shape, r.mode): r for r in rows if r.provider == "compile"}
+    cuda = any(r.device == "cuda" for r in rows)
+    header = ("| device | dtype | shape | provider | mode | median ms (whole op) | min-max ms | peak extra MiB |"
+              " vs eager time | vs compile time | vs eager memory |")
+    rule = "|---|---|---|---|---|---:|---:|---:|---:|---:|---:|"
+    if cuda:
+        header += " events ms | kernels ms | launches | MB | roofline (op) | roofline (kernels) |"
+        rule += "---:|---:|---:|---:|---:|---:|"
+    lines = [header, rule]
+
+    def ratio(base: Row | None, r: Row) -> str:
+        return f"{base.median_ms / r.median_ms:.2f}x" if base else "-"
+
+    def fmt(value: float | None, spec: str) -> str:
+        return format(value, spec) if value is not None else "-"
+
     for r in rows:
-        base = eager.get((r.device, r.shape, r.mode))
-        speedup = f"{base.median_ms / r.median_ms:.2f}x" if base else "-"
+        key = (r.device, r.dtype, r.shape, r.mode)
+        base = eager.get(key)
         memory = f"{r.peak_extra_mib / base.peak_extra_mib:.3f}" if base and base.peak_extra_mib > 0 else "-"
-        bandwidth = f"{r.bandwidth_gbs:.0f}" if r.bandwidth_gbs is not None else "-"
-        roofline = f"{r.roofline_fraction:.0%}" if r.roofline_fraction is not None else "-"
-        lines.append(f"| {r.device} | {r.shape} | {r.provider} | {r.mode} | {r.median_ms:.3f} | "
-                     f"{r.min_ms:.3f}-{r.max_ms:.3f} | {r.peak_extra_mib:.1f} | {speedup} | {memory} | "
-                     f"{bandwidth} | {roofline} |")
+        line = (f"| {r.device} | {r.dtype} | {r.shape} | {r.provider} | {r.mode} | {r.median_ms:.3f} | "
+                f"{r.min_ms:.3f}-{r.max_ms:.3f} | {r.peak_extra_mib:.1f} | {ratio(base, r)} | "
+                f"{ratio(compiled.get(key), r)} | {memory} |")
+        if cuda:
+            megabytes = r.bytes / 1e6 if r.bytes is not None else None
+            line += (f" {fmt(r.gpu_ms, '.3f')} | {fmt(r.kernel_ms, '.3f')} | {fmt(r.launches, '.1f')} | "
+                     f"{fmt(megabytes, '.1f')} | {fmt(r.roofline_fraction, '.0%')} | {fmt(r.kernel_roofline, '.0%')} |")
+        lines.append(line)
     return "\n".join(lines)
+
+
+@dataclass(frozen=True)
+class Targets:
+    """What "ours" must reach, per dtype, shape and mode (fwd+bwd on CUDA is what the goals are about)."""
+
+    vs_eager: float = 5.0
+    vs_compile: float = 1.5
+    roofline: float = 0.4  # of the peak memory bandwidth, by the whole op's time
+
+
+def check_targets(rows: Sequence[Row], targets: Targets = Targets(), mode: str = "fwd+bwd") -> list[tuple[str, bool]]:
+    """One (line, met) per "ours" row of `mode`: its speed-ups against eager and torch.compile and its
+    roofline fraction against the targets (a missing baseline or a CPU row has no roofline: not met)."""
+    by_key = {(r.device, r.dtype, r.shape, r.mode, r.provider): r for r in rows}
+    verdicts = []
+    for r in rows:
+        if r.provider != "ours" or r.mode != mode:
+            continue
+        eager = by_key.get((r.device, r.dtype, r.shape, r.mode, "eager"))
+        compiled = by_key.get((r.device, r.dtype, r.shape, r.mode, "compile"))
+        vs_eager = eager.median_ms / r.median_ms if eager else None
+        vs_compile = compiled.median_ms / r.median_ms if compiled else None
+        checks = [("vs eager", vs_eager, targets.vs_eager, "x"), ("vs compile", vs_compile, targets.vs_compile, "x"),
+                  ("roofline", r.roofline_fraction, targets.roofline, "")]
+        parts, met = [], True
+        for label, value, goal, unit in checks:
+            ok = value is not None and value >= goal
+            met = met and ok
+            shown = "n/a" if value is None else (f"{value:.2f}{unit}" if unit else f"{value:.0%}")
+            goal_shown = f"{goal:g}{unit}" if unit else f"{goal:.0%}"
+            parts.append(f"{label} {shown} (target >= {goal_shown}) {'ok' if ok else 'MISSED'}")
+        verdicts.append((f"{r.device} {r.dtype} {r.shape} {r.mode}: " + "; ".join(parts), met))
+    return verdicts
 
 
 def machine_description() -> dict[str, str | int]:
