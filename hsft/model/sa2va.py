@@ -163,8 +163,9 @@ class Sa2VAModel(nn.Module):
         patches = (height // vision_cfg.patch_size[0]) * (width // vision_cfg.patch_size[1])
         self.num_image_tokens = int(round(patches * vlm.config.downsample_ratio ** 2))
         self.sam_image_size = int(sam2.config.prompt_encoder_config.image_size)
+        self.decoder_mask_size = tuple(int(s) for s in sam2.prompt_encoder.mask_input_size)
         self.mask_size = ((self.sam_image_size, self.sam_image_size) if conventions.mask_upsample == "sam_input"
-                          else tuple(int(s) for s in sam2.prompt_encoder.mask_input_size))
+                          else self.decoder_mask_size)
 
         image_context = tokenizer.convert_ids_to_tokens(int(vlm.config.image_token_id))
         if single_token_id(tokenizer, image_context) != vlm.config.image_token_id:
@@ -278,7 +279,8 @@ class Sa2VAModel(nn.Module):
                 for level, size in zip(levels, self.sam2.backbone_feature_sizes)]
         return SamFeatures(image_embedding=maps[-1], feat_s0=maps[0], feat_s1=maps[1])
 
-    def _decode(self, sam_feats: SamFeatures, seg_hidden: Tensor) -> tuple[Tensor, Tensor]:
+    def _decode(self, sam_feats: SamFeatures, seg_hidden: Tensor, *, at_decoder_size: bool = False
+                ) -> tuple[Tensor, Tensor]:
         if len(sam_feats) != seg_hidden.shape[0]:
             raise ValueError(f"batch mismatch: {len(sam_feats)} SAM2 feature rows but {seg_hidden.shape[0]} "
                              "[SEG] hidden states")
@@ -313,7 +315,7 @@ class Sa2VAModel(nn.Module):
         if self.conventions.object_gate:
             present = object_score[:, 0, 0] > 0
             masks = torch.where(present[:, None, None], masks, torch.full_like(masks, NO_OBJECT_LOGIT))
-        if self.conventions.mask_upsample == "sam_input":
+        if self.conventions.mask_upsample == "sam_input" and not at_decoder_size:
             # the release's video predictor hands back its masks at SAM2's input size (bilinear,
             # in float32); its predict_forward then resizes those to the image
             size = (self.sam_image_size, self.sam_image_size)
@@ -335,25 +337,37 @@ class Sa2VAModel(nn.Module):
             tokens = torch.cat([pad, tokens], dim=2)
         return tokens
 
-    def decode_masks(self, sam_feats: SamFeatures, seg_hidden: Tensor) -> Tensor:
+    def decode_masks(self, sam_feats: SamFeatures, seg_hidden: Tensor, *, at_decoder_size: bool = False) -> Tensor:
         """(B, h, w) mask logits (h, w = self.mask_size): text_hidden_fcs -> sparse prompt -> SAM2 mask
-        decoder (-> resize to SAM2's input size under conventions.mask_upsample "sam_input")."""
-        return self._decode(sam_feats, seg_hidden)[0]
+        decoder (-> resize to SAM2's input size under conventions.mask_upsample "sam_input", unless
+        at_decoder_size: then the decoder's own logits, which the mask loss resizes through SAM2's
+        input size itself; see loss_mid_size)."""
+        return self._decode(sam_feats, seg_hidden, at_decoder_size=at_decoder_size)[0]
+
+    def loss_mid_size(self, mask_logits: Tensor) -> tuple[int, int] | None:
+        """The intermediate grid the mask loss resizes `mask_logits` through: under the release's
+        convention, logits at the decoder's size go to SAM2's input size first, as the release does
+        (the fused op does both resizes without storing the intermediate logits); None otherwise."""
+        if self.conventions.mask_upsample == "sam_input" and tuple(mask_logits.shape[-2:]) != self.mask_size:
+            return self.mask_size
+        return None
 
     # ------------------------------------------------------------------ the two [SEG] paths
     def forward_seg(self, images: ImageBatch, tokens: TokenBatch, *, compute_lm_loss: bool = False,
-                    sam_feats: SamFeatures | None = None, full_lm_logits: bool = True) -> SegForwardOutput:
+                    sam_feats: SamFeatures | None = None, full_lm_logits: bool = True,
+                    masks_at_decoder_size: bool = False) -> SegForwardOutput:
         """Teacher-forced path; exactly one [SEG] per sequence. Differentiable. With tiled images,
         `tokens` tokenized without the tile counts are widened to them (lm_logits then follow the
         widened sequence). `sam_feats`: these images' sam_features, when already computed.
-        full_lm_logits=False (training): the LM loss from the labelled positions alone, lm_logits None."""
+        full_lm_logits=False (training): the LM loss from the labelled positions alone, lm_logits None.
+        masks_at_decoder_size (training): mask_logits at the decoder's size (see decode_masks)."""
         tokens = self._check_batch(images, tokens)
         self._require_one_seg(tokens)
         hidden = self._llm_last_hidden(images, tokens)
         seg_hidden = self._gather(hidden, tokens.seg_positions)
         if sam_feats is None:
             sam_feats = self.sam_features(images.sam_pixels)
-        mask_logits, seg_embedding = self._decode(sam_feats, seg_hidden)
+        mask_logits, seg_embedding = self._decode(sam_feats, seg_hidden, at_decoder_size=masks_at_decoder_size)
         lm_loss = lm_logits = None
         if compute_lm_loss and full_lm_logits:
             lm_logits = self.vlm.lm_head(hidden)

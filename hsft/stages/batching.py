@@ -45,26 +45,24 @@ def fovs_on(samples: list[Sample], device: torch.device) -> list[torch.Tensor | 
 
 
 def mask_loss_per_sample(logits: torch.Tensor, masks: list[torch.Tensor], fovs: list[torch.Tensor | None], *,
-                         bce_weight: float, eps: float) -> torch.Tensor:
+                         bce_weight: float, eps: float, mid_size: tuple[int, int] | None = None) -> torch.Tensor:
     """Dice + bce_weight * BCE of each low-res logit map against its full-resolution mask, inside the
-    sample's field of view where it has one, shape (B,).
+    sample's field of view where it has one, shape (B,). With mid_size the logits are resized through
+    that grid first (the release's convention; see Sa2VA.loss_mid_size), inside the fused op.
 
     Samples of one size go through the fused op together; a batch of mixed sizes (the generic folder
-    format allows it) is split into same-size groups, since the op takes one target size per call.
+    format allows it) is split into same-size groups, since the op takes one target size per call, and
+    samples without a field of view go apart from those with one, so that no all-true plane is read.
     """
-    by_size: dict[tuple[int, int], list[int]] = {}
+    by_size: dict[tuple[tuple[int, ...], bool], list[int]] = {}
     for i, mask in enumerate(masks):
-        by_size.setdefault(tuple(mask.shape), []).append(i)
+        by_size.setdefault((tuple(mask.shape), fovs[i] is not None), []).append(i)
     parts = []
-    for idx in by_size.values():
+    for (_, has_fov), idx in by_size.items():
         target = torch.stack([masks[i] for i in idx])
-        fov = None
-        if any(fovs[i] is not None for i in idx):
-            # A sample without a field of view counts every pixel, as an all-true one does.
-            fov = torch.stack([fovs[i] if fovs[i] is not None else torch.ones_like(masks[i], dtype=torch.bool)
-                               for i in idx])
+        fov = torch.stack([fovs[i] for i in idx]) if has_fov else None
         parts.append((idx, dice_bce_loss(logits[idx], target, fov=fov, bce_weight=bce_weight, eps=eps,
-                                         reduction="none")))
+                                         reduction="none", mid_size=mid_size)))
     if len(parts) == 1:
         return parts[0][1]
     order = torch.tensor([i for idx, _ in parts for i in idx], device=logits.device)

@@ -7,6 +7,7 @@ parameters train is decided before `deepspeed.initialize` by the stage.
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
 import torch
@@ -66,8 +67,10 @@ class SegObjective(nn.Module):
         self.model = model
         self.lm_weight, self.mask_weight = lm_weight, mask_weight
         self.bce_weight, self.eps = bce_weight, eps
-        # How a cached batch is decoded: model.decode_masks, or the same replayed as CUDA graphs.
-        self.cached_decode = cached_decode if cached_decode is not None else model.decode_masks
+        # How a cached batch is decoded: model.decode_masks (at the decoder's size: the loss does the
+        # release convention's two resizes itself), or the same replayed as CUDA graphs.
+        self.cached_decode = (cached_decode if cached_decode is not None
+                              else functools.partial(model.decode_masks, at_decoder_size=True))
 
     def forward(self, batch: SegBatch | CachedSegBatch) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         lm_loss = None
@@ -75,15 +78,18 @@ class SegObjective(nn.Module):
             logits = self.cached_decode(batch.sam_features, batch.seg_hidden)
         else:
             out = self.model.forward_seg(batch.images, batch.tokens, compute_lm_loss=self.lm_weight > 0,
+                                         masks_at_decoder_size=True,
                                          sam_feats=batch.sam_feats, full_lm_logits=False)
             logits, lm_loss = out.mask_logits, out.lm_loss
         terms: dict[str, torch.Tensor] = {}
         loss = logits.new_zeros((), dtype=torch.float32)
         if self.mask_weight > 0:
+            mid_size = self.model.loss_mid_size(logits)
             mask_loss = mask_loss_per_sample(logits, batch.masks, batch.fovs, bce_weight=self.bce_weight,
-                                             eps=self.eps).mean()
+                                             eps=self.eps, mid_size=mid_size).mean()
             with torch.no_grad():
-                dice_only = mask_loss_per_sample(logits, batch.masks, batch.fovs, bce_weight=0.0, eps=self.eps).mean()
+                dice_only = mask_loss_per_sample(logits, batch.masks, batch.fovs, bce_weight=0.0, eps=self.eps,
+                                                 mid_size=mid_size).mean()
             terms["mask_loss"] = mask_loss.detach()
             terms["dice_loss"] = dice_only
             if self.bce_weight > 0:
