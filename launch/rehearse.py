@@ -36,13 +36,16 @@ def parse(argv) -> tuple[RehearsalConfig, str | None]:
     parser.add_argument("--summarise", default=None, metavar="DIR",
                         help="write DIR/rehearsal.json and .md again from what DIR holds (a rehearsal stopped during "
                              "the main command: the stages it finished), with the memory plan of this code")
+    parser.add_argument("--shares", choices=("on", "off"), default=None,
+                        help="time the parts of an uncached HSFT step at the end (default: on with --device cuda)")
     parser.add_argument("--main-args", default="", metavar="OPTIONS",
                         help="more options for the main command, one string (e.g. '--hsft-cuda-graph')")
     args = parser.parse_args(argv)
     return RehearsalConfig(shape=args.shape, device=args.device, images=args.images, output_dir=args.output_dir,
                            precision=args.precision, deepspeed=args.deepspeed, epochs=args.epochs,
                            max_new_tokens=args.max_new_tokens, overwrite=args.overwrite,
-                           main_args=tuple(shlex.split(args.main_args))), args.summarise
+                           main_args=tuple(shlex.split(args.main_args)),
+                           shares=None if args.shares is None else args.shares == "on"), args.summarise
 
 
 def main(argv=None) -> int:

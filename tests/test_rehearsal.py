@@ -182,3 +182,15 @@ def test_a_float32_stage_over_a_bfloat16_import_stays_lean(tmp_path):
     assert again.dtype == torch.float32
     ours, theirs = trained.state_dict(), again.state_dict()
     assert all(torch.equal(ours[k], theirs[k]) for k in ours)
+
+
+def test_step_shares_time_every_part(tiny_release, tmp_path):
+    from hsft.bench.rehearsal import step_shares, write_images
+
+    _, root = tiny_release
+    written = write_images(tmp_path / "data", {"test": [("CHASE_DB1", 137, 143)]})
+    path = tmp_path / "data" / "test" / "images" / f"{written[0]['id']}.png"
+    (row,) = step_shares(root / "imported", [path], device=torch.device("cpu"), dtype=torch.float32, steps=1)
+    assert row["tiles"] == 10 and row["step_s"] > 0
+    assert all(share > 0 for share in row["share"].values()), row
+    assert sum(row["share"].values()) == pytest.approx(1.0)

@@ -60,6 +60,11 @@ class RehearsalConfig:
     max_new_tokens: int | None = None  # generation budget of mining, DPO pairs and evaluation (None: default)
     overwrite: bool = False
     main_args: tuple[str, ...] = ()  # more options of the main command (e.g. --hsft-cuda-graph)
+    shares: bool | None = None  # time the parts of an HSFT step at the end (None: on a GPU only)
+
+    def __post_init__(self) -> None:
+        if self.shares is None:
+            self.shares = self.device == "cuda"
 
     def validate(self) -> None:
         if self.shape not in SHAPES:
@@ -297,6 +302,14 @@ def rehearse(cfg: RehearsalConfig, echo=print) -> dict:
     summary["tokens"] = check.pop("tokens")
     record("mask check", {**usage.to_dict(), "returncode": 0})
     summary["passed"] = check["identical_to_release_dtype"]
+    if cfg.shares:
+        # one DRIVE-sized and one CHASE_DB1-sized image through the HSFT model's uncached step
+        by_size = {image["dataset"]: data / image["split"] / "images" / f"{image['id']}.png" for image in images}
+        picked = [by_size[name] for name in ("DRIVE", "CHASE_DB1") if name in by_size]
+        with measure(device) as usage:
+            summary["step_shares"] = step_shares(run / "hsft" / "model", picked, device=device,
+                                                 dtype=torch.bfloat16 if cfg.run_precision == "bf16" else torch.float32)
+        record("step shares", {**usage.to_dict(), "returncode": 0})
     _save(out, summary)
     (out / "rehearsal.md").write_text(format_markdown(summary), encoding="utf-8")
     echo(format_markdown(summary))
@@ -422,6 +435,95 @@ def compare_masks(hsft_dir: Path, reimported_dir: Path, data: Path, *, device: t
             "pixels": pixels, "tokens": tokens}
 
 
+# ---------------------------------------------------------------------------- where a step's time goes
+# The modules a training step runs, by where they sit in the Sa2VA model.
+TIMED_PARTS = {
+    "vision tower": lambda m: m.vlm.model.vision_tower,
+    "LLM": lambda m: m.vlm.model.language_model,
+    "SAM2 image encoder": lambda m: m.sam2.vision_encoder,
+    "mask decoder": lambda m: m.sam2.mask_decoder,
+}
+
+
+class _PartClock:
+    """Forward time of a module, from hooks: CUDA events on a GPU (read after the step's synchronise),
+    the wall clock on a CPU."""
+
+    def __init__(self, module, device: torch.device):
+        self.cuda = device.type == "cuda"
+        self.spans: list = []
+        self.handles = [module.register_forward_pre_hook(self._start), module.register_forward_hook(self._stop)]
+
+    def _mark(self):
+        if self.cuda:
+            event = torch.cuda.Event(enable_timing=True)
+            event.record()
+            return event
+        return time.perf_counter()
+
+    def _start(self, *_):
+        self.spans.append([self._mark(), None])
+
+    def _stop(self, *_):
+        self.spans[-1][1] = self._mark()
+
+    def seconds(self) -> float:
+        if self.cuda:
+            return sum(a.elapsed_time(b) for a, b in self.spans) / 1e3
+        return sum(b - a for a, b in self.spans)
+
+    def close(self) -> None:
+        for handle in self.handles:
+            handle.remove()
+
+
+def step_shares(model_dir: Path, images: list[Path], *, device: torch.device, dtype: torch.dtype,
+                steps: int = 3) -> list[dict]:
+    """Per image: the uncached HSFT training step (the full forward with vision and LLM frozen, Dice +
+    0.5 BCE, backward, AdamW) timed over `steps` steps after one warm-up, and the share of it each part's
+    forward takes; the rest is the backward pass (through the mask decoder and text_hidden_fcs) and the
+    optimizer."""
+    from hsft.data.imageio import read_binary, read_rgb
+    from hsft.model import load_model
+    from hsft.ops import dice_bce_loss
+
+    model = load_model(model_dir, device=device, dtype=dtype)
+    model.set_trainable({"text_hidden_fcs", "mask_decoder"})
+    model.train()
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-5)
+    rows = []
+    for path in images:
+        picture = read_rgb(path)
+        batch = model.preprocess([picture]).to(device=device, dtype=dtype)
+        tokens = model.tokenize(1, form="response", tiles=batch.num_tiles).to(device)
+        mask = torch.from_numpy(read_binary(path.parent.parent / "masks" / path.name))[None].to(device)
+
+        def step():
+            loss = dice_bce_loss(model.forward_seg(batch, tokens).mask_logits.float(), mask, bce_weight=0.5)
+            loss.backward()
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+
+        step()  # warm-up
+        clocks = {name: _PartClock(get(model), device) for name, get in TIMED_PARTS.items()}
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        start = time.perf_counter()
+        for _ in range(steps):
+            step()
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        total = (time.perf_counter() - start) / steps
+        forward = {name: clock.seconds() / steps for name, clock in clocks.items()}
+        for clock in clocks.values():
+            clock.close()
+        rest = max(0.0, total - sum(forward.values()))
+        rows.append({"image": path.stem, "tiles": int(batch.num_tiles[0] if batch.num_tiles else 1),
+                     "step_s": total, "samples_per_s": 1.0 / total,
+                     "share": {**{k: v / total for k, v in forward.items()}, "backward + optimizer + rest": rest / total}})
+    return rows
+
+
 # ---------------------------------------------------------------------------- records
 def _save(out: Path, summary: dict) -> None:
     (out / "rehearsal.json").write_text(json.dumps(summary, indent=2, default=str) + "\n", encoding="utf-8")
@@ -491,6 +593,14 @@ def format_markdown(summary: dict) -> str:
     if evidence:
         lines += ["", "Evidence lines of the stages:", ""] + [f"- {step}: {line.strip().lstrip('- ')}"
                                                                for step, line in evidence]
+    if summary.get("step_shares"):
+        parts = list(summary["step_shares"][0]["share"])
+        lines += ["", "Uncached HSFT step (micro-batch 1): where the time goes", "",
+                  "| image | tiles | step s | samples/s | " + " | ".join(parts) + " |",
+                  "|---|---:|---:|---:|" + "---:|" * len(parts)]
+        for row in summary["step_shares"]:
+            lines.append(f"| {row['image']} | {row['tiles']} | {row['step_s']:.3f} | {row['samples_per_s']:.2f} | "
+                         + " | ".join(f"{100 * row['share'][k]:.0f} %" for k in parts) + " |")
     check = summary.get("round_trip")
     if check:
         lines += ["", f"Export round trip: the re-imported export's masks on {check['images']} images are "
