@@ -141,10 +141,8 @@ def _shape(vlm_config, sam2_config, parts: dict[str, int], conventions: dict | N
 
 def shape_of_model(model) -> ModelShape:
     """The shape of a built Sa2VAModel."""
-    from dataclasses import asdict as as_dict
-
     counts = {k: v for k, v in model.parameter_counts().items() if k != "total"}
-    return _shape(model.vlm.config, model.sam2.config, counts, as_dict(model.conventions),
+    return _shape(model.vlm.config, model.sam2.config, counts, asdict(model.conventions),
                   next(model.parameters()).element_size())
 
 
@@ -293,7 +291,7 @@ def plan_run(cfg, shape: ModelShape, *, ds_config: dict, device: str, precision:
                 plan.notes.append(f"LoRA micro-batch of {len(tiles)}, longest {shape.tokens(max(tiles))} tokens")
             else:
                 trainable = sum(shape.parts.get(part, 0) for part in TRAINABLE[stage])
-                samples = len(train_tiles) if stage == "dpo" else len(train_tiles)  # pairs / hard set <= training split
+                samples = len(train_tiles)  # DPO's pairs and the hard set are parts of the training split
                 cached = per_rank if (stage == "dpo" or cfg.hsft.cache_features) else 0
                 plan.caches_gib = cached * shape.feature_bytes(p) / GiB
                 fill = _inference_transient(shape, train_tiles[:cfg.mining.batch_size], 0, p)
@@ -369,7 +367,8 @@ def format_plan(plan: RunPlan, *, title: str = "memory plan") -> str:
             cells.append(f"{stage.gpu_gib:.2f}")
         cells.append(f"{stage.host_gib:.2f}")
         lines.append("| " + " | ".join(cells) + " |")
-    lines.append(f"peak: " + (f"GPU {plan.peak_gpu_gib:.2f} GiB, " if gpu else "") + f"host {plan.peak_host_gib:.2f} GiB")
+    lines.append("peak: " + (f"GPU {plan.peak_gpu_gib:.2f} GiB, " if gpu else "")
+                 + f"host {plan.peak_host_gib:.2f} GiB")
     return "\n".join(lines)
 
 

@@ -216,7 +216,8 @@ def rehearse(cfg: RehearsalConfig, echo=print) -> dict:
     device = torch.device(cfg.device)
     steps: list[dict] = []
     summary = {"shape": cfg.shape, "config": asdict(cfg), "precision": cfg.run_precision,
-               "machine": _machine(device), "threads": torch.get_num_threads(), "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+               "machine": _machine(device), "threads": torch.get_num_threads(),
+               "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
                "commit": _commit(), "steps": steps}
 
     def record(name: str, measured: dict, path: Path | None = None, **extra) -> dict:
@@ -520,7 +521,8 @@ def step_shares(model_dir: Path, images: list[Path], *, device: torch.device, dt
         rest = max(0.0, total - sum(forward.values()))
         rows.append({"image": path.stem, "tiles": int(batch.num_tiles[0] if batch.num_tiles else 1),
                      "step_s": total, "samples_per_s": 1.0 / total,
-                     "share": {**{k: v / total for k, v in forward.items()}, "backward + optimizer + rest": rest / total}})
+                     "share": {**{k: v / total for k, v in forward.items()},
+                               "backward + optimizer + rest": rest / total}})
     return rows
 
 
