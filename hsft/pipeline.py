@@ -26,7 +26,7 @@ from hsft.engine.output_lock import hold_output_dir
 from hsft.engine.resources import measure
 from hsft.memory_plan import format_plan, plan_for_run
 from hsft.model import build_model, is_model_directory, load_model, save_model
-from hsft.engine.verbosity import set_verbosity
+from hsft.engine.verbosity import is_verbose, set_verbosity
 from hsft.errors import UserError, run_command
 from hsft.model.chain import make_lean
 from hsft.model.directory import EMBEDDED_DESCRIPTION, resolve_model_dir, write_training_record
@@ -238,9 +238,19 @@ def format_report(ctx: RunContext, report: dict, results: dict[str, StageResult]
     return "\n".join(lines)
 
 
+def console_summary(report_md: str, out: Path) -> str:
+    """What the console shows of report.md: its header and first section (the held-out results) and the
+    model to use next, then where the whole report is; with --verbose, the whole report."""
+    if is_verbose():
+        return report_md
+    sections = report_md.split("\n## ")
+    keep = sections[:2] + [s for s in sections[2:] if s.startswith("The model to use next")]
+    return "\n## ".join(keep).rstrip() + f"\n\nThe whole report: {out / 'report.md'}\n"
+
+
 def run_pipeline(cfg: RunConfig) -> dict:
-    distributed.init_distributed()
     set_verbosity(cfg.verbose)
+    distributed.init_distributed()
     cfg.validate()
     ds_file_config = load_ds_config(cfg.deepspeed)
     out = Path(cfg.output_dir)
@@ -276,7 +286,6 @@ def _run_locked(cfg: RunConfig, ds_file_config: dict, out: Path) -> dict:
                         world_size=distributed.world_size(), splits=splits, start=current)
     if distributed.is_main():
         print(format_plan(plan), flush=True)
-        write_json(out / RESOURCES_FILE, {"memory_plan": plan.to_dict(), "stages": {}})
     if current is not None and cfg.eval.evaluate_start:
         ctx.models.append(("start", current))
     results: dict[str, StageResult] = {}
@@ -295,8 +304,10 @@ def _run_locked(cfg: RunConfig, ds_file_config: dict, out: Path) -> dict:
                 print(f"[{stage.name}] already complete in {stage_dir}; skipping (--resume)")
         else:
             if not ran:
-                # The first stage that runs: from here on the run's settings are these.
+                # The first stage that runs: from here on the run's settings are these (a finished run
+                # resumed writes nothing).
                 write_json(out / RUN_CONFIG_FILE, asdict(cfg))
+                write_json(out / RESOURCES_FILE, {"memory_plan": plan.to_dict(), "stages": {}})
             ran.append(stage.name)
             with measure(ctx.device) as usage:
                 result = stage.run(ctx, getattr(cfg, stage.config), start)
@@ -327,7 +338,7 @@ def _run_locked(cfg: RunConfig, ds_file_config: dict, out: Path) -> dict:
     if not ran and (out / "report.md").is_file() and (out / "report.json").is_file():
         # A finished run resumed: nothing changes, the report is the one it wrote.
         if distributed.is_main():
-            print("\n" + (out / "report.md").read_text())
+            print("\n" + console_summary((out / "report.md").read_text(), out))
         distributed.barrier()
         return json.loads((out / "report.json").read_text())
     report = {"output_dir": str(out), "start": start_label, "stages": list(cfg.stages), "recipe": cfg.recipe,
@@ -347,7 +358,7 @@ def _run_locked(cfg: RunConfig, ds_file_config: dict, out: Path) -> dict:
     if distributed.is_main():
         text = format_report(ctx, report, results)
         (out / "report.md").write_text(text)
-        print("\n" + text)
+        print("\n" + console_summary(text, out))
     distributed.barrier()
     return report
 

@@ -101,14 +101,24 @@ def test_resuming_a_finished_run_changes_nothing_and_prints_its_report(fake_stag
     pipeline.run_pipeline(_cfg(tmp_path))
     out = tmp_path / "run"
     before = {p: p.read_bytes() for p in out.rglob("*") if p.is_file() and p.name != ".hsft.lock"}
-    capsys.readouterr()
+    printed = capsys.readouterr().out
+    summary = printed[printed.index("# hsft run report"):]
     fake_stages.clear()
     report = pipeline.run_pipeline(_cfg(tmp_path, resume=True))
     assert fake_stages == []
     after = {p: p.read_bytes() for p in out.rglob("*") if p.is_file() and p.name != ".hsft.lock"}
     assert after == before
     assert report == json.loads((out / "report.json").read_text())
-    assert (out / "report.md").read_text() in capsys.readouterr().out
+    assert capsys.readouterr().out.endswith(summary)  # the same report as the run printed
+
+
+def test_the_console_shows_the_results_and_the_next_model_and_points_to_the_report():
+    report_md = "# hsft run report\n\nRecipe: tiny\n\n## Held-out results\n\n| table |\n\n## Hard-sample mining\n\n" \
+                "| buckets |\n\n## Stages\n\n- notes\n\n## The model to use next\n\n`m`\n"
+    shown = pipeline.console_summary(report_md, pipeline.Path("out"))
+    assert "| table |" in shown and "`m`" in shown and "Recipe: tiny" in shown
+    assert "buckets" not in shown and "- notes" not in shown
+    assert shown.rstrip().endswith("The whole report: out/report.md")
 
 
 @pytest.mark.parametrize("changes, named", [({"seed": 2}, "seed (run: 0, now: 2)"),

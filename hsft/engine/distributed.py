@@ -39,16 +39,20 @@ def init_distributed() -> None:
         # before anything runs, not only once a DeepSpeed engine exists.
         torch.cuda.set_device(local_device())
 
+    from hsft.engine.verbosity import quiet_stdout
+
     backend = None if torch.cuda.is_available() else "gloo"
     if "WORLD_SIZE" in os.environ:
-        deepspeed.init_distributed(dist_backend=backend)
+        with quiet_stdout():  # DeepSpeed prints that it built its shared-memory all-reduce op
+            deepspeed.init_distributed(dist_backend=backend)
         barrier()  # every rank has mapped every rank's shared-memory buffer by now
         _unlink_shared_memory_buffer()
     else:
         # DeepSpeed would otherwise fall back to MPI discovery; its engine still reads LOCAL_RANK.
         os.environ.setdefault("LOCAL_RANK", "0")
-        deepspeed.init_distributed(dist_backend=backend, auto_mpi_discovery=False, rank=0, world_size=1,
-                                   init_method=f"tcp://127.0.0.1:{_free_port()}")
+        with quiet_stdout():
+            deepspeed.init_distributed(dist_backend=backend, auto_mpi_discovery=False, rank=0, world_size=1,
+                                       init_method=f"tcp://127.0.0.1:{_free_port()}")
 
 
 def shared_memory_buffer() -> Path:

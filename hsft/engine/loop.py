@@ -25,6 +25,7 @@ from hsft.engine.ds_config import stage_ds_config
 from hsft.engine.schedule import build_scheduler, move_to_step
 from hsft.engine.context import RunContext
 from hsft.engine.tensorboard import TBWriter
+from hsft.engine.verbosity import is_verbose
 from hsft.errors import BadValue, RunStopped
 
 
@@ -333,8 +334,13 @@ def train(task: TrainTask, cfg: TrainConfig, ctx: RunContext, *, stage_dir: Path
         result.epoch_metrics.append({"epoch": epoch + 1, "train_seconds": train_seconds, **metrics})
         tb.scalars({f"{task.name}/epoch_{k}": v for k, v in metrics.items()}, global_step)
         if metrics and distributed.is_main():
-            progress.write(f"[{task.name}] epoch {epoch + 1}/{cfg.epochs} "
-                           + " ".join(f"{k}={v:.4f}" for k, v in metrics.items()))
+            line = (f"[{task.name}] epoch {epoch + 1}/{cfg.epochs} "
+                    + " ".join(f"{k}={v:.4f}" for k, v in metrics.items()))
+            # The last epoch's metrics as a line of their own; the others on the progress bar (all with --verbose).
+            if is_verbose() or epoch + 1 == cfg.epochs:
+                progress.write(line)
+            else:
+                progress.set_description(line.removeprefix("[").replace("]", "", 1))
         tb.flush()  # what TensorBoard shows up to this checkpoint survives a kill
         checkpoint.save(engine, ckpt_dir, f"epoch{epoch + 1:04d}", client_state(epoch + 1), keep=keep_checkpoints)
 
