@@ -95,7 +95,8 @@ def _outcome(run_dir: Path) -> str:
         return f"U-Net Dice {unet['dice']:.4f} on the {unet['split']} split after {unet['epochs']} epochs"
     if not rows:
         return "done"
-    last = rows[-1]
+    handed_on = [r for r in rows if not r.get("beside")]  # the prefix: HSFT rather than the control beside it
+    last = (handed_on or rows)[-1]
     return f"{last['stage']} Dice {last['dice']:.4f} on the {last.get('split', 'test')} split"
 
 
