@@ -44,7 +44,7 @@ PY="$PWD/build/device_check/venv/bin/python"
 [ -x "$PY" ] || PY="$PYTHON"
 LIB="$(ls build/device_check/ops/_C*.so 2>/dev/null | head -n 1)"
 [ -z "$LIB" ] || export HSFT_OPS_LIBRARY="$PWD/$LIB"
-export PATH="$(dirname "$PY"):$PATH" PYTHONUNBUFFERED=1
+export PATH="$(dirname "$PY"):$PATH" PYTHONUNBUFFERED=1 PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
 
 step rehearse_1b 210 "$PY" launch/rehearse.py --overwrite --shape sa2va-1b --device cuda --images 16 \
   --output-dir "$WORK/sa2va-1b" --main-args "--hsft-cuda-graph"
