@@ -226,11 +226,42 @@ def test_bad_arguments_are_refused_with_their_name() -> None:
 
 @needs_compiled
 def test_compiled_op_checks_its_arguments() -> None:
-    logits, target = make_inputs(2, 4, 4, 8, 8)
-    with pytest.raises(RuntimeError, match="logits must have shape"):
-        torch.ops.hsft.dice_bce_loss(logits[:, None, None], target, None, 1.0, 0.5, 1e-8)
-    with pytest.raises(RuntimeError, match="target must be bool, uint8 or floating point"):
-        torch.ops.hsft.mask_stats(logits, target.int(), None)
+    # In a child process: these are the only tests whose errors are C++ exceptions thrown inside the op
+    # library (the public API checks arguments in Python first). A library whose exceptions cannot
+    # unwind into torch (one H100 build crashed here) then fails this test with the signal instead of
+    # ending the whole pytest run.
+    devices = ["cpu"] + (["cuda"] if CUDA_KERNELS else [])
+    result = run_python(f"""
+        import torch
+        import hsft.ops  # loads the library
+        for device in {devices!r}:
+            logits = torch.randn(2, 4, 4, dtype=torch.float64, device=device)
+            target = torch.rand(2, 8, 8, device=device) < 0.3
+            calls = [
+                lambda: torch.ops.hsft.dice_bce_loss(logits[:, None, None], target, None, 1.0, 0.5, 1e-8),
+                lambda: torch.ops.hsft.dice_bce_loss(logits.requires_grad_(True)[:, None, None], target, None,
+                                                     1.0, 0.5, 1e-8),
+                lambda: torch.ops.hsft.dice_bce_loss(logits, target, None, 1.0, 0.5, 1e-8, [2, 2]),
+                lambda: torch.ops.hsft.mask_stats(logits, target.int(), None),
+            ]
+            for call in calls:
+                try:
+                    call()
+                except RuntimeError as error:
+                    print(device, str(error).splitlines()[0])
+                else:
+                    print(device, "no error")
+    """)
+    assert result.returncode == 0, (
+        f"the child process {'was killed by signal ' + str(-result.returncode) if result.returncode < 0 else 'failed'}"
+        f":\n{result.stdout}\n{result.stderr[-3000:]}")
+    lines = result.stdout.splitlines()
+    for device in devices:
+        got = [line for line in lines if line.startswith(device + " ")]
+        assert len(got) == 4 and "no error" not in " ".join(got), result.stdout
+        assert "logits must have shape (N, h, w) or (N, 1, h, w)" in got[0] and "logits must have shape" in got[1]
+        assert "mid_size [2, 2] is smaller than the logits" in got[2]
+        assert "target must be bool, uint8 or floating point" in got[3]
 
 
 # ---- upsample_masks / mask_stats ----------------------------------------------------------------------
