@@ -47,7 +47,7 @@ LIB="$(ls build/device_check/ops/_C*.so 2>/dev/null | head -n 1)"
 export PATH="$(dirname "$PY"):$PATH" PYTHONUNBUFFERED=1 PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
 
 step rehearse_1b 210 "$PY" launch/rehearse.py --overwrite --shape sa2va-1b --device cuda --images 16 \
-  --output-dir "$WORK/sa2va-1b" --main-args "--hsft-cuda-graph"
+  --output-dir "$WORK/sa2va-1b" --main-args="--hsft-cuda-graph"
 step rehearse_4b 330 "$PY" launch/rehearse.py --overwrite --shape sa2va-4b --device cuda --images 16 --output-dir "$WORK/sa2va-4b"
 step step_1b 90 "$PY" launch/bench_step.py --shape sa2va-1b --stage hsft --device cuda --dtype bfloat16 \
   --steps 10 --warmup 3 --profile --cuda-graph --out "$WORK/bench_step"

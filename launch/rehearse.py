@@ -39,7 +39,7 @@ def parse(argv) -> tuple[RehearsalConfig, str | None]:
     parser.add_argument("--shares", choices=("on", "off"), default=None,
                         help="time the parts of an uncached HSFT step at the end (default: on with --device cuda)")
     parser.add_argument("--main-args", default="", metavar="OPTIONS",
-                        help="more options for the main command, one string (e.g. '--hsft-cuda-graph')")
+                        help="more options for the main command, one string (e.g. --main-args='--hsft-cuda-graph')")
     args = parser.parse_args(argv)
     return RehearsalConfig(shape=args.shape, device=args.device, images=args.images, output_dir=args.output_dir,
                            precision=args.precision, deepspeed=args.deepspeed, epochs=args.epochs,
