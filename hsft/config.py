@@ -328,7 +328,6 @@ class RunConfig:
     resume: bool = field(default=False, metadata={"help": "continue from the latest complete checkpoint"})
     overwrite: bool = field(default=False, metadata={"help": "replace the selected stages' earlier output"})
     verbose: bool = field(default=False, metadata={"help": "show DeepSpeed's and transformers' informational logs"})
-    verbose: bool = field(default=False, metadata={"help": "show DeepSpeed's and transformers' informational logs"})
     standalone: bool = field(
         default=False,
         metadata={"help": "write every stage's model directory self-contained; by default a stage stores only the "
