@@ -29,6 +29,11 @@ def set_verbosity(verbose: bool) -> None:
     from transformers.utils import logging as hf_logging
 
     hf_logging.set_verbosity(level)
+    # transformers draws a progress bar for every model it loads (a run loads dozens of small ones).
+    if verbose:
+        hf_logging.enable_progress_bar()
+    else:
+        hf_logging.disable_progress_bar()
 
 
 def is_verbose() -> bool:
