@@ -245,7 +245,7 @@ def console_summary(report_md: str, out: Path) -> str:
         return report_md
     sections = report_md.split("\n## ")
     keep = sections[:2] + [s for s in sections[2:] if s.startswith("The model to use next")]
-    return "\n## ".join(keep).rstrip() + f"\n\nThe whole report: {out / 'report.md'}\n"
+    return "\n\n## ".join(s.strip("\n") for s in keep) + f"\n\nThe whole report: {out / 'report.md'}"
 
 
 def run_pipeline(cfg: RunConfig) -> dict:
