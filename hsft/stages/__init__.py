@@ -7,7 +7,10 @@
     mining      the hard set: the inference path over the training split, Dice < tau
     hsft        stage 3: fine-tune the projection and the mask decoder on the hard set
     control     HSFT's matched-compute control: the same fine-tuning on a random subset of the hard
-                set's size, from the model HSFT started from (a variant beside HSFT)
+                set's size, from the model HSFT started from (a variant beside HSFT); all_data,
+                curriculum, anti_curriculum, loss_weighted, iterative and easy_control are the other
+                variants beside HSFT
+    unet        a reference beside the method: a MONAI U-Net trained from scratch on the training split
     evaluation  every model of the run on the held-out split ("eval" in the stage list)
 
 Shared pieces: training (StageResult, the export around the loop, validation), objective (the
