@@ -22,14 +22,15 @@ from pathlib import Path
 import _import_hsft  # noqa: F401  (first: makes `import hsft` find the package)
 
 from hsft.arguments import RUN_ALIASES, add_config_arguments
+from hsft.command_line import Parser
 from hsft.config import RunConfig
 from hsft.experiments.suites import SUITES
 from hsft.recipes import config_from_arguments
 
 
 def parse(argv):
-    parser = argparse.ArgumentParser(prog="launch/experiments.py", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = Parser(prog="launch/experiments.py", description=__doc__,
+                    formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--suite", default="paper", choices=sorted(SUITES),
                         help="paper: every table (about 20 runs a seed); smoke: a CI-sized subset on a shrunken run")
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2],
