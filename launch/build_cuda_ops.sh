@@ -181,7 +181,8 @@ lib, *search = sys.argv[1:]
 def run(*cmd: str) -> str:
     return subprocess.run(cmd, check=True, capture_output=True, text=True).stdout
 needed = re.findall(r"\(NEEDED\)\s+Shared library: \[(.+?)\]", run("readelf", "-d", lib))
-system = {"libstdc++.so.6", "libgcc_s.so.1", "libc.so.6", "libm.so.6"}
+# ld-linux provides __tls_get_addr, which code reading torch's thread-local state (autograd) needs.
+system = {"libstdc++.so.6", "libgcc_s.so.1", "libc.so.6", "libm.so.6", "ld-linux-x86-64.so.2"}
 provided: set[str] = set()
 for name in needed:
     if name in system:

@@ -255,7 +255,7 @@ run_step bench_step "${HSFT_CHECK_BENCH_STEP_SECONDS:-150}" "$PY" launch/bench_s
   for name in kernels_fp32 kernels_bf16; do
     [ -f "$LOGS/$name.log" ] || continue
     echo
-    echo "## $name (16 x 256 -> 1024, forward+backward)"
+    echo "## $name (forward+backward)"
     sed -n '/^| device/,/^$/p' "$LOGS/$name.log"
     grep "^target met\|^TARGET MISSED" "$LOGS/$name.log"
   done

@@ -502,6 +502,25 @@ void dispatch_plane(TargetPlanes target, Fn&& fn) {
   throw std::invalid_argument("hsft mask kernels: unknown target plane type");
 }
 
+template <typename Fn>
+void dispatch_values(ValuePlanes values, Fn&& fn) {
+  switch (values.type) {
+    case ValueType::kFloat32:
+      fn(static_cast<const float*>(values.data));
+      return;
+    case ValueType::kFloat64:
+      fn(static_cast<const double*>(values.data));
+      return;
+    case ValueType::kBFloat16:
+      fn(static_cast<const BFloat16Bits*>(values.data));
+      return;
+    case ValueType::kFloat16:
+      fn(static_cast<const Float16Bits*>(values.data));
+      return;
+  }
+  throw std::invalid_argument("hsft mask kernels: unknown value type");
+}
+
 }  // namespace
 
 void run_serial(int64_t num_tasks, int64_t /*grain*/, const TaskBody& body) {
@@ -525,25 +544,6 @@ void check_geometry(const MaskGeometry& g) {
                                 std::to_string(g.mid_w) + " is smaller than the logits " + std::to_string(g.in_h) +
                                 "x" + std::to_string(g.in_w) + "; two-step resizing needs a first step that does "
                                 "not shrink");
-}
-
-template <typename Fn>
-void dispatch_values(ValuePlanes values, Fn&& fn) {
-  switch (values.type) {
-    case ValueType::kFloat32:
-      fn(static_cast<const float*>(values.data));
-      return;
-    case ValueType::kFloat64:
-      fn(static_cast<const double*>(values.data));
-      return;
-    case ValueType::kBFloat16:
-      fn(static_cast<const BFloat16Bits*>(values.data));
-      return;
-    case ValueType::kFloat16:
-      fn(static_cast<const Float16Bits*>(values.data));
-      return;
-  }
-  throw std::invalid_argument("hsft mask kernels: unknown value type");
 }
 
 template <typename T>
