@@ -202,7 +202,8 @@ def test_every_variant_sits_beside_hsft_and_is_evaluated_without_being_passed_on
     monkeypatch.setitem(pipeline.STAGE_BY_NAME, "eval", dataclasses.replace(pipeline.STAGE_BY_NAME["eval"], run=record))
     pipeline.run_pipeline(_cfg(tmp_path, stages=STAGE_ORDER))
     out = tmp_path / "run"
-    variants = ["control", "all_data", "curriculum", "anti_curriculum", "loss_weighted", "iterative"]
+    variants = [stage.name for stage in pipeline.STAGES if stage.beside == "hsft"]
+    assert {"control", "all_data", "curriculum", "anti_curriculum", "loss_weighted", "iterative"} <= set(variants)
     assert seen["models"] == ["base", "lora", "dpo", "hsft", *variants]
     assert all(seen["started_from"][v] == model_dir(out / "dpo") for v in variants)
     assert seen["variants"] == {v: "hsft" for v in variants} and seen["start"] == model_dir(out / "hsft")
