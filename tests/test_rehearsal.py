@@ -117,6 +117,11 @@ def test_tiny_rehearsal_end_to_end(tmp_path, capsys):
         assert 0.6 < ratio < 1.6, (stage, ratio)
     text = (out / "rehearsal.md").read_text()
     assert "| lora |" in text and "plan / measured" in text and "identical" in text
+    # a stage's DeepSpeed checkpoint holds what it trains, not the frozen LM head tied to the embedding
+    ckpt = next((out / "run" / "hsft" / "checkpoints").glob("*/mp_rank_00_model_states.pt"))
+    saved = torch.load(ckpt, map_location="cpu", weights_only=False)["module"]
+    assert "model.vlm.lm_head.weight" not in saved and not any("language_model" in k for k in saved)
+    assert any(k.startswith("model.text_hidden_fcs.") for k in saved)
     # a rehearsal stopped during the main command: its finished stages, the plan of this code beside them
     run = out / "run"
     resources = json.loads((run / "resources.json").read_text())
