@@ -15,8 +15,7 @@
 //   - a ring of kRows full-width rows of the three adjoint planes: the output rows owned by logit row
 //     r feed rows r .. r + kRows - 1 (common/resize_plan.h); when row r is complete the block resamples
 //     it along x (a gather, one thread per logit column, fixed order) into the adjoint planes;
-//   - the x axis' adjoint weights per output column and owner per logit column, computed once per
-//     block (the gather reads them for other threads' columns).
+//   - the per-column tables of the x axis (plans and owners), computed once per block.
 // The block's sums are reduced in a fixed tree order. The last block of a mask to finish (an integer
 // ticket: no floating-point atomics) adds the bands' sums in band order, writes the loss, and adds the
 // rows each band fed past its end (`carry`) into the next band's rows. The result does not depend on
@@ -62,17 +61,21 @@ HSFT_HD int64_t bands_of(int64_t in_h) { return (in_h + kBandRows - 1) / kBandRo
 // The block's shared memory, carved from one buffer of T (layout by offsets, see shared_elements).
 template <typename T>
 struct SharedLayout {
-  int64_t rows, source, ring, xc, owner, reduce, total;
+  int64_t rows, source, ring, xs0, xs1, xv0, xv1, xc, owner, reduce, total;
 };
 
 template <typename T>
 HSFT_HD SharedLayout<T> shared_layout(int64_t in_w, int64_t out_w, int rows_in_ring, int threads) {
-  // The owner table is stored in T-sized slots (exact below 2^24), which keeps one buffer type.
+  // Integer tables are stored in T-sized slots (int32 fits either way), which keeps one buffer type.
   SharedLayout<T> s;
   s.rows = 0;
   s.source = s.rows + (kBandRows + 2) * in_w;
   s.ring = s.source + 2 * out_w;
-  s.xc = s.ring + static_cast<int64_t>(rows_in_ring) * kNumAdjoint * out_w;
+  s.xs0 = s.ring + static_cast<int64_t>(rows_in_ring) * kNumAdjoint * out_w;
+  s.xs1 = s.xs0 + out_w;
+  s.xv0 = s.xs1 + out_w;
+  s.xv1 = s.xv0 + out_w;
+  s.xc = s.xv1 + out_w;
   s.owner = s.xc + kMaxAdjointRows * out_w;
   s.reduce = s.owner + in_w + 1;
   s.total = s.reduce + static_cast<int64_t>(threads) * kNumSums;
@@ -121,6 +124,10 @@ struct ForwardBlock {
       smem[layout.rows + i] = static_cast<T>(to_compute(plane[row_lo * a.in_w + i]));
     for (int64_t x = tid; x < a.out_w; x += threads) {
       const AxisPlan<T> p = axis_plan<T>(x, ax);
+      smem[layout.xs0 + x] = static_cast<T>(p.s0);
+      smem[layout.xs1 + x] = static_cast<T>(p.s1);
+      smem[layout.xv0 + x] = p.v0;
+      smem[layout.xv1 + x] = p.v1;
       for (int j = 0; j < kMaxAdjointRows; ++j) smem[layout.xc + j * a.out_w + x] = p.c[j];
     }
     for (int64_t c = tid; c <= a.in_w; c += threads)
@@ -135,14 +142,12 @@ struct ForwardBlock {
   // A staged logit value.
   HSFT_HD T logit(int64_t r, int64_t c) const { return smem[layout.rows + (r - row_lo) * a.in_w + c]; }
 
-  // Source row s at output column x, computed as the CPU kernel does (F.interpolate's order). The
-  // column's plan is recomputed: this runs only when a thread's source pair changes.
+  // Source row s at output column x, computed as the CPU kernel does (F.interpolate's order).
   HSFT_HD T source_value(int32_t s, int64_t x) const {
-    const AxisPlan<T> px = axis_plan<T>(x, ax);
-    const int32_t s0 = px.s0;
-    const int32_t s1 = px.s1;
-    const T v0 = px.v0;
-    const T v1 = px.v1;
+    const int32_t s0 = as_index(smem[layout.xs0 + x]);
+    const int32_t s1 = as_index(smem[layout.xs1 + x]);
+    const T v0 = smem[layout.xv0 + x];
+    const T v1 = smem[layout.xv1 + x];
     if (!is_two_step(ay)) return logit(s, s0) * v0 + logit(s, s1) * v1;
     // Intermediate row s at intermediate columns s0, s1: logit rows f0, f1 along x, then along y.
     const LinearTap<T> ty = first_step_tap<T>(s, ay);
