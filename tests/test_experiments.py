@@ -107,7 +107,8 @@ def test_the_verdict_says_which_way_each_interval_falls():
 
 
 def _launch(args, tmp, check=True):
-    return run_deepspeed("experiments", args, tmp, port=29700 + os.getpid() % 200, check=check, timeout=1200)
+    # The smoke suite trains a stage 0 per seed: allow for a busy 2-core machine.
+    return run_deepspeed("experiments", args, tmp, port=29700 + os.getpid() % 200, check=check, timeout=3000)
 
 
 SMOKE_SEEDS = ("0", "1", "2")

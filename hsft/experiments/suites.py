@@ -203,7 +203,7 @@ def paper_suite(cfg: RunConfig) -> Suite:
 # CI-sized: one grid, one variant stage, the per-stage and per-sample tables, on a shrunken run (these
 # settings are written over the command line's).
 SMOKE_SETTINGS = (
-    ("base.train.epochs", 10), ("base.pool_size", 32), ("base.encoder_pool_size", 32), ("data.synthetic_train", 12),
+    ("base.train.epochs", 4), ("base.pool_size", 16), ("base.encoder_pool_size", 16), ("data.synthetic_train", 12),
     ("data.synthetic_test", 6), ("data.synthetic_size", 64), ("lora.train.epochs", 1), ("lora.rank", 4),
     ("dpo.train.epochs", 1),
     ("hsft.train.epochs", 1), ("eval.overlays", 0), ("eval.fixed_overlays", 0), ("eval.bootstrap_resamples", 500),
