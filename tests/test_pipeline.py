@@ -207,3 +207,18 @@ def test_every_variant_sits_beside_hsft_and_is_evaluated_without_being_passed_on
     assert seen["models"] == ["base", "lora", "dpo", "hsft", *variants]
     assert all(seen["started_from"][v] == model_dir(out / "dpo") for v in variants)
     assert seen["variants"] == {v: "hsft" for v in variants} and seen["start"] == model_dir(out / "hsft")
+
+
+def test_model_takes_a_stage_directory_or_its_model(fake_stages, tmp_path):
+    from hsft.errors import UserError
+
+    pipeline.run_pipeline(_cfg(tmp_path, stages=("base", "lora")))
+    stage = tmp_path / "run" / "lora"
+    fake_stages.clear()
+    after = dataclasses.replace(_cfg(tmp_path, stages=("dpo",)), output_dir=str(tmp_path / "next"),
+                                start_model=str(stage))
+    pipeline.run_pipeline(after)
+    assert fake_stages == [("dpo", model_dir(stage))]
+    with pytest.raises(UserError, match="not an hsft model directory"):
+        pipeline.run_pipeline(dataclasses.replace(after, output_dir=str(tmp_path / "other"),
+                                                  start_model=str(tmp_path)))
