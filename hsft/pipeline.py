@@ -282,10 +282,16 @@ def _run_locked(cfg: RunConfig, ds_file_config: dict, out: Path) -> dict:
     if cfg.stages[0] != STAGE_ORDER[0]:
         _continue_global_step(ctx, STAGE_ORDER[STAGE_ORDER.index(cfg.stages[0]) - 1])
     current, start_label = _starting_model(ctx)
-    plan = plan_for_run(cfg, ctx.ds_config, device=ctx.device.type, precision=ctx.precision,
-                        world_size=distributed.world_size(), splits=splits, start=current)
-    if distributed.is_main():
-        print(format_plan(plan), flush=True)
+    try:
+        estimate = plan_for_run(cfg, ctx.ds_config, device=ctx.device.type, precision=ctx.precision,
+                                world_size=distributed.world_size(), splits=splits, start=current)
+    except (ValueError, KeyError, OSError, AttributeError) as err:  # an estimate must not stop a run
+        estimate = None
+        if distributed.is_main():
+            print(f"memory plan: not available ({type(err).__name__}: {err})", flush=True)
+    plan = None if estimate is None else estimate.to_dict()
+    if distributed.is_main() and estimate is not None:
+        print(format_plan(estimate), flush=True)
     if current is not None and cfg.eval.evaluate_start:
         ctx.models.append(("start", current))
     results: dict[str, StageResult] = {}
@@ -307,13 +313,13 @@ def _run_locked(cfg: RunConfig, ds_file_config: dict, out: Path) -> dict:
                 # The first stage that runs: from here on the run's settings are these (a finished run
                 # resumed writes nothing).
                 write_json(out / RUN_CONFIG_FILE, asdict(cfg))
-                write_json(out / RESOURCES_FILE, {"memory_plan": plan.to_dict(), "stages": {}})
+                write_json(out / RESOURCES_FILE, {"memory_plan": plan, "stages": {}})
             ran.append(stage.name)
             with measure(ctx.device) as usage:
                 result = stage.run(ctx, getattr(cfg, stage.config), start)
             resources[stage.name] = {**usage.to_dict(), "notes": list(result.notes)}
             if distributed.is_main():  # kept as the run goes, so a run stopped early still shows its stages
-                write_json(out / RESOURCES_FILE, {"memory_plan": plan.to_dict(), "stages": resources})
+                write_json(out / RESOURCES_FILE, {"memory_plan": plan, "stages": resources})
             if stage.trains and stage.name != "base" and not cfg.standalone and current is not None:
                 keep_only_changes(result.model_dir, current)
             if distributed.is_main():
@@ -349,7 +355,7 @@ def _run_locked(cfg: RunConfig, ds_file_config: dict, out: Path) -> dict:
     for name, result in results.items():
         report[STAGE_BY_NAME[name].report_key or name] = result.summary
     report["resources"] = resources
-    report["memory_plan"] = plan.to_dict()
+    report["memory_plan"] = plan
     written["TensorBoard"] = str(out / "tb")
     report["written"] = written
     report["final_model"] = None if current is None else str(current)
