@@ -158,7 +158,7 @@ class DPOStageConfig:
         default_factory=lambda: TrainConfig(epochs=1, micro_batch=1, grad_accum=4, lr=1e-6, min_lr=0.0,
                                             weight_decay=0.01)
     )
-    beta: float = field(default=0.1, metadata={"help": "DPO inverse temperature (see README for its scale)"})
+    beta: float = field(default=0.1, metadata={"help": "DPO inverse temperature (docs/method.md explains its scale)"})
     loss: str = field(default="sigmoid", metadata={"help": f"one of {', '.join(DPO_LOSSES)}"})
     normalisation: str = field(
         default="mean", metadata={"help": f"mask log-likelihood normalisation: {', '.join(DPO_NORMALISATIONS)}"}
@@ -223,7 +223,7 @@ class HSFTStageConfig:
     dice_eps: float = field(default=1e-8, metadata={"help": "Dice smoothing epsilon"})
     seg_form: str = field(
         default="response",
-        metadata={"help": "where [SEG] sits in the teacher-forced input: 'response' (as generated) or 'prompt'"},
+        metadata={"help": "where HSFT takes the [SEG] state: 'response' (teacher-forced answer), 'prompt' ([SEG] appended to the prompt) or 'generate' (the generate path; needs the feature cache)"},
     )
     cache_features: bool = field(
         default=True, metadata={"help": "compute the frozen SAM2 features and [SEG] states once and reuse them"}

@@ -7,7 +7,7 @@ Dice on the validation split after the stage's last epoch (the `val_dice` every 
 metrics.json); the held-out split is never read. The stage's starting model is scored the same way, so
 each row also shows the stage's effect on the validation split.
 
-    python launch/tune_recipe.py --output-dir runs/tune          # README "Recipes" shows its table
+    python launch/tune_recipe.py --output-dir runs/tune          # BENCHMARKS.md "Recipe search" shows its table
 
 The order follows the pipeline: LoRA, then DPO from the best LoRA model, then mining + HSFT from the best
 DPO model (mining is repeated per HSFT point: a stage reads the hard set from its own output directory).
@@ -138,7 +138,7 @@ def search_recipe(out_dir: Path, *, base: RunConfig | None = None, grid: dict[st
 
 
 def format_table(points: list[SearchPoint]) -> str:
-    """The Markdown table README shows: every point, its validation Dice and the stage's effect."""
+    """The Markdown table BENCHMARKS.md shows: every point, its validation Dice and the stage's effect."""
     lines = ["| stage | values | validation Dice before | after | change | chosen |", "|---|---|---:|---:|---:|---|"]
     for p in points:
         values = ", ".join(f"{key.removeprefix(p.stage + '.').replace('train.', '')} {value:g}"

@@ -6,7 +6,7 @@ The recipe is the starting point; every option given on the command line overrid
 --recipe, the embedded default uses `tiny`, a real checkpoint (--vlm/--sam2, or a --model imported from a
 release) `paper`, and a --model the pipeline trained continues with the recipe and precision its
 directory records (hsft.model.directory).
-README ("Recipes") shows the validation-split numbers the tiny values were chosen on.
+BENCHMARKS.md ("Recipe search") shows the validation-split numbers the tiny values were chosen on.
 """
 
 from __future__ import annotations
@@ -24,7 +24,7 @@ RECIPES: dict[str, dict[str, object]] = {
         # r 64 exceeds the tiny LLM's width (64); the mask loss gives text_hidden_fcs a gradient.
         # The mask decoder trains with the adapters, as in Sa2VA's own fine-tuning, so LoRA reaches the masks.
         "lora.rank": 8, "lora.alpha": 16.0, "lora.mask_loss_weight": 1.0, "lora.train_mask_decoder": True,
-        # Learning rates and LoRA's epochs: chosen on the validation split (hsft.recipe_search, README "Recipes").
+        # Learning rates and LoRA's epochs: chosen on the validation split (hsft.recipe_search, BENCHMARKS.md "Recipe search").
         "lora.train.lr": 3e-3, "lora.train.min_lr": 1e-5, "lora.train.epochs": 3,
         # Disputed-pixel normalisation: the DPO logit no longer shrinks with the fraction of wrong pixels.
         "dpo.normalisation": "disagree", "dpo.train.lr": 1e-4, "dpo.train.epochs": 2,

@@ -1,7 +1,7 @@
 #!/usr/bin/env python
 """Choose the tiny recipe's learning rates and epochs on the validation split (never the held-out split).
 
-    python launch/tune_recipe.py --output-dir runs/tune                  # the grid README "Recipes" shows
+    python launch/tune_recipe.py --output-dir runs/tune                  # the grid BENCHMARKS.md "Recipe search" shows
     python launch/tune_recipe.py --output-dir runs/tune --tune-stages hsft --hsft-lr-grid 1e-4,3e-4
 
 Every main-command option sets what the grid does not vary (the tiny recipe is the starting point).

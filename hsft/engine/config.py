@@ -25,7 +25,7 @@ class TrainConfig:
     clip: float = field(default=1.0, metadata={"help": "global gradient-norm clipping threshold (0 disables)"})
     max_nonfinite_steps: int = field(
         default=3,
-        metadata={"help": "consecutive skipped (non-finite) optimizer steps before the stage stops after saving"},
+        metadata={"help": "consecutive skipped (non-finite) optimizer steps before the stage stops (--resume restarts from the last finished epoch)"},
     )
     log_every: int = field(default=1, metadata={"help": "optimizer steps between TensorBoard scalar writes"})
 

@@ -13,14 +13,14 @@ built (`encoder_pool_size` > 0, the default):
 So later stages start from a model that answers "Sure, [SEG]." and segments the target moderately
 well, with a generic image encoder (as real Sa2VA has: the published method keeps it frozen in every
 stage) and a mask decoder fitted to another domain and protocol: something for LoRA to adapt, and real
-hard samples for HSFT. Measured (README "Recipes"): with one phase (every module on the source pool),
+hard samples for HSFT. Measured (BENCHMARKS.md, "Stage-0 stand-ins"): with one phase (every module on the source pool),
 the frozen encoder, which had seen only the source colours, bounded every later stage, and LoRA moved
 held-out Dice by nothing measurable. `source` "target" pre-trains on the target distribution itself.
 
 With `referring` (off by default) every pool image is asked three questions whose masks differ (the
 vessels, the optic disc, the field of view; hsft.data.source_domain.REFERRING_QUESTIONS), so the mask
-decoder must read the [SEG] state, and the target's own question is new to the model. Measured (README
-"Recipes"): stage 0 then answers the target question with about the whole field of view, and LoRA does
+decoder must read the [SEG] state, and the target's own question is new to the model. Measured (BENCHMARKS.md,
+"Stage-0 stand-ins"): stage 0 then answers the target question with about the whole field of view, and LoRA does
 not move that, so the default pre-trains on the target's question alone.
 
 The result is cached under $HSFT_CACHE (default ~/.cache/hsft) keyed by everything that shapes it,
