@@ -155,13 +155,13 @@ if [ "$CPU" = 1 ]; then
   MAIN_ARGS=(--base-epochs 2 --base-pool-size 16 --data-synthetic-train 8 --data-synthetic-test 4
              --data-synthetic-size 64 --lora-epochs 1 --lora-rank 8 --hsft-epochs 1)
 fi
-run_step bench 70 "$PY" launch/bench_kernels.py --device "$DEVICE" "${BENCH_ARGS[@]}" --out "$WORK/bench"
+run_step bench 70 "$PY" launch/bench_kernels.py --device "$DEVICE" "${BENCH_ARGS[@]}" --output-dir "$WORK/bench"
 # The kernels at the goals' shape, in float32 and bfloat16 (on --cpu: a small shape, no targets).
 KERNEL_ARGS=(--shapes "16x256->1024" --modes fwd+bwd --repeats 20 --warmup 3 --targets)
 [ "$CPU" = 0 ] || KERNEL_ARGS=(--shapes "4x64->256" --modes fwd+bwd --repeats 2 --warmup 1)
 for pair in fp32:float32 bf16:bfloat16; do
   run_step "kernels_${pair%%:*}" "${HSFT_CHECK_KERNELS_SECONDS:-120}" "$PY" launch/bench_kernels.py \
-    --device "$DEVICE" --dtype "${pair#*:}" "${KERNEL_ARGS[@]}" --out "$WORK/bench"
+    --device "$DEVICE" --dtype "${pair#*:}" "${KERNEL_ARGS[@]}" --output-dir "$WORK/bench"
 done
 sanitize() {
   local tool="$1" sanitizer
@@ -229,7 +229,7 @@ run_step experiments "${HSFT_CHECK_EXPERIMENTS_SECONDS:-150}" env HSFT_CACHE="$P
 # --profile --compile default,reduce-overhead").
 read -r -a BENCH_STEP_ARGS <<< "${HSFT_CHECK_BENCH_STEP_ARGS:---shape sa2va-1b --stage lora,hsft --dtype bfloat16 --steps 3 --warmup 1}"
 run_step bench_step "${HSFT_CHECK_BENCH_STEP_SECONDS:-150}" "$PY" launch/bench_step.py --device "$DEVICE" \
-  "${BENCH_STEP_ARGS[@]}" --out "$WORK/bench_step"
+  "${BENCH_STEP_ARGS[@]}" --output-dir "$WORK/bench_step"
 
 # ---- summary -------------------------------------------------------------------------------
 {

@@ -50,7 +50,7 @@ step rehearse_1b 210 "$PY" launch/rehearse.py --overwrite --shape sa2va-1b --dev
   --output-dir "$WORK/sa2va-1b" --main-args="--hsft-cuda-graph"
 step rehearse_4b 330 "$PY" launch/rehearse.py --overwrite --shape sa2va-4b --device cuda --images 16 --output-dir "$WORK/sa2va-4b"
 step step_1b 90 "$PY" launch/bench_step.py --shape sa2va-1b --stage hsft --device cuda --dtype bfloat16 \
-  --steps 10 --warmup 3 --profile --cuda-graph --out "$WORK/bench_step"
+  --steps 10 --warmup 3 --profile --cuda-graph --output-dir "$WORK/bench_step"
 
 {
   echo "# device rehearsal: $("$PY" -c 'import torch; print(torch.cuda.get_device_name(0))' 2>/dev/null), $(date -u '+%Y-%m-%d %H:%M UTC'), commit $(git rev-parse --short HEAD 2>/dev/null)"

@@ -17,6 +17,7 @@ import sys
 import _import_hsft  # noqa: F401  (first: makes `import hsft` find the package)
 
 from hsft import command_line
+from hsft.engine.verbosity import set_verbosity
 from hsft.arguments import add_config_arguments, apply_arguments
 from hsft.eval.cli import EVAL_SPLITS, EvaluateOptions, add_inference_options, run_evaluate
 
@@ -41,6 +42,7 @@ def parse(argv):
     command_line.add_model(parser, "--checkpoint")
     command_line.add_output_dir(parser, help="directory the report is written to", old=("--output",))
     command_line.add_overwrite(parser)
+    command_line.add_verbose(parser)
     parser.add_argument("--split", default="test", choices=EVAL_SPLITS,
                         help="which split to evaluate (default: test, the held-out split)")
     parser.add_argument("--compare", metavar="DIR2", default=None,
@@ -55,6 +57,7 @@ def parse(argv):
 
 def main(argv=None) -> int:
     args, options = parse(sys.argv[1:] if argv is None else argv)
+    set_verbosity(args.verbose, deepspeed=False)
     return command_line.run("launch/evaluate.py", lambda: run_evaluate(
         args.checkpoint, args.output_dir, data=options.data, split=args.split, compare=args.compare,
         cfg=options.eval, device=args.device, dtype=args.dtype, limit=args.limit,

@@ -19,6 +19,7 @@ import sys
 import _import_hsft  # noqa: F401  (first: makes `import hsft` find the package)
 
 from hsft import command_line
+from hsft.engine.verbosity import set_verbosity
 from hsft.eval.cli import add_inference_options, run_predict
 
 
@@ -29,6 +30,7 @@ def parse(argv):
     command_line.add_model(parser, "--checkpoint")
     command_line.add_output_dir(parser, help="directory for the masks and overlays", old=("--out",))
     command_line.add_overwrite(parser)
+    command_line.add_verbose(parser)
     parser.add_argument("--no-fov", action="store_true",
                         help="keep the mask and the vessel fraction over the whole frame, not only the field of view")
     parser.add_argument("--batch-size", type=int, default=8, help="images per generate call (default: 8)")
@@ -39,6 +41,7 @@ def parse(argv):
 
 def main(argv=None) -> int:
     args = parse(sys.argv[1:] if argv is None else argv)
+    set_verbosity(args.verbose, deepspeed=False)
     return command_line.run("launch/predict.py", lambda: run_predict(
         args.checkpoint, args.images, args.output_dir, batch_size=args.batch_size,
         max_new_tokens=args.max_new_tokens, device=args.device, dtype=args.dtype, prompt=args.prompt,

@@ -14,25 +14,26 @@ import sys
 
 import _import_hsft  # noqa: F401  (first: makes `import hsft` find the package)
 
+from hsft import command_line
 from hsft.bench.rehearsal import SHAPES, RehearsalConfig, RehearsalError, format_markdown, rehearse, summarise
 
 
 def parse(argv) -> tuple[RehearsalConfig, str | None]:
-    parser = argparse.ArgumentParser(prog="launch/rehearse.py", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = command_line.Parser(prog="launch/rehearse.py", description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--shape", choices=SHAPES, default="sa2va-1b",
                         help="published size to rehearse ('tiny': the embedded preset's sizes, for tests)")
     parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
     parser.add_argument("--images", type=int, default=4,
                         help="synthetic images at DRIVE / STARE / CHASE_DB1 resolutions (a quarter held out)")
-    parser.add_argument("--output-dir", default="runs/rehearsal")
+    command_line.add_output_dir(parser, default="runs/rehearsal")
     parser.add_argument("--precision", choices=("bf16", "fp32"), default=None,
                         help="default: fp32 on the CPU, bf16 on a GPU")
     parser.add_argument("--deepspeed", default="ds_configs/zero2.json", help="DeepSpeed config of the main command")
     parser.add_argument("--epochs", type=int, default=1, help="epochs of LoRA, DPO, HSFT and the control")
     parser.add_argument("--max-new-tokens", type=int, default=None,
                         help="generation budget of mining and evaluation (default: the main command's)")
-    parser.add_argument("--overwrite", action="store_true", help="replace a non-empty --output-dir")
+    command_line.add_overwrite(parser)
     parser.add_argument("--summarise", default=None, metavar="DIR",
                         help="write DIR/rehearsal.json and .md again from what DIR holds (a rehearsal stopped during "
                              "the main command: the stages it finished), with the memory plan of this code")
@@ -51,20 +52,17 @@ def parse(argv) -> tuple[RehearsalConfig, str | None]:
 def main(argv=None) -> int:
     cfg, again = parse(sys.argv[1:] if argv is None else argv)
     try:
-        if again is not None:
-            print(format_markdown(summarise(again, replanned=True)))
-            return 0
-        rehearse(cfg, echo=lambda line: print(line, flush=True))
-    except ValueError as error:
-        print(f"launch/rehearse.py: error: {error}", file=sys.stderr)
-        return 2
-    except (OSError, KeyError) as error:
-        print(f"launch/rehearse.py: error: --summarise {again}: {error}", file=sys.stderr)
-        return 2
-    except RehearsalError as error:
+        return command_line.run("launch/rehearse.py", lambda: run(cfg, again))
+    except RehearsalError as error:  # a step failed at this size: the finding, named with its log
         print(f"launch/rehearse.py: failed: {error}", file=sys.stderr)
         return 1
-    return 0
+
+
+def run(cfg: RehearsalConfig, again: str | None) -> None:
+    if again is not None:
+        print(format_markdown(summarise(again, replanned=True)))
+    else:
+        rehearse(cfg, echo=lambda line: print(line, flush=True))
 
 
 if __name__ == "__main__":

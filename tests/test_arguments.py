@@ -84,7 +84,7 @@ def test_help_shows_the_defaults_in_force():
 # Every command that writes a directory names it --output-dir; every one that reads a dataset takes
 # --data-format/--data-root; every one that takes a model takes a stage directory too (--checkpoint/--model).
 WRITERS = {"hsft": (), "evaluate": (), "predict": (), "data": ("synth",), "bench_step": (),
-           "bench_feature_cache": (), "experiments": ()}
+           "bench_feature_cache": (), "experiments": (), "bench_kernels": (), "rehearse": ()}
 READERS = {"hsft": (), "evaluate": (), "data": ("check",)}
 
 

@@ -48,6 +48,7 @@ from pathlib import Path
 
 import torch
 
+from hsft.errors import UserError
 from hsft.ops import library, reference
 from hsft.ops.mask_ops import dice_bce_loss
 
@@ -73,7 +74,7 @@ PEAK_BANDWIDTH_TBS = (
 )
 
 
-class BenchmarkError(RuntimeError):
+class BenchmarkError(UserError):
     """The benchmark cannot run as asked (one line saying why)."""
 
 

@@ -34,6 +34,7 @@ import numpy as np
 import torch
 
 from hsft.engine.resources import GiB, disk_bytes, measure
+from hsft.errors import BadValue, MissingFile
 
 __all__ = ["SHAPES", "DATASET_SIZES", "RehearsalConfig", "rehearse", "summarise", "replan", "format_markdown",
            "image_plan", "build_shape_model"]
@@ -68,24 +69,24 @@ class RehearsalConfig:
 
     def validate(self) -> None:
         if self.shape not in SHAPES:
-            raise ValueError(f"--shape: must be one of {', '.join(SHAPES)}, got {self.shape!r}")
+            raise BadValue(f"--shape: must be one of {', '.join(SHAPES)}, got {self.shape!r}")
         if self.device not in ("cpu", "cuda"):
-            raise ValueError(f"--device: must be cpu or cuda, got {self.device!r}")
+            raise BadValue(f"--device: must be cpu or cuda, got {self.device!r}")
         if self.device == "cuda" and not torch.cuda.is_available():
-            raise ValueError("--device cuda: no CUDA device is available")
+            raise BadValue("--device cuda: no CUDA device is available")
         if self.images < 4:
-            raise ValueError(f"--images: at least 4 (two held out, two to train on and validate), got {self.images}")
+            raise BadValue(f"--images: at least 4 (two held out, two to train on and validate), got {self.images}")
         if self.precision not in (None, "bf16", "fp32"):
-            raise ValueError(f"--precision: must be bf16 or fp32, got {self.precision!r}")
+            raise BadValue(f"--precision: must be bf16 or fp32, got {self.precision!r}")
         if not Path(self.deepspeed).is_file():
-            raise ValueError(f"--deepspeed {self.deepspeed}: file does not exist")
+            raise BadValue(f"--deepspeed {self.deepspeed}: file does not exist")
         if self.epochs < 1:
-            raise ValueError(f"--epochs: must be >= 1, got {self.epochs}")
+            raise BadValue(f"--epochs: must be >= 1, got {self.epochs}")
         if self.max_new_tokens is not None and self.max_new_tokens < 1:
-            raise ValueError(f"--max-new-tokens: must be >= 1, got {self.max_new_tokens}")
+            raise BadValue(f"--max-new-tokens: must be >= 1, got {self.max_new_tokens}")
         out = Path(self.output_dir)
         if out.exists() and any(out.iterdir()) and not self.overwrite:
-            raise ValueError(f"--output-dir {out}: exists and is not empty (pass --overwrite to replace it)")
+            raise BadValue(f"--output-dir {out}: exists and is not empty (pass --overwrite to replace it)")
 
     @property
     def run_precision(self) -> str:
@@ -184,7 +185,7 @@ def _run_child(cmd: list[str], log: Path, env: dict, echo) -> dict:
 
 
 class RehearsalError(RuntimeError):
-    pass
+    """A step of the rehearsal failed at this size: what the rehearsal exists to find (its log is named)."""
 
 
 def _child_env(cfg: RehearsalConfig) -> dict:
@@ -372,6 +373,8 @@ def summarise(output_dir: str | Path, *, replanned: bool = False) -> dict:
     during the main command, the steps before it and the stages the main command finished; with
     `replanned`, the plan column from this code (replan) instead of the one the run printed."""
     out = Path(output_dir)
+    if not (out / "rehearsal.json").is_file():
+        raise MissingFile(f"--summarise {out}: no rehearsal.json there (not a rehearsal's output directory)")
     summary = json.loads((out / "rehearsal.json").read_text())
     plan, measured = _stage_resources(out / "run")
     summary["memory_plan"] = replan(out / "run") if replanned else plan

@@ -17,15 +17,18 @@ __all__ = ["set_verbosity", "is_verbose", "quiet_stdout"]
 _verbose = False
 
 
-def set_verbosity(verbose: bool) -> None:
+def set_verbosity(verbose: bool, *, deepspeed: bool = True) -> None:
+    """Set the libraries' log level; `deepspeed=False` for commands that never start DeepSpeed (evaluate,
+    predict), which then do not pay for importing it."""
     global _verbose
     _verbose = bool(verbose)
     level = logging.INFO if verbose else logging.WARNING
-    from deepspeed.utils import logger as ds_logger
+    if deepspeed:
+        from deepspeed.utils import logger as ds_logger
 
-    ds_logger.setLevel(level)
-    for handler in ds_logger.handlers:
-        handler.setLevel(level)
+        ds_logger.setLevel(level)
+        for handler in ds_logger.handlers:
+            handler.setLevel(level)
     from transformers.utils import logging as hf_logging
 
     hf_logging.set_verbosity(level)
