@@ -85,6 +85,9 @@ RESOURCES_FILE = "resources.json"
 RESULT_FILE = "stage_result.json"
 # Settings that do not change what a run computes: a resumed run may give them differently.
 RESUME_NEUTRAL = {"output_dir", "resume", "overwrite", "keep_checkpoints", "stages", "verbose", "base.cache_dir"}
+# How a stage's batch is laid over the ranks may change on resume, as the rank count may (e.g. twice the
+# micro-batch on half the ranks keeps the global batch); the loop restores the state and says what changes.
+RESUME_LAYOUT = (".micro_batch", ".grad_accum")
 
 
 def _flatten(value, prefix: str = "") -> dict[str, object]:
@@ -100,7 +103,8 @@ def settings_that_differ(cfg: RunConfig, saved: dict) -> list[str]:
     now = _flatten(json.loads(json.dumps(asdict(cfg))))
     before = _flatten(saved)
     return [f"{name} (run: {before[name]!r}, now: {value!r})" for name, value in now.items()
-            if name not in RESUME_NEUTRAL and name in before and before[name] != value]
+            if name not in RESUME_NEUTRAL and not name.endswith(RESUME_LAYOUT) and name in before
+            and before[name] != value]
 
 
 def check_same_run(cfg: RunConfig, out: Path) -> None:
