@@ -32,7 +32,8 @@ from hsft.model.chain import make_lean
 from hsft.model.directory import EMBEDDED_DESCRIPTION, resolve_model_dir, write_training_record
 from hsft.stages import (all_data, anti_curriculum, base, control, curriculum, dpo, easy_control, evaluation, hsft,
                          iterative, lora, loss_weighted, mining, unet)
-from hsft.stages.training import StageResult, is_complete, model_dir
+from hsft.stages.evaluation import RunModel
+from hsft.stages.training import StageResult, is_complete, model_dir, recorded_step
 
 
 @dataclass(frozen=True)
@@ -42,6 +43,7 @@ class Stage:
 
     `beside` makes the row a variant of another stage (a control): it starts from the model that
     stage started from, and its model is evaluated but not handed on to the stages after it.
+    `evaluates`: the stage is also handed the run's models so far (`models=`, a list of RunModel).
     """
 
     name: str
@@ -50,6 +52,7 @@ class Stage:
     trains: bool
     report_key: str | None = None  # report.json key (default: the name)
     beside: str | None = None
+    evaluates: bool = False
 
 
 STAGES = (
@@ -66,7 +69,7 @@ STAGES = (
     Stage("iterative", iterative.run, "hsft", trains=True, beside="hsft"),
     Stage("easy_control", easy_control.run, "hsft", trains=True, beside="hsft"),
     Stage("unet", unet.run, "unet", trains=False),
-    Stage("eval", evaluation.run, "eval", trains=False, report_key="evaluation"),
+    Stage("eval", evaluation.run, "eval", trains=False, report_key="evaluation", evaluates=True),
 )
 STAGE_BY_NAME = {stage.name: stage for stage in STAGES}
 assert tuple(STAGE_BY_NAME) == STAGE_ORDER, "hsft.config.STAGE_ORDER must list the stages of this table"
@@ -153,7 +156,11 @@ def _finished(stage: Stage, stage_dir: Path) -> StageResult | None:
         return saved
     if not is_complete(stage_dir):
         return None
-    return saved if saved is not None and saved.model_dir is not None else StageResult(model_dir=model_dir(stage_dir))
+    if saved is None or saved.model_dir is None:
+        saved = StageResult(model_dir=model_dir(stage_dir))
+    if saved.global_step is None:  # a result saved before it recorded the step
+        saved.global_step = recorded_step(stage_dir)
+    return saved
 
 
 def _check_output_dir(cfg: RunConfig, out: Path) -> None:
@@ -200,13 +207,16 @@ def keep_only_changes(directory: Path, base: Path) -> None:
     distributed.barrier()
 
 
-def _continue_global_step(ctx: RunContext, upto: str) -> None:
-    """TensorBoard's step never resets: continue from the newest finished stage up to `upto`."""
-    for name in reversed(STAGE_ORDER[:STAGE_ORDER.index(upto) + 1]):
-        metrics = ctx.stage_dir(name) / "metrics.json"
-        if metrics.is_file():
-            ctx.global_step = max(ctx.global_step, json.loads(metrics.read_text()).get("global_step_end", 0))
-            return
+def _step_before(ctx: RunContext, first: str) -> int:
+    """The run-wide step the stage `first` starts at: TensorBoard's step never resets, so a run that starts
+    later in the table continues from the newest finished stage before it."""
+    for name in reversed(STAGE_ORDER[:STAGE_ORDER.index(first)]):
+        saved = load_stage_result(ctx.stage_dir(name))
+        step = saved.global_step if saved is not None and saved.global_step is not None else None
+        step = step if step is not None else recorded_step(ctx.stage_dir(name))
+        if step is not None:
+            return step
+    return 0
 
 
 def predict_command(model: Path, out: Path) -> str:
@@ -268,7 +278,8 @@ def run_pipeline(cfg: RunConfig) -> dict:
 
 def _run_locked(cfg: RunConfig, ds_file_config: dict, out: Path) -> dict:
     started = time.time()
-    ctx = RunContext.build(cfg, ds_file_config)
+    splits = load_splits(cfg.data)
+    ctx = RunContext.build(cfg, ds_file_config, splits)
     if distributed.is_main():
         print(f"hsft: recipe {cfg.recipe or 'none'}, {ctx.precision} on {ctx.device}, "
               f"{distributed.world_size()} rank(s); output {out}" + (" (--resume)" if cfg.resume else ""), flush=True)
@@ -278,13 +289,10 @@ def _run_locked(cfg: RunConfig, ds_file_config: dict, out: Path) -> dict:
     if distributed.is_main():
         out.mkdir(parents=True, exist_ok=True)
     distributed.barrier()
-    ctx.splits = load_splits(cfg.data)
-    splits = ctx.splits
     if distributed.is_main():
         print(f"data: {cfg.data.format} train {len(splits.train)} / val {len(splits.val)} / held-out test "
               f"{len(splits.test)}")
-    if cfg.stages[0] != STAGE_ORDER[0]:
-        _continue_global_step(ctx, STAGE_ORDER[STAGE_ORDER.index(cfg.stages[0]) - 1])
+    step = _step_before(ctx, cfg.stages[0])  # the run-wide step: counted here, each stage returns where it ended
     current, start_label = _starting_model(ctx)
     try:
         estimate = plan_for_run(cfg, ctx.ds_config, device=ctx.device.type, precision=ctx.precision,
@@ -296,8 +304,8 @@ def _run_locked(cfg: RunConfig, ds_file_config: dict, out: Path) -> dict:
     plan = None if estimate is None else estimate.to_dict()
     if distributed.is_main() and estimate is not None:
         print(format_plan(estimate), flush=True)
-    if current is not None and cfg.eval.evaluate_start:
-        ctx.models.append(("start", current))
+    # Every model this run started from or produced, in order: what the evaluation stage is handed.
+    models: list[RunModel] = [RunModel("start", current)] if current is not None and cfg.eval.evaluate_start else []
     results: dict[str, StageResult] = {}
     written: dict[str, str] = {}
     ran: list[str] = []
@@ -319,8 +327,9 @@ def _run_locked(cfg: RunConfig, ds_file_config: dict, out: Path) -> dict:
                 write_json(out / RUN_CONFIG_FILE, asdict(cfg))
                 write_json(out / RESOURCES_FILE, {"memory_plan": plan, "stages": {}})
             ran.append(stage.name)
+            inputs = {"models": list(models)} if stage.evaluates else {}
             with measure(ctx.device) as usage:
-                result = stage.run(ctx, getattr(cfg, stage.config), start)
+                result = stage.run(ctx.at_step(step), getattr(cfg, stage.config), start, **inputs)
             resources[stage.name] = {**usage.to_dict(), "notes": list(result.notes)}
             if distributed.is_main():  # kept as the run goes, so a run stopped early still shows its stages
                 write_json(out / RESOURCES_FILE, {"memory_plan": plan, "stages": resources})
@@ -333,15 +342,12 @@ def _run_locked(cfg: RunConfig, ds_file_config: dict, out: Path) -> dict:
                 save_stage_result(stage_dir, result)
             distributed.barrier()
         results[stage.name] = result
-        _continue_global_step(ctx, stage.name)
+        if result.global_step is not None:
+            step = result.global_step
         written.update(result.written)
         if result.model_dir is not None:
             written[f"{stage.name} model"] = str(result.model_dir)
-            if (stage.name, result.model_dir) not in ctx.models:
-                ctx.models.append((stage.name, result.model_dir))
-                ctx.started_from[stage.name] = start
-                if stage.beside:
-                    ctx.variants[stage.name] = stage.beside
+            models.append(RunModel(stage.name, result.model_dir, started_from=start, beside=stage.beside))
             if stage.beside is None:
                 current = result.model_dir
 

@@ -24,28 +24,46 @@ def test_the_table_lists_every_stage_once_with_the_common_entry():
     for stage in pipeline.STAGES:
         assert stage.config in hints, f"{stage.name}: RunConfig has no field {stage.config!r}"
         params = list(inspect.signature(stage.run).parameters)
-        assert params == ["ctx", "cfg", "start"], f"{stage.name}.run takes {params}"
+        # The evaluation is also handed the run's models; no stage finds them in a shared object.
+        expected = ["ctx", "cfg", "start"] + (["models"] if stage.evaluates else [])
+        assert params == expected, f"{stage.name}.run takes {params}"
         cfg_type = typing.get_type_hints(stage.run)["cfg"]
         assert cfg_type is hints[stage.config], f"{stage.name}.run takes {cfg_type}, RunConfig.{stage.config} is " \
                                                 f"{hints[stage.config]}"
+
+
+class _Calls(list):
+    """(stage, the model it was handed) of every stage run, in order; `steps`: (stage, the run-wide step
+    it was handed)."""
+
+    def __init__(self):
+        super().__init__()
+        self.steps: list[tuple[str, int]] = []
+
+    def clear(self):
+        super().clear()
+        self.steps.clear()
 
 
 @pytest.fixture
 def fake_stages(monkeypatch, tiny_model):
     """Every stage replaced by a fake that records the model it was handed; training stages write a
     model directory and a metrics.json like the real ones."""
-    calls: list[tuple[str, object]] = []
+    calls = _Calls()
+    steps = calls.steps
 
     def fake(name: str, trains: bool):
-        def run(ctx, cfg, start):
+        def run(ctx, cfg, start, **inputs):
             calls.append((name, start))
+            steps.append((name, ctx.global_step))
             if not trains:
                 return StageResult(summary={"ran": name}, section=[f"## section of {name}", ""])
             stage_dir = ctx.stage_dir(name)
             save_model(tiny_model, model_dir(stage_dir))
-            ctx.global_step += 10
-            write_json(stage_dir / "metrics.json", {"stage": name, "global_step_end": ctx.global_step})
-            return StageResult(model_dir=model_dir(stage_dir), summary={"ran": name}, notes=[f"- note of {name}"])
+            end = ctx.global_step + 10
+            write_json(stage_dir / "metrics.json", {"stage": name, "global_step_end": end})
+            return StageResult(model_dir=model_dir(stage_dir), summary={"ran": name}, notes=[f"- note of {name}"],
+                               global_step=end)
         return run
 
     for stage in pipeline.STAGES:
@@ -90,6 +108,8 @@ def test_resume_skips_finished_training_stages_and_continues_the_step(fake_stage
     # base, lora, dpo and mining finished: only HSFT and the new eval stage run
     assert [name for name, _ in fake_stages] == ["hsft", "eval"]
     assert dict(fake_stages)["hsft"] == model_dir(tmp_path / "run" / "dpo")
+    # The step continues from the skipped stages' saved results (each fake trains 10 steps).
+    assert fake_stages.steps == [("hsft", 30), ("eval", 40)]
     # The report holds every stage, the finished ones from their saved results.
     assert all(report[name] == {"ran": name} for name in ("base", "lora", "dpo", "mining", "hsft"))
     assert "lora model" in report["written"]
@@ -155,9 +175,9 @@ def test_the_report_ends_with_the_model_to_use_next(fake_stages, tmp_path):
 def test_the_models_to_evaluate_and_what_each_started_from(monkeypatch, fake_stages, tmp_path):
     seen = {}
 
-    def record(ctx, cfg, start):
-        seen.update(models=[name for name, _ in ctx.models], started_from=dict(ctx.started_from),
-                    variants=dict(ctx.variants))
+    def record(ctx, cfg, start, models):
+        seen.update(models=[m.label for m in models], started_from={m.label: m.started_from for m in models},
+                    variants={m.label: m.beside for m in models if m.beside})
         return StageResult()
 
     monkeypatch.setitem(pipeline.STAGE_BY_NAME, "eval", dataclasses.replace(pipeline.STAGE_BY_NAME["eval"], run=record))
@@ -182,6 +202,7 @@ def test_a_later_stage_alone_starts_from_the_finished_stage_before_it(fake_stage
     pipeline.run_pipeline(_cfg(tmp_path, stages=("mining", "hsft")))
     assert fake_stages == [("mining", model_dir(tmp_path / "run" / "lora")),
                            ("hsft", model_dir(tmp_path / "run" / "lora"))]
+    assert fake_stages.steps == [("mining", 20), ("hsft", 20)]  # continued from lora's end
 
 
 def test_an_output_directory_with_stage_output_needs_resume_or_overwrite(fake_stages, tmp_path):
@@ -194,9 +215,9 @@ def test_an_output_directory_with_stage_output_needs_resume_or_overwrite(fake_st
 def test_every_variant_sits_beside_hsft_and_is_evaluated_without_being_passed_on(monkeypatch, fake_stages, tmp_path):
     seen = {}
 
-    def record(ctx, cfg, start):
-        seen.update(models=[name for name, _ in ctx.models], started_from=dict(ctx.started_from),
-                    variants=dict(ctx.variants), start=start)
+    def record(ctx, cfg, start, models):
+        seen.update(models=[m.label for m in models], started_from={m.label: m.started_from for m in models},
+                    variants={m.label: m.beside for m in models if m.beside}, start=start)
         return StageResult()
 
     monkeypatch.setitem(pipeline.STAGE_BY_NAME, "eval", dataclasses.replace(pipeline.STAGE_BY_NAME["eval"], run=record))

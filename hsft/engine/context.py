@@ -8,18 +8,19 @@ the precision again or guesses the device:
     precision    "bf16" or "fp32": the one place the --precision override and the config are reconciled
     device       this rank's accelerator (cuda:LOCAL_RANK), or the CPU where there is none
     seed, resume from the RunConfig
+    keep_checkpoints  how many epoch checkpoints a training stage keeps
     splits       the data: train / val (epoch metrics) / test (held out, evaluation only)
-    global_step  the TensorBoard step, continued across stages
-    models       the models of the run so far (what the evaluation stage evaluates)
-    started_from the model directory each of those stages started from (each stage's effect is
-                 measured against it)
-    variants     stage -> the stage it sits beside, for the variants among them (the control)
+    global_step  the run-wide TensorBoard step the stage starts at: the pipeline owns the count and
+                 hands each stage a copy at its step (`at_step`); a stage returns where it ended
+
+Nothing is added to it while the run goes: what a stage needs from earlier stages (the models the
+evaluation scores) is passed to that stage.
 """
 
 from __future__ import annotations
 
 import dataclasses
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -58,13 +59,9 @@ class RunContext:
     ds_config: dict
     precision: str
     device: torch.device
+    keep_checkpoints: int = 1
     splits: DataSplits | None = None
     global_step: int = 0
-    # (label, model directory) of every model this run started from or produced, in order: what the
-    # evaluation stage evaluates.
-    models: list[tuple[str, Path]] = field(default_factory=list)
-    started_from: dict[str, Path | None] = field(default_factory=dict)
-    variants: dict[str, str] = field(default_factory=dict)
 
     @classmethod
     def build(cls, cfg: RunConfig, ds_file_config: dict, splits: DataSplits | None = None) -> RunContext:
@@ -76,7 +73,7 @@ class RunContext:
             raise DeepSpeedConfigError(f"--deepspeed {cfg.deepspeed}: {precision} is not supported (no loss scaling "
                                        "here); enable bf16 or neither, or pass --precision bf16|fp32")
         return cls(cfg=cfg, out_dir=Path(cfg.output_dir), ds_config=apply_precision(ds_file_config, precision),
-                   precision=precision, device=device, splits=splits)
+                   precision=precision, device=device, keep_checkpoints=cfg.keep_checkpoints, splits=splits)
 
     @property
     def seed(self) -> int:
@@ -94,6 +91,10 @@ class RunContext:
     def with_precision(self, precision: str) -> RunContext:
         """The same run in another precision (stage 0 pre-trains in fp32 whatever the run uses)."""
         return dataclasses.replace(self, precision=precision, ds_config=apply_precision(self.ds_config, precision))
+
+    def at_step(self, global_step: int) -> RunContext:
+        """The same run with the run-wide step at `global_step` (what the pipeline hands a stage)."""
+        return dataclasses.replace(self, global_step=global_step)
 
     def stage_dir(self, name: str) -> Path:
         return self.out_dir / name

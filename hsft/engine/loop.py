@@ -151,7 +151,6 @@ def train(task: TrainTask, cfg: TrainConfig, ctx: RunContext, *, stage_dir: Path
     distributed.init_distributed()
     rank, world = distributed.rank(), distributed.world_size()
     seed, resume, step_offset = ctx.seed, ctx.resume, ctx.global_step
-    keep_checkpoints = ctx.cfg.keep_checkpoints
     stage_dir = Path(stage_dir)
     ckpt_dir = stage_dir / "checkpoints"
     start_time = time.time()
@@ -342,7 +341,7 @@ def train(task: TrainTask, cfg: TrainConfig, ctx: RunContext, *, stage_dir: Path
             else:
                 progress.set_description(line.removeprefix("[").replace("]", "", 1))
         tb.flush()  # what TensorBoard shows up to this checkpoint survives a kill
-        checkpoint.save(engine, ckpt_dir, f"epoch{epoch + 1:04d}", client_state(epoch + 1), keep=keep_checkpoints)
+        checkpoint.save(engine, ckpt_dir, f"epoch{epoch + 1:04d}", client_state(epoch + 1), keep=ctx.keep_checkpoints)
 
     progress.close()
     tb.flush()

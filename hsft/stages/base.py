@@ -51,7 +51,7 @@ from hsft.model.checkpoint import load_model
 from hsft.model.features import SamFeatures
 from hsft.stages.batching import SegBatch, fovs_on, masks_on
 from hsft.stages.objective import SegObjective, SegTask
-from hsft.stages.training import StageResult, Validation, is_complete, model_dir, train_stage
+from hsft.stages.training import StageResult, Validation, is_complete, model_dir, recorded_step, train_stage
 
 CACHE_FORMAT = 4
 ALL_PARTS = frozenset(PARTS)
@@ -153,8 +153,10 @@ def run(ctx: RunContext, cfg: BaseStageConfig, start: Path | None) -> StageResul
     if start is not None:
         raise ValueError("stage 'base' pre-trains the embedded tiny model from scratch; it takes no input model")
     run_cfg = ctx.cfg
-    # The stand-in pre-training has its own precision (fp32 by default: bf16 is slow on CPUs).
-    base_ctx = ctx.with_precision(cfg.precision or ctx.precision)
+    # The stand-in pre-training has its own precision (fp32 by default: bf16 is slow on CPUs). It trains
+    # inside the cache directory itself, so an interrupted pre-training resumes with --resume; the run-wide
+    # step starts at 0 there, so every run that reuses the cache continues from the same step.
+    base_ctx = ctx.with_precision(cfg.precision or ctx.precision).at_step(0)
     cached = cache_root(cfg) / f"base-{cache_key(cfg, run_cfg.model, run_cfg.data, ctx.seed, base_ctx.precision)}"
     if not is_complete(cached):
         if distributed.is_main():
@@ -174,7 +176,6 @@ def run(ctx: RunContext, cfg: BaseStageConfig, start: Path | None) -> StageResul
                 task = BaseTask(load_start(), broad, cfg, MaskValidation(held, run_cfg.mining.batch_size),
                                 parts=ENCODER_PARTS, lm_weight=0.0)
                 task.name = "base/encoder"  # the phase's name in its progress bar and log lines
-                base_ctx.global_step = 0
                 train_stage(base_ctx, task, cfg.train, stage_dir=encoder_dir, tb=TBWriter(None),
                             load_input_model=load_start)
             load_start = lambda: load_model(model_dir(encoder_dir))  # noqa: E731
@@ -182,9 +183,6 @@ def run(ctx: RunContext, cfg: BaseStageConfig, start: Path | None) -> StageResul
             parts = ALL_PARTS - {"sam2_encoder"}
         torch.manual_seed(ctx.seed)
         task = BaseTask(load_start(), pool, cfg, validation, questions, parts=parts)
-        # Train inside the cache directory itself, so an interrupted pre-training resumes with --resume; the
-        # run-wide step starts at 0 there, so every run that reuses the cache continues from the same step.
-        base_ctx.global_step = 0
         train_stage(base_ctx, task, cfg.train, stage_dir=cached, tb=TBWriter(None), load_input_model=load_start)
         if distributed.is_main():
             for phase in (cached, cached / "encoder"):  # the weights are what is reused
@@ -209,4 +207,4 @@ def run(ctx: RunContext, cfg: BaseStageConfig, start: Path | None) -> StageResul
         shutil.copytree(cached, stage_dir)
     distributed.barrier()
     return StageResult(model_dir=model_dir(stage_dir), summary={"cache": str(cached), "source": cfg.source},
-                       notes=[note])
+                       notes=[note], global_step=recorded_step(cached))

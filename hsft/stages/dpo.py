@@ -250,4 +250,5 @@ def run(ctx: RunContext, cfg: DPOStageConfig, start: Path | None) -> StageResult
         print("[dpo]" + evidence.removeprefix("  -"))
     return StageResult(model_dir=model_dir(stage_dir), summary=summary,
                        notes=[note + "; trains text_hidden_fcs and the SAM2 mask decoder with its prompt encoder "
-                              "(conv_s0/conv_s1 frozen), against the frozen input model as reference", evidence])
+                              "(conv_s0/conv_s1 frozen), against the frozen input model as reference", evidence],
+                       global_step=trained.global_step)

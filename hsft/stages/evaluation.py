@@ -20,6 +20,8 @@ A single run is one realisation of that spread.
 from __future__ import annotations
 
 import json
+from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -38,6 +40,18 @@ NOT_REPRODUCIBLE = ("The embedded default is not bit-reproducible across thread 
                     "another stage 0, and every later stage inherits it. This run is one realisation.")
 
 
+@dataclass(frozen=True)
+class RunModel:
+    """A model of the run, as the pipeline hands it to this stage: its label (the stage that produced it,
+    or "start"), its directory, the directory its stage started from (its effect is measured against
+    that model), and the stage it sits beside when it is a variant (compared with that stage directly)."""
+
+    label: str
+    model_dir: Path
+    started_from: Path | None = None
+    beside: str | None = None
+
+
 def shipped_spread(path: Path = DEFAULT_SPREAD) -> dict | None:
     """The shipped per-stage Δ ranges over stage-0 seeds, or None when the package has none."""
     return json.loads(path.read_text()) if path.is_file() else None
@@ -53,25 +67,28 @@ def _effect(before: list[float], after: list[float], cfg: EvalConfig) -> dict:
                            resamples=cfg.bootstrap_resamples)
 
 
-def run(ctx: RunContext, cfg: EvalConfig, start: Path | None) -> StageResult:
+def run(ctx: RunContext, cfg: EvalConfig, start: Path | None, models: Sequence[RunModel] = ()) -> StageResult:
+    """Evaluate `models` (the pipeline's list of the run's models, in order) on the held-out split; `start`
+    is the model the run hands on, which is among them."""
     cfg = cfg.following(ctx.cfg.mining)  # the hard/easy threshold of the flips: mining's, unless set
     rows, dice = [], {}
-    label_of = {Path(path): name for name, path in ctx.models}
+    label_of = {Path(m.model_dir): m.label for m in models}
     split_name, samples = ctx.splits.report_split()
     split = split_description(split_name, len(samples), ctx.cfg.data)
-    for name, path in ctx.models:
+    for model in models:
+        name, path = model.label, model.model_dir
         tb = ctx.tb(f"eval_{name}")
         summary = evaluate_model(load_model(path, device=ctx.device, dtype=ctx.dtype), samples, cfg,
                                  out_dir=ctx.stage_dir("eval") / name, tb=tb, step=ctx.global_step, tag=f"eval/{name}")
         tb.close()
         gen, fwd = summary["paths"]["generate"], summary["paths"]["forward"]
         dice[name] = _per_sample_dice(summary)
-        parent = ctx.started_from.get(name)
+        parent = model.started_from
         rows.append({"stage": name, "model": str(path), "dice": gen["dice"], "iou": gen["iou"],
                      "forward_dice": fwd["dice"], "seg_rate": summary["generate"]["seg_rate"],
                      "misses": summary["generate"]["misses"], "n": summary["n"],
                      "started_from": label_of.get(Path(parent)) if parent is not None else None,
-                     "beside": ctx.variants.get(name), "split": split_name})
+                     "beside": model.beside, "split": split_name})
     baseline = rows[0]["dice"] if rows else 0.0
     for i, row in enumerate(rows):
         row["delta_prev"] = row["dice"] - rows[i - 1]["dice"] if i else 0.0
@@ -79,7 +96,7 @@ def run(ctx: RunContext, cfg: EvalConfig, start: Path | None) -> StageResult:
         parent = row["started_from"]
         row["effect"] = _effect(dice[parent], dice[row["stage"]], cfg) if parent in dice else None
     comparisons = [{"after": a, "before": b, **_effect(dice[b], dice[a], cfg)}
-                   for b, a in ctx.variants.items() if a in dice and b in dice]
+                   for b, a in ((m.label, m.beside) for m in models if m.beside) if a in dice and b in dice]
     spread = shipped_spread() if ctx.cfg.embedded_default else None
     section = results_table(rows, comparisons, split, spread)
     if ctx.cfg.embedded_default and spread is None:

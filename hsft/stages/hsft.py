@@ -185,7 +185,8 @@ def fine_tune(ctx: RunContext, cfg: HSFTStageConfig, start: Path | None, *, name
                      f"{last['train_set_loss']:.4f}")
     if distributed.is_main():
         print(f"[{name}]" + evidence.removeprefix("  -"))
-    return StageResult(model_dir=model_dir(ctx.stage_dir(name)), summary=summary, notes=[note, evidence])
+    return StageResult(model_dir=model_dir(ctx.stage_dir(name)), summary=summary, notes=[note, evidence],
+                       global_step=trained.global_step)
 
 
 def mined_hard_set(ctx: RunContext) -> list[Sample]:

@@ -29,17 +29,16 @@ def run(ctx: RunContext, cfg: HSFTStageConfig, start: Path | None) -> StageResul
     if start is None:
         raise ValueError(f"{NAME}: needs a starting model directory (--model, or an earlier stage)")
     stage_dir = ctx.stage_dir(NAME)
-    current, rounds, notes = Path(start), [], []
+    current, rounds, notes, step = Path(start), [], [], ctx.global_step
     for number in range(1, cfg.rounds + 1):
         # Each round is a small run of its own below the stage directory: its mining, then its fine-tuning.
-        round_ctx = dataclasses.replace(ctx, out_dir=stage_dir / f"round{number}", models=[], started_from={},
-                                        variants={})
+        round_ctx = dataclasses.replace(ctx, out_dir=stage_dir / f"round{number}", global_step=step)
         mining.run(round_ctx, ctx.cfg.mining, current)
         hard = mined_hard_set(round_ctx)
         used = cfg.limit(hard)
         result = fine_tune(round_ctx, cfg, current, name="hsft", title=f"Iterative HSFT, round {number}",
                            plan=whole_set(used, f"round {number}'s mined hard set"), hard=hard)
-        ctx.global_step = round_ctx.global_step
+        step = result.global_step
         rounds.append({"round": number, "hard": len(hard), "trained_on": len(used), **{
             k: result.summary.get(k) for k in ("optimizer_steps", "hard_set_loss_before", "hard_set_loss_after",
                                                "skipped")}})
@@ -53,10 +52,10 @@ def run(ctx: RunContext, cfg: HSFTStageConfig, start: Path | None) -> StageResul
         shutil.copytree(current, model_dir(stage_dir))
         write_json(stage_dir / "metrics.json", {"stage": NAME, "rounds": rounds,
                                                 "optimizer_steps": sum(r["optimizer_steps"] or 0 for r in rounds),
-                                                "global_step_end": ctx.global_step})
+                                                "global_step_end": step})
     distributed.barrier()
     summary = {"rounds": rounds, "optimizer_steps": sum(r["optimizer_steps"] or 0 for r in rounds),
                "trains": "as HSFT, round after round"}
     note = (f"- Iterative HSFT: {cfg.rounds} rounds of mining then fine-tuning on that round's hard set, "
             f"{summary['optimizer_steps']} optimizer steps in all")
-    return StageResult(model_dir=model_dir(stage_dir), summary=summary, notes=[note] + notes)
+    return StageResult(model_dir=model_dir(stage_dir), summary=summary, notes=[note] + notes, global_step=step)

@@ -209,4 +209,5 @@ def run(ctx: RunContext, cfg: LoraStageConfig, start: Path | None) -> StageResul
     summary["trains"] = trains
     if result.losses:
         note += f"; loss {result.losses[0]:.4f} (first step) -> {result.losses[-1]:.4f} (last step)"
-    return StageResult(model_dir=model_dir(stage_dir), summary=summary, notes=[note])
+    return StageResult(model_dir=model_dir(stage_dir), summary=summary, notes=[note],
+                       global_step=result.global_step)

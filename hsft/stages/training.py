@@ -10,6 +10,7 @@ A training stage's directory holds:
 
 from __future__ import annotations
 
+import json
 import shutil
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -40,6 +41,7 @@ class StageResult:
     nothing (mining, eval), after which the previous model goes on.
     summary: this stage's entry in report.json. notes: its bullet lines under "Stages" in report.md;
     section: a report.md section of its own (a table). written: what it wrote, by label.
+    global_step: the run-wide step after this stage; None for a stage that trains nothing.
     """
 
     model_dir: Path | None = None
@@ -47,6 +49,7 @@ class StageResult:
     notes: list[str] = field(default_factory=list)
     section: list[str] = field(default_factory=list)
     written: dict[str, str] = field(default_factory=dict)
+    global_step: int | None = None
 
 
 def model_dir(stage_dir: Path) -> Path:
@@ -118,8 +121,13 @@ def train_stage(ctx: RunContext, task: TrainTask, cfg: TrainConfig, *, load_inpu
     if own_tb:
         tb.close()
     distributed.barrier()
-    ctx.global_step = result.global_step
     return result
+
+
+def recorded_step(stage_dir: Path) -> int | None:
+    """The run-wide step a finished training stage ended at, as its metrics.json records it."""
+    path = Path(stage_dir) / "metrics.json"
+    return json.loads(path.read_text(encoding="utf-8")).get("global_step_end") if path.is_file() else None
 
 
 def pass_model_on(ctx: RunContext, stage: str, start: Path, reason: str, summary: dict) -> StageResult:
@@ -134,4 +142,5 @@ def pass_model_on(ctx: RunContext, stage: str, start: Path, reason: str, summary
         write_json(stage_dir / "metrics.json", {"stage": stage, "skipped": True, "reason": reason, "samples": 0,
                                                 "optimizer_steps": 0, "global_step_end": ctx.global_step, **summary})
     distributed.barrier()
-    return StageResult(model_dir=model_dir(stage_dir), summary={**summary, "skipped": True, "reason": reason})
+    return StageResult(model_dir=model_dir(stage_dir), summary={**summary, "skipped": True, "reason": reason},
+                       global_step=ctx.global_step)
