@@ -61,9 +61,14 @@ class Parser(argparse.ArgumentParser):
         if unknown:
             words = unknown.group(1).split()
             option = next((w for w in words if w.startswith("-")), words[0])
+            key = getattr(self, "moved_options", {}).get(option.split("=", 1)[0])
             near = closest_option(option, list(self._option_string_actions))
-            message = f"unknown option {option}" + (f"; did you mean {near}?" if near else
-                                                     f"; see {self.prog} --help")
+            if key is not None:  # a setting reached with --set (hsft.arguments), not an option of its own
+                message = (f"unknown option {option}; {key} is set with --set {key}=VALUE "
+                           f"({self.prog} --help-all lists every key)")
+            else:
+                message = f"unknown option {option}" + (f"; did you mean {near}?" if near else
+                                                         f"; see {self.prog} --help")
         if os.environ.get("RANK", "0") == "0":  # every rank parses under the DeepSpeed launcher; one speaks
             sys.stderr.write(f"{self.prog}: error: {message}\n")
         sys.exit(2)

@@ -14,7 +14,8 @@ import math
 from dataclasses import dataclass, field
 
 from hsft.data.config import DataConfig
-from hsft.engine.config import TrainConfig
+from hsft.arguments import Shared
+from hsft.engine.config import PRECISIONS, STAGE_TRAIN_FIELDS, TrainConfig
 from hsft.errors import check as _check
 from hsft.eval.config import DEFAULT_TAU, EvalConfig
 from hsft.model.config import ModelConfig, PromptConfig
@@ -34,6 +35,10 @@ __all__ = [
     "RunConfig",
     "STAGE_ORDER",
     "DEFAULT_STAGES",
+    "PRECISIONS",
+    "SHARED_SETTINGS",
+    "MAIN_OPTIONS",
+    "OPTION_GROUPS",
 ]
 
 # The order the pipeline runs stages in. "base" (stage 0) only exists for the embedded default
@@ -46,7 +51,6 @@ STAGE_ORDER = ("base", "lora", "dpo", "mining", "hsft", "control", "all_data", "
 # fine-tuning, the curricula, loss-weighted sampling, iterative HSFT) train at HSFT's compute from the
 # model HSFT starts from; launch/experiments.py runs them, and --stages selects them by name.
 DEFAULT_STAGES = ("base", "lora", "dpo", "mining", "hsft", "control", "eval")
-PRECISIONS = ("bf16", "fp32")
 
 
 @dataclass
@@ -88,14 +92,16 @@ class BaseStageConfig:
     )
     precision: str | None = field(
         default="fp32",
-        metadata={"help": "precision of this stand-in pre-training (none: the run's); fp32 because bf16 is 3-4x "
-                          "slower on CPUs and the stage is not part of the method"},
+        metadata={"help": f"precision of this stand-in pre-training, one of {', '.join(PRECISIONS)} (none: the "
+                          "run's); fp32 because bf16 is 3-4x slower on CPUs and the stage is not part of the method",
+                  "brief": f"stage 0's precision, one of {', '.join(PRECISIONS)} (none: the run's)"},
     )
 
     def validate(self) -> None:
         self.train.validate("base")
         if self.precision is not None:
-            _check(self.precision in PRECISIONS, "base.precision", f"must be one of {PRECISIONS} or none")
+            _check(self.precision in PRECISIONS, "base.precision",
+                   f"must be one of {', '.join(PRECISIONS)} or none, got {self.precision!r}")
         _check(self.pool_size >= 8, "base.pool_size", f"must be >= 8, got {self.pool_size}")
         _check(self.source in ("other-style", "target"), "base.source",
                f"must be 'other-style' or 'target', got {self.source!r}")
@@ -318,7 +324,9 @@ class RunConfig:
     stages: tuple[str, ...] = DEFAULT_STAGES
     seed: int = field(default=0, metadata={"help": "seeds the model init, the data order and the control subset "
                                                     "(the validation split follows --data-seed)"})
-    precision: str | None = field(default=None, metadata={"help": "override the DeepSpeed config: bf16 or fp32"})
+    precision: str | None = field(
+        default=None, metadata={"help": f"training and inference precision, one of {', '.join(PRECISIONS)} "
+                                        "(none: the DeepSpeed config's; docs/usage.md#precision)"})
     recipe: str | None = field(
         default=None,
         metadata={"help": "hyper-parameter recipe: 'paper' (the published settings) or 'tiny' (for the embedded model); "
@@ -372,13 +380,69 @@ class RunConfig:
             _check(self.embedded_default, "stages",
                    "'base' pre-trains the embedded tiny model; drop it when --model or --vlm is given")
         if self.precision is not None:
-            _check(self.precision in PRECISIONS, "precision", f"must be one of {PRECISIONS}, got {self.precision!r}")
+            _check(self.precision in PRECISIONS, "precision",
+                   f"must be one of {', '.join(PRECISIONS)}, got {self.precision!r}")
         _check(self.keep_checkpoints >= 1, "keep_checkpoints", f"must be >= 1, got {self.keep_checkpoints}")
         _check(self.recipe in (None, "paper", "tiny"), "recipe", f"must be 'paper' or 'tiny', got {self.recipe!r}")
         self.model.validate()
         self.data.validate()
         for stage_cfg in (self.base, self.lora, self.dpo, self.mining, self.hsft, self.unet, self.eval):
             stage_cfg.validate()
+
+
+# The stages with a training loop of their own (the variants beside HSFT and the control take HSFT's).
+TRAINING_STAGES = ("base", "lora", "dpo", "hsft")
+
+# Settings that are one value across the run: each writes the same value into several fields (the fields
+# keep their own values, as recipes set them, unless the setting is given). --set reaches them as
+# `train.<field>` / `inference.<field>`.
+SHARED_SETTINGS = tuple(
+    Shared(f"train.{f.name}", tuple(f"{stage}.train.{f.name}" for stage in TRAINING_STAGES),
+           f.metadata.get("help", "") + ", in every training stage")
+    for f in dataclasses.fields(TrainConfig) if f.name not in STAGE_TRAIN_FIELDS and f.name != "betas"
+) + (
+    Shared("inference.batch_size", ("mining.batch_size", "eval.batch_size"),
+           "samples per generate call in mining, DPO pairs, validation and evaluation"),
+    Shared("inference.max_new_tokens", ("mining.max_new_tokens", "eval.max_new_tokens"),
+           "generation budget per sample in mining, DPO pairs, validation and evaluation"),
+)
+
+# The main command's options, by group in this order. Every other field (and shared setting) is set with
+# --set KEY=VALUE; `launch/hsft.py --help-all` lists them. docs/usage.md says why each one is where it is.
+MAIN_OPTIONS = (
+    "output_dir", "deepspeed", "start_model", "seed", "precision", "recipe", "resume", "overwrite", "verbose",
+    "standalone", "keep_checkpoints",
+    "model.preset", "model.vlm", "model.sam2",
+    "data.format", "data.root", "data.val_fraction", "data.seed", "data.synthetic_train", "data.synthetic_test",
+    "data.synthetic_size",
+    "train.warmup_ratio", "train.weight_decay", "train.clip",
+    "inference.batch_size", "inference.max_new_tokens",
+    "base.train.epochs", "base.pool_size", "base.cache_dir", "base.precision",
+    *(f"{stage}.train.{name}" for stage in ("lora",) for name in STAGE_TRAIN_FIELDS),
+    "lora.rank", "lora.alpha", "lora.dropout", "lora.mask_loss_weight", "lora.train_mask_decoder", "lora.seg_rows",
+    *(f"dpo.train.{name}" for name in STAGE_TRAIN_FIELDS),
+    "dpo.beta", "dpo.loss", "dpo.normalisation", "dpo.pair_threshold",
+    "mining.tau", "mining.hard_quantile",
+    *(f"hsft.train.{name}" for name in STAGE_TRAIN_FIELDS),
+    "hsft.bce_weight", "hsft.seg_form", "hsft.cache_features", "hsft.cache_on_device", "hsft.cuda_graph",
+    "hsft.max_hard", "hsft.hard_fraction", "hsft.rounds",
+    "eval.tau", "eval.evaluate_start",
+)
+
+OPTION_GROUPS = {
+    "run": "run",
+    "model": "model (embedded preset, or local InternVL + SAM2 checkpoints)",
+    "data": "data",
+    "train": "training, every stage (each stage keeps its recipe's value unless given; --set hsft.clip=... sets "
+             "one stage's)",
+    "inference": "inference (mining, DPO pairs, validation, evaluation)",
+    "base": "stage 0: pre-training of the embedded default",
+    "lora": "stage 1: LoRA",
+    "dpo": "stage 2: mask DPO",
+    "mining": "mining: the hard set",
+    "hsft": "stage 3: HSFT (and the variants and control beside it)",
+    "eval": "evaluation",
+}
 
 
 def replace_nested(cfg, **changes):

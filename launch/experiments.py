@@ -11,7 +11,7 @@ training path, over several seeds, with paired-bootstrap intervals, plots and pl
 
 Every run is an ordinary output directory below --output-dir; killed, the same command continues at the
 first unfinished run. Results: <output-dir>/results.md, results.json, plots/*.png, tb/ (HParams).
-Every option of launch/hsft.py is accepted and applies to every run of the suite.
+Every option of launch/hsft.py (and its --set KEY=VALUE) is accepted and applies to every run of the suite.
 """
 
 import argparse
@@ -23,7 +23,7 @@ import _import_hsft  # noqa: F401  (first: makes `import hsft` find the package)
 
 from hsft.arguments import RUN_ALIASES, add_config_arguments
 from hsft.command_line import Parser
-from hsft.config import RunConfig
+from hsft.config import MAIN_OPTIONS, OPTION_GROUPS, SHARED_SETTINGS, RunConfig
 from hsft.experiments.suites import SUITES
 from hsft.recipes import config_from_arguments
 
@@ -42,7 +42,8 @@ def parse(argv):
     parser.add_argument("--reference", type=Path, default=None,
                         help="JSON of the paper's own numbers, {table key: {row: value}}, shown as a labelled column")
     parser.add_argument("--local_rank", type=int, default=-1, help=argparse.SUPPRESS)
-    dests = add_config_arguments(parser, RunConfig, aliases=RUN_ALIASES, skip={"output_dir", "resume", "overwrite"})
+    dests = add_config_arguments(parser, RunConfig, aliases=RUN_ALIASES, skip={"output_dir", "resume", "overwrite"},
+                                 options=MAIN_OPTIONS, shared=SHARED_SETTINGS, groups=OPTION_GROUPS)
     parser.add_argument("--output-dir", type=Path, default=Path("runs/exp"), help="where the suite's runs and results go")
     args = parser.parse_args(argv)
     cfg = config_from_arguments(args, dests)

@@ -13,7 +13,7 @@ import _import_hsft  # noqa: F401  (first: makes `import hsft` find the package)
 
 from hsft.arguments import RUN_ALIASES, add_config_arguments
 from hsft.command_line import Parser
-from hsft.config import DEFAULT_STAGES, STAGE_ORDER, RunConfig
+from hsft.config import DEFAULT_STAGES, MAIN_OPTIONS, OPTION_GROUPS, SHARED_SETTINGS, STAGE_ORDER, RunConfig
 from hsft.recipes import RECIPES, config_from_arguments
 
 
@@ -21,16 +21,18 @@ def parse(argv):
     return parse_with_plan(argv)[0]
 
 
-def parse_with_plan(argv):
-    """The run's config, and (--plan, --plan-gpu-memory in GiB or None)."""
+def build_parser() -> tuple[Parser, dict]:
+    """The main command's parser, and what hsft.arguments needs to turn its namespace into a RunConfig."""
     parser = Parser(
         prog="launch/hsft.py",
         description=__doc__,
         formatter_class=argparse.RawDescriptionHelpFormatter,
         epilog="Stage options are named after their stage: --hsft-lr, --hsft-epochs, --lora-rank, --dpo-beta ... "
-               "Each default shown is the paper recipe's, followed by the tiny recipe's where it differs; the "
-               "embedded default runs the tiny recipe, a released checkpoint the paper recipe, and --model of a "
-               "directory this command trained the recipe and precision it records. Outputs: "
+               "Every other setting is reached with --set KEY=VALUE (dotted key, e.g. --set base.referring=true); "
+               "--help-all lists them all. Each default shown is the paper recipe's, followed by the tiny "
+               "recipe's where it differs; the embedded default runs the tiny recipe, a released checkpoint the "
+               "paper recipe, and --model of a directory this command trained the recipe and precision it records. "
+               "Outputs: "
                "<output-dir>/<stage>/ (model/, trainable.safetensors, checkpoints/, metrics.json), "
                "<output-dir>/tb/, report.json and report.md.",
     )
@@ -43,9 +45,15 @@ def parse_with_plan(argv):
                         help="print the memory plan (GiB per stage and rank on a GPU: parameters, gradients, optimizer, "
                              "activations, caches) and exit without running; every run prints it at its start")
     parser.add_argument("--plan-gpu-memory", default=None, metavar="SIZE",
-                        help="with --plan: also say which DeepSpeed configs beside --deepspeed fit a GPU of SIZE "
-                             "(e.g. 24GiB, 80GB)")
-    dests = add_config_arguments(parser, RunConfig, aliases=RUN_ALIASES, recipes={"tiny": RECIPES["tiny"]})
+                        help="with --plan: also say which shipped DeepSpeed configs fit a GPU of SIZE (e.g. 24GiB)")
+    dests = add_config_arguments(parser, RunConfig, aliases=RUN_ALIASES, recipes={"tiny": RECIPES["tiny"]},
+                                 options=MAIN_OPTIONS, shared=SHARED_SETTINGS, groups=OPTION_GROUPS)
+    return parser, dests
+
+
+def parse_with_plan(argv):
+    """The run's config, and (--plan, --plan-gpu-memory in GiB or None)."""
+    parser, dests = build_parser()
     args = parser.parse_args(argv)
     cfg = config_from_arguments(args, dests)
     stages = tuple(s.strip() for s in args.stages.split(",") if s.strip())

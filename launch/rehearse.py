@@ -16,6 +16,7 @@ import _import_hsft  # noqa: F401  (first: makes `import hsft` find the package)
 
 from hsft import command_line
 from hsft.bench.rehearsal import SHAPES, RehearsalConfig, RehearsalError, format_markdown, rehearse, summarise
+from hsft.engine.config import PRECISIONS
 
 
 def parse(argv) -> tuple[RehearsalConfig, str | None]:
@@ -27,7 +28,7 @@ def parse(argv) -> tuple[RehearsalConfig, str | None]:
     parser.add_argument("--images", type=int, default=4,
                         help="synthetic images at DRIVE / STARE / CHASE_DB1 resolutions (a quarter held out)")
     command_line.add_output_dir(parser, default="runs/rehearsal")
-    parser.add_argument("--precision", choices=("bf16", "fp32"), default=None,
+    parser.add_argument("--precision", choices=tuple(PRECISIONS), default=None,
                         help="default: fp32 on the CPU, bf16 on a GPU")
     parser.add_argument("--deepspeed", default="ds_configs/zero2.json", help="DeepSpeed config of the main command")
     parser.add_argument("--epochs", type=int, default=1, help="epochs of LoRA, DPO, HSFT and the control")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 from dataclasses import dataclass, field
 
 import pytest
@@ -125,3 +126,111 @@ def test_a_model_the_pipeline_trained_keeps_its_recipe_and_precision(tmp_path):
     released.mkdir()
     cfg = parse(["--model", str(released)])
     assert cfg.recipe == "paper" and cfg.precision is None
+
+
+# --- the main command's option list: at most 70 options, everything else through --set ---------------
+
+
+def _main_parser():
+    return launch_module("hsft").build_parser()[0]
+
+
+def test_the_main_command_lists_at_most_70_options_each_once():
+    import re
+
+    parser = _main_parser()
+    shown = [a for a in parser._actions if a.help != argparse.SUPPRESS]
+    assert len(shown) <= 70, [a.option_strings[0] for a in shown]
+    # --help names each option at the start of exactly one line (no wrapped help line starts with an option).
+    listed = [m.group(1) for m in re.finditer(r"^  (-[-\w]+)", parser.format_help(), flags=re.M)]
+    assert sorted(listed) == sorted(a.option_strings[0] for a in shown)
+
+
+def test_set_reaches_every_field_and_shared_settings_fan_out():
+    parse = launch_module("hsft").parse
+    cfg = parse(["--set", "base.referring=true", "--set", "unet.levels=3", "--set", "model.prompt.system=Be brief.",
+                 "--set", "hsft.lr=2e-3", "--set", "mining.hard_quantile=none"])
+    assert cfg.base.referring is True and cfg.unet.levels == 3 and cfg.model.prompt.system == "Be brief."
+    assert cfg.hsft.train.lr == 2e-3 and cfg.mining.hard_quantile is None
+    # A run-wide setting writes every training stage; a stage's own value, given too, wins.
+    cfg = parse(["--train-clip", "0.5", "--set", "hsft.train.clip=2", "--set", "train.log_every=5"])
+    assert (cfg.base.train.clip, cfg.lora.train.clip, cfg.dpo.train.clip, cfg.hsft.train.clip) == (0.5, 0.5, 0.5, 2.0)
+    assert {cfg.base.train.log_every, cfg.lora.train.log_every, cfg.dpo.train.log_every, cfg.hsft.train.log_every} == {5}
+    # One inference setting for mining (and the DPO pairs and validation that use its settings) and evaluation.
+    cfg = parse(["--inference-batch-size", "3", "--inference-max-new-tokens", "9"])
+    assert (cfg.mining.batch_size, cfg.eval.batch_size, cfg.mining.max_new_tokens, cfg.eval.max_new_tokens) == \
+        (3, 3, 9, 9)
+
+
+def test_no_option_given_leaves_the_recipe_defaults():
+    from hsft.recipes import recipe_config
+
+    assert dataclasses.replace(launch_module("hsft").parse([]), stages=RunConfig().stages) == recipe_config("tiny")
+
+
+@pytest.mark.parametrize("argv, named", [
+    (["--set", "base.refering=true"], "unknown key 'base.refering'; did you mean base.referring?"),
+    (["--set", "hsft.train.lr=fast"], "hsft.train.lr: could not convert string to float: 'fast'"),
+    (["--set", "base.referring=maybe"], "base.referring: expected true/false, got 'maybe'"),
+    (["--set", "hsft.lr"], "expected KEY=VALUE, got 'hsft.lr'"),
+])
+def test_a_bad_set_is_one_line_naming_the_key(capsys, argv, named):
+    with pytest.raises(SystemExit) as done:
+        launch_module("hsft").parse(argv)
+    assert done.value.code == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and named in err, err
+
+
+def test_a_bad_set_value_is_refused_by_the_dataclass_validation():
+    cfg = launch_module("hsft").parse(["--set", "dpo.loss=kto"])
+    with pytest.raises(ValueError, match=r"^dpo\.loss: must be one of"):
+        cfg.validate()
+
+
+@pytest.mark.parametrize("option, key", [
+    ("--base-referring", "base.referring"), ("--base-source", "base.source"),
+    ("--base-encoder-pool-size", "base.encoder_pool_size"), ("--model-prompt-instruction", "model.prompt.instruction"),
+    ("--model-dtype", "model.dtype"), ("--unet-levels", "unet.levels"), ("--hsft-min-lr", "hsft.train.min_lr"),
+    ("--mining-batch-size", "mining.batch_size"), ("--eval-max-new-tokens", "eval.max_new_tokens"),
+    ("--train-log-every", "train.log_every"),
+])
+def test_an_option_that_moved_to_set_names_its_set_form_in_one_line(capsys, option, key):
+    with pytest.raises(SystemExit) as done:
+        launch_module("hsft").parse([option, "1"])
+    assert done.value.code == 2
+    err = capsys.readouterr().err
+    assert err == (f"launch/hsft.py: error: unknown option {option}; {key} is set with --set {key}=VALUE "
+                   "(launch/hsft.py --help-all lists every key)\n")
+
+
+def test_help_all_lists_every_key_with_its_option(capsys):
+    from hsft.arguments import settable_keys
+    from hsft.config import SHARED_SETTINGS
+
+    with pytest.raises(SystemExit) as done:
+        launch_module("hsft").parse(["--help-all"])
+    assert done.value.code == 0
+    lines = capsys.readouterr().out.splitlines()
+    keys = [line.split(" = ")[0].strip() for line in lines if " = " in line]
+    assert keys == settable_keys(RunConfig, SHARED_SETTINGS)
+    assert any(line.startswith("  hsft.train.lr = 1e-05; tiny recipe: 0.001 [--hsft-lr]  : ") for line in lines)
+    assert any(line.startswith("  start_model = None [--model]  : ") for line in lines)
+
+
+def test_every_study_override_and_recipe_key_is_a_settable_key():
+    from hsft.arguments import resolve_key
+    from hsft.config import SHARED_SETTINGS
+    from hsft.experiments.suites import SUITES
+    from hsft.recipes import RECIPES
+
+    cfg = RunConfig()
+    keys = {key for recipe in RECIPES.values() for key in recipe}
+    for name, (build, settings) in SUITES.items():
+        keys |= {key for key, _ in settings}
+        for arm in build(cfg).arms():
+            keys |= {key for key, _ in arm.overrides}
+    assert {"mining.tau", "hsft.train.lr", "hsft.seg_form", "hsft.rounds", "base.encoder_pool_size"} <= keys
+    for key in sorted(keys):
+        paths, _ = resolve_key(RunConfig, key, SHARED_SETTINGS)
+        assert paths == (tuple(key.split(".")),), key

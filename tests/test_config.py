@@ -52,3 +52,24 @@ def test_stage_configs_validate_on_their_own():
     for cfg in (TrainConfig(), LoraStageConfig(), DPOStageConfig(), MiningConfig(), HSFTStageConfig(), EvalConfig()):
         cfg.validate()
     assert TrainConfig(micro_batch=2, grad_accum=3).global_batch(world_size=4) == 24
+
+
+def test_one_precision_vocabulary_for_the_run_and_stage_0():
+    from hsft.engine.config import PRECISIONS
+    from hsft.engine.context import DTYPES
+
+    assert set(DTYPES) == set(PRECISIONS)
+    for name in PRECISIONS:
+        replace_nested(RunConfig(), precision=name, **{"base.precision": name}).validate()
+    with pytest.raises(ValueError, match=r"^base\.precision: must be one of bf16, fp32 or none"):
+        replace_nested(RunConfig(), **{"base.precision": "float32"}).validate()
+
+
+def test_shared_settings_name_fields_that_exist_with_one_type():
+    from hsft.arguments import iter_fields
+    from hsft.config import SHARED_SETTINGS
+
+    types = {".".join(path): tp for path, _, tp, _ in iter_fields(RunConfig)}
+    for setting in SHARED_SETTINGS:
+        assert setting.fields and all(name in types for name in setting.fields), setting.key
+        assert len({types[name] for name in setting.fields}) == 1, setting.key

@@ -33,6 +33,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from hsft.engine.config import PRECISIONS
 from hsft.engine.resources import GiB, disk_bytes, measure
 from hsft.errors import BadValue, MissingFile
 
@@ -76,8 +77,8 @@ class RehearsalConfig:
             raise BadValue("--device cuda: no CUDA device is available")
         if self.images < 4:
             raise BadValue(f"--images: at least 4 (two held out, two to train on and validate), got {self.images}")
-        if self.precision not in (None, "bf16", "fp32"):
-            raise BadValue(f"--precision: must be bf16 or fp32, got {self.precision!r}")
+        if self.precision is not None and self.precision not in PRECISIONS:
+            raise BadValue(f"--precision: must be one of {', '.join(PRECISIONS)}, got {self.precision!r}")
         if not Path(self.deepspeed).is_file():
             raise BadValue(f"--deepspeed {self.deepspeed}: file does not exist")
         if self.epochs < 1:
@@ -272,7 +273,7 @@ def rehearse(cfg: RehearsalConfig, echo=print) -> dict:
             "--stages", ",".join(PIPELINE_STAGES), "--lora-epochs", str(cfg.epochs), "--dpo-epochs", str(cfg.epochs),
             "--hsft-epochs", str(cfg.epochs)]
     if cfg.max_new_tokens is not None:
-        args += ["--mining-max-new-tokens", str(cfg.max_new_tokens), "--eval-max-new-tokens", str(cfg.max_new_tokens)]
+        args += ["--inference-max-new-tokens", str(cfg.max_new_tokens)]
     args += list(cfg.main_args)
     before = disk_bytes(out)
     pipeline = _run_child(_main_command(cfg) + args, log, env, echo)

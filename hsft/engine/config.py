@@ -7,7 +7,16 @@ from dataclasses import dataclass, field
 
 from hsft.errors import check as _check
 
-__all__ = ["TrainConfig"]
+__all__ = ["TrainConfig", "PRECISIONS", "STAGE_TRAIN_FIELDS"]
+
+# The one precision vocabulary: the names --precision and --base-precision take (and the DeepSpeed
+# config's bf16 switch means), each with the torch dtype a run in it trains and infers in.
+PRECISIONS = {"bf16": "bfloat16", "fp32": "float32"}
+
+# Where training stages really differ, each stage has its own option (--hsft-lr ...); every other
+# TrainConfig field is one run-wide setting (--train-weight-decay, --set train.min_lr=...) over the stages'
+# own values.
+STAGE_TRAIN_FIELDS = ("epochs", "micro_batch", "grad_accum", "lr")
 
 
 @dataclass

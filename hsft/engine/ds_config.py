@@ -12,7 +12,7 @@ import json
 from pathlib import Path
 from typing import Any
 
-from hsft.engine.config import TrainConfig
+from hsft.engine.config import PRECISIONS, TrainConfig
 from hsft.errors import BadValue
 
 # Keys this module owns: they are derived from the stage's TrainConfig and the world size.
@@ -118,8 +118,8 @@ def precision_of(config: dict) -> str:
 
 def apply_precision(base: dict, precision: str) -> dict:
     """A copy of `base` that trains in `precision` ("bf16" or "fp32")."""
-    if precision not in ("bf16", "fp32"):
-        raise DeepSpeedConfigError(f"precision must be bf16 or fp32, got {precision!r}")
+    if precision not in PRECISIONS:
+        raise DeepSpeedConfigError(f"precision must be one of {', '.join(PRECISIONS)}, got {precision!r}")
     config = copy.deepcopy(base)
     config["bf16"] = {**config.get("bf16", {}), "enabled": precision == "bf16"}
     config["fp16"] = {**config.get("fp16", {}), "enabled": False}
