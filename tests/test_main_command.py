@@ -259,7 +259,7 @@ def test_main_command_from_local_transformers_checkpoints(tmp_path):
     (["--data-format", "nope"], "unknown format 'nope'"),
     (["--hsft-lr", "-1"], "hsft.lr"),
     (["--recipe", "huge"], "recipe: must be 'paper' or 'tiny'"),
-    (["--hsft-train-feature-convs", "true"], "hsft.train_feature_convs"),
+    (["--set", "hsft.train_feature_convs=true"], "hsft.train_feature_convs"),
     (["--stages", "hsft", "--output-dir", "empty"], "needs a starting model"),
     (["--model", "nowhere"], "--model nowhere: no such directory"),
     (["--vlm", "nowhere", "--sam2", "nowhere"], "model.vlm: checkpoint directory 'nowhere' does not exist"),

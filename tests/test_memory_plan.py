@@ -137,8 +137,8 @@ def test_every_run_records_its_plan_beside_measured_peaks(tmp_path):
 
     args = ["--output-dir", str(tmp_path / "run"), "--data-synthetic-train", "12", "--data-synthetic-test", "4",
             "--data-synthetic-size", "64", "--lora-epochs", "1", "--hsft-epochs", "1", "--precision", "fp32",
-            "--base-pool-size", "8", "--base-encoder-pool-size", "0", "--base-epochs", "1", "--stages",
-            "base,lora,mining,hsft,eval", "--eval-bootstrap-resamples", "50"]
+            "--base-pool-size", "8", "--set", "base.encoder_pool_size=0", "--base-epochs", "1", "--stages",
+            "base,lora,mining,hsft,eval", "--set", "eval.bootstrap_resamples=50"]
     proc = run_deepspeed("hsft", args, tmp_path, port=29400 + (hash(str(tmp_path)) % 90))
     assert "memory plan:" in proc.stdout
     report = json.loads((tmp_path / "run" / "report.json").read_text())
