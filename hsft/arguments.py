@@ -252,7 +252,9 @@ def add_config_arguments(parser: argparse.ArgumentParser, cls, *, skip: set[str]
     return dests
 
 
-def _add_set(group, parser, cls, fields: dict[str, _Field], shared: tuple[Shared, ...], recipes, shown: set[str]) -> None:
+def _add_set(group, parser, cls, fields: dict[str, _Field], shared: tuple[Shared, ...], recipes,
+             shown: set[str]) -> None:
+    """--set and --help-all, in `group`; records on `parser` the option names that became --set keys."""
     def setting(text: str):
         key, sep, value = text.partition("=")
         if not sep:

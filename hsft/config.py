@@ -126,19 +126,22 @@ class LoraStageConfig:
     mask_loss_weight: float = field(
         default=0.0,
         metadata={"help": "weight of the Dice+BCE mask loss next to the CE loss (published: CE only, 0; with 0 "
-                          "text_hidden_fcs gets no gradient and stays frozen)"},
+                          "text_hidden_fcs gets no gradient and stays frozen)",
+                  "brief": "weight of the Dice+BCE mask loss next to the CE loss"},
     )
 
     train_mask_decoder: bool = field(
         default=False,
         metadata={"help": "also train the SAM2 mask decoder with its prompt encoder (not conv_s0/conv_s1) on the mask "
                           "loss, as Sa2VA's own fine-tuning does (published recipe: off, CE alone; needs "
-                          "--lora-mask-loss-weight > 0)"},
+                          "--lora-mask-loss-weight > 0)",
+                  "brief": "also train the SAM2 mask decoder on the mask loss (needs a mask loss weight > 0)"},
     )
     seg_rows: bool | None = field(
         default=None,
         metadata={"help": "also train the [SEG] rows of the input embedding and the LM head, as Sa2VA does "
-                          "(default: on when starting from a real checkpoint, off for the embedded default)"},
+                          "(default: on when starting from a real checkpoint, off for the embedded default)",
+                  "brief": "also train the [SEG] rows of the embedding and LM head (none: on for a real checkpoint)"},
     )
 
     def validate(self) -> None:
@@ -229,7 +232,9 @@ class HSFTStageConfig:
     dice_eps: float = field(default=1e-8, metadata={"help": "Dice smoothing epsilon"})
     seg_form: str = field(
         default="response",
-        metadata={"help": "where HSFT takes the [SEG] state: 'response' (teacher-forced answer), 'prompt' ([SEG] appended to the prompt) or 'generate' (the generate path; needs the feature cache)"},
+        metadata={"help": "where HSFT takes the [SEG] state: 'response' (teacher-forced answer), 'prompt' ([SEG] "
+                          "appended to the prompt) or 'generate' (the generate path; needs the feature cache)",
+                  "brief": "where HSFT takes the [SEG] state: response, prompt or generate"},
     )
     cache_features: bool = field(
         default=True, metadata={"help": "compute the frozen SAM2 features and [SEG] states once and reuse them"}
@@ -242,14 +247,16 @@ class HSFTStageConfig:
     cache_on_device: bool = field(
         default=False,
         metadata={"help": "keep the feature cache in accelerator memory (default: pinned host memory, copied per "
-                          "micro-batch)"},
+                          "micro-batch)",
+                  "brief": "keep the feature cache in accelerator memory (off: pinned host memory)"},
     )
     cuda_graph: bool = field(
         default=False,
         metadata={"help": "replay the cached step's decoder (text_hidden_fcs -> SAM2 mask decoder) forward and "
                           "backward as CUDA graphs, captured once per micro-batch shape (needs a CUDA device and "
                           "the feature cache; the decoder's IoU and object-score heads and unused prompt "
-                          "embeddings, which the loss never reaches, are then frozen)"},
+                          "embeddings, which the loss never reaches, are then frozen)",
+                  "brief": "replay the cached step's decoder as CUDA graphs (CUDA and the feature cache)"},
     )
     max_hard: int | None = field(
         default=None, metadata={"help": "train on the k hardest samples of the hard set only (none: all of it)"}
@@ -259,7 +266,8 @@ class HSFTStageConfig:
     )
     rounds: int = field(
         default=3, metadata={"help": "iterative HSFT (stage 'iterative'): rounds of mining then fine-tuning, each "
-                                     "round with these settings"}
+                                     "round with these settings",
+                             "brief": "rounds of mining then fine-tuning of the 'iterative' stage"}
     )
 
     def validate(self) -> None:
@@ -323,15 +331,17 @@ class RunConfig:
     deepspeed: str = field(default="ds_configs/zero2.json", metadata={"help": "DeepSpeed JSON config"})
     stages: tuple[str, ...] = DEFAULT_STAGES
     seed: int = field(default=0, metadata={"help": "seeds the model init, the data order and the control subset "
-                                                    "(the validation split follows --data-seed)"})
+                                                    "(the validation split follows --data-seed)",
+                                           "brief": "seeds the model init, the data order and the control subset"})
     precision: str | None = field(
         default=None, metadata={"help": f"training and inference precision, one of {', '.join(PRECISIONS)} "
-                                        "(none: the DeepSpeed config's; docs/usage.md#precision)"})
+                                        "(none: the DeepSpeed config's)"})
     recipe: str | None = field(
         default=None,
         metadata={"help": "hyper-parameter recipe: 'paper' (the published settings) or 'tiny' (for the embedded model); "
                           "options given explicitly override it (default: tiny for the embedded default, paper "
-                          "for a real checkpoint)"},
+                          "for a real checkpoint)",
+                  "brief": "hyper-parameter recipe: paper or tiny (none: tiny for the embedded default, else paper)"},
     )
     resume: bool = field(default=False, metadata={"help": "continue from the latest complete checkpoint"})
     overwrite: bool = field(default=False, metadata={"help": "replace the selected stages' earlier output"})
@@ -339,7 +349,8 @@ class RunConfig:
     standalone: bool = field(
         default=False,
         metadata={"help": "write every stage's model directory self-contained; by default a stage stores only the "
-                          "tensors it changed and refers to its input model's directory"},
+                          "tensors it changed and refers to its input model's directory",
+                  "brief": "write self-contained model directories (default: only the tensors a stage changed)"},
     )
     keep_checkpoints: int = field(
         default=1, metadata={"help": "complete DeepSpeed checkpoints kept per stage (the newest; --resume needs one)"}
@@ -433,8 +444,7 @@ OPTION_GROUPS = {
     "run": "run",
     "model": "model (embedded preset, or local InternVL + SAM2 checkpoints)",
     "data": "data",
-    "train": "training, every stage (each stage keeps its recipe's value unless given; --set hsft.clip=... sets "
-             "one stage's)",
+    "train": "training, every stage (unless given, each keeps its recipe's value; one stage's: --set hsft.clip=...)",
     "inference": "inference (mining, DPO pairs, validation, evaluation)",
     "base": "stage 0: pre-training of the embedded default",
     "lora": "stage 1: LoRA",

@@ -37,13 +37,11 @@ def build_parser() -> tuple[Parser, dict]:
                "<output-dir>/tb/, report.json and report.md.",
     )
     parser.add_argument("--stages", default=",".join(DEFAULT_STAGES),
-                        help=f"comma-separated stages, in the order {','.join(STAGE_ORDER)} (default: "
-                             f"{','.join(DEFAULT_STAGES)}; 'base' only runs for the embedded default model; e.g. "
-                             "base,mining,hsft,eval skips LoRA and DPO, mining,hsft,curriculum,eval adds a variant)")
+                        help=f"stages to run, an ordered subset of {','.join(STAGE_ORDER)} (default: "
+                             f"{','.join(DEFAULT_STAGES)})")
     parser.add_argument("--local_rank", type=int, default=-1, help=argparse.SUPPRESS)
     parser.add_argument("--plan", action="store_true",
-                        help="print the memory plan (GiB per stage and rank on a GPU: parameters, gradients, optimizer, "
-                             "activations, caches) and exit without running; every run prints it at its start")
+                        help="print the memory plan (GiB per stage and rank on a GPU) and exit")
     parser.add_argument("--plan-gpu-memory", default=None, metavar="SIZE",
                         help="with --plan: also say which shipped DeepSpeed configs fit a GPU of SIZE (e.g. 24GiB)")
     dests = add_config_arguments(parser, RunConfig, aliases=RUN_ALIASES, recipes={"tiny": RECIPES["tiny"]},

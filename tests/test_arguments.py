@@ -234,3 +234,18 @@ def test_every_study_override_and_recipe_key_is_a_settable_key():
     for key in sorted(keys):
         paths, _ = resolve_key(RunConfig, key, SHARED_SETTINGS)
         assert paths == (tuple(key.split(".")),), key
+
+
+def test_resume_compares_the_fields_that_options_and_set_write():
+    """run_config.json keeps one entry per field: a run-wide setting shows up as each stage's field."""
+    import json
+
+    from hsft.pipeline import settings_that_differ
+
+    parse = launch_module("hsft").parse
+    saved = json.loads(json.dumps(dataclasses.asdict(parse([]))))
+    assert settings_that_differ(parse(["--set", "hsft.train.lr=1e-3", "--inference-batch-size", "8"]), saved) == []
+    differ = settings_that_differ(parse(["--train-weight-decay", "0.02", "--set", "base.referring=true"]), saved)
+    assert sorted(d.split(" ")[0] for d in differ) == ["base.referring", "base.train.weight_decay",
+                                                      "dpo.train.weight_decay", "hsft.train.weight_decay",
+                                                      "lora.train.weight_decay"]

@@ -31,7 +31,8 @@ class EvalConfig:
     tau: float | None = field(
         default=None,
         metadata={"help": "Dice threshold of the hard/easy label in the flip list and the comparison table (none: "
-                          "the mining tau, so evaluation and mining call the same samples hard)"},
+                          "the mining tau, so evaluation and mining call the same samples hard)",
+                  "brief": "Dice threshold of the evaluation's hard/easy label (none: the mining tau)"},
     )
     stable_tolerance: float = field(
         default=0.01, metadata={"help": "checkpoint comparison: |delta Dice| <= this counts as Stable"}
@@ -44,7 +45,8 @@ class EvalConfig:
     evaluate_start: bool = field(
         default=True,
         metadata={"help": "also evaluate the model the first stage started from (off: only the models the run "
-                          "trained, e.g. when the starting model was evaluated already)"},
+                          "trained, e.g. when the starting model was evaluated already)",
+                  "brief": "also evaluate the model the first stage started from"},
     )
 
     def validate(self) -> None:
