@@ -1,7 +1,11 @@
 """Shared test settings and fixtures: the tiny model, a saved tiny model directory, a run context.
 
-Helpers that are not fixtures live beside this file: forcing.py (logits processors that force or
-forbid tokens in generation) and plain_checkpoints.py (tiny checkpoints in the formats users bring).
+Helpers that are not fixtures live beside this file and are imported by module name (`from launch_scripts
+import REPO`): launch_scripts.py (the repository's paths, running launch/ scripts in-process or under the
+DeepSpeed launcher), contexts.py (run contexts), toy_training.py (the loop on a toy task), forcing.py
+(logits processors that force or forbid tokens in generation), plain_checkpoints.py and
+release_checkpoints.py (tiny checkpoints in the formats users bring), release_reference.py (a released
+Sa2VA's forward computations written from its raw tensors).
 """
 
 from __future__ import annotations
@@ -11,13 +15,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from hsft.config import RunConfig, replace_nested
 from hsft.engine.context import RunContext
-from hsft.engine.ds_config import load_ds_config
 from hsft.model import ModelConfig, build_model, save_model
 
-REPO = Path(__file__).resolve().parents[1]
-ZERO2 = REPO / "ds_configs" / "zero2.json"
+from contexts import build_context
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -62,9 +63,16 @@ def make_context(tmp_path):
     main command builds it; `changes` are dotted RunConfig fields (e.g. precision="fp32")."""
 
     def build(splits=None, **changes) -> RunContext:
-        changes.setdefault("output_dir", str(tmp_path / "run"))
-        changes.setdefault("precision", "fp32")
-        cfg = replace_nested(RunConfig(), **changes)
-        return RunContext.build(cfg, load_ds_config(ZERO2), splits=splits)
+        return build_context(changes.pop("output_dir", tmp_path / "run"), splits=splits, **changes)
 
     return build
+
+
+@pytest.fixture
+def command_dir(tmp_path, monkeypatch) -> Path:
+    """tmp_path, set up for running a launch/ script's main() in-process as a user would from that directory:
+    the working directory, a stage-0 cache of its own (HSFT_CACHE), and errors as one line (no HSFT_DEBUG)."""
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("HSFT_CACHE", str(tmp_path / "cache"))
+    monkeypatch.delenv("HSFT_DEBUG", raising=False)
+    return tmp_path

@@ -10,8 +10,6 @@ import json
 import os
 import re
 import struct
-import subprocess
-import sys
 import zlib
 from pathlib import Path
 
@@ -19,11 +17,12 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from hsft.model import save_model
 from hsft.data import DataConfig, DatasetError, load_splits
 from hsft.data.imageio import MAX_IMAGE_PIXELS, read_binary, read_rgb
 
-REPO = Path(__file__).resolve().parents[1]
+from launch_scripts import ZERO2, exit_status
+
+
 HEIGHT, WIDTH = 20, 24
 
 
@@ -231,99 +230,103 @@ def test_read_rgb_of_a_truncated_gzip(tmp_path):
 
 
 # --- the main command: one line on stderr, exit 2, no traceback, nothing trained ------------------
+# main() runs in-process (an exception escaping it fails the test with its traceback); test_main_command.py
+# runs the real script once to show that the status and the line reach the shell.
 
 
-def _main(tmp_path: Path, *args: str) -> subprocess.CompletedProcess:
-    env = {**os.environ, "HSFT_CACHE": str(tmp_path / "cache"), "OMP_NUM_THREADS": "1"}
-    config = [] if "--deepspeed" in args else ["--deepspeed", str(REPO / "ds_configs" / "zero2.json")]
-    return subprocess.run([sys.executable, str(REPO / "launch" / "hsft.py"), *config,
-                           "--output-dir", str(tmp_path / "run"), *args],
-                          cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+@pytest.fixture
+def main_command(command_dir, capsys):
+    """main_command(*args) -> the one "hsft: error:" line of launch/hsft.py, run in-process and writing under
+    tmp_path/run; asserts the exit status 2, that there is exactly one such line and that no stage started."""
+
+    def run(*args: str) -> str:
+        config = [] if "--deepspeed" in args else ["--deepspeed", str(ZERO2)]
+        status = exit_status("hsft", [*config, "--output-dir", str(command_dir / "run"), *args])
+        err = capsys.readouterr().err
+        lines = [line for line in err.splitlines() if line.startswith("hsft: error:")]
+        assert status == 2 and len(lines) == 1, err[-3000:]
+        assert not (command_dir / "run" / "base").exists()
+        return lines[0]
+
+    return run
 
 
-def _assert_one_line(proc: subprocess.CompletedProcess, *needles: str) -> str:
-    assert proc.returncode == 2, proc.stderr[-3000:]
-    lines = [line for line in proc.stderr.splitlines() if line.startswith("hsft: error:")]
-    assert len(lines) == 1 and "Traceback" not in proc.stderr, proc.stderr[-3000:]
+def _assert_names(line: str, *needles: str) -> None:
     for needle in needles:
-        assert needle in lines[0], lines[0]
-    assert not (tmp_path_of(proc) / "base").exists()
-    return lines[0]
+        assert needle in line, line
 
 
-def tmp_path_of(proc: subprocess.CompletedProcess) -> Path:
-    return Path(proc.args[proc.args.index("--output-dir") + 1])
-
-
-@pytest.fixture(scope="module")
-def saved_model(tmp_path_factory):
-    from hsft.model import build_model
-    from hsft.model.config import ModelConfig
-
-    path = tmp_path_factory.mktemp("model") / "model"
-    save_model(build_model(ModelConfig(preset="tiny"), seed=0), path)
-    return path
-
-
-def test_main_command_names_a_truncated_image(tmp_path):
+def test_main_command_names_a_truncated_image(tmp_path, main_command):
     root = _dataset(tmp_path / "data")
     bad = root / "test" / "images" / "t.png"
     bad.write_bytes(bad.read_bytes()[:200])
-    proc = _main(tmp_path, "--data-format", "folder", "--data-root", str(root))
-    _assert_one_line(proc, str(bad), "corrupt")
+    _assert_names(main_command("--data-format", "folder", "--data-root", str(root)), str(bad), "corrupt")
 
 
-def test_main_command_names_a_deepspeed_value_of_the_wrong_type(tmp_path):
-    config = json.loads((REPO / "ds_configs" / "zero2.json").read_text())
+def test_main_command_names_a_deepspeed_value_of_the_wrong_type(tmp_path, main_command):
+    config = json.loads(ZERO2.read_text())
     config["zero_optimization"]["overlap_comm"] = "yes please"
     bad = tmp_path / "ds.json"
     bad.write_text(json.dumps(config))
-    _assert_one_line(_main(tmp_path, "--deepspeed", str(bad)), str(bad), "zero_optimization.overlap_comm")
-    config = json.loads((REPO / "ds_configs" / "zero2.json").read_text())
+    _assert_names(main_command("--deepspeed", str(bad)), str(bad), "zero_optimization.overlap_comm")
+    config = json.loads(ZERO2.read_text())
     config["bf16"]["enabled"] = "true"
     bad.write_text(json.dumps(config))
-    _assert_one_line(_main(tmp_path, "--deepspeed", str(bad)), str(bad), "bf16.enabled")
+    _assert_names(main_command("--deepspeed", str(bad)), str(bad), "bf16.enabled")
 
 
-def test_main_command_names_a_missing_model_file(tmp_path, saved_model):
+def test_main_command_names_a_missing_model_file(tmp_path, tiny_model_dir, main_command):
     import shutil
 
     broken = tmp_path / "model"
-    shutil.copytree(saved_model, broken)
+    shutil.copytree(tiny_model_dir, broken)
     (broken / "text_hidden_fcs.safetensors").unlink()
-    proc = _main(tmp_path, "--model", str(broken), "--stages", "lora", "--data-synthetic-train", "4")
-    _assert_one_line(proc, str(broken), "text_hidden_fcs.safetensors is missing")
+    line = main_command("--model", str(broken), "--stages", "lora", "--data-synthetic-train", "4")
+    _assert_names(line, str(broken), "text_hidden_fcs.safetensors is missing")
 
 
-def test_main_command_names_a_tensor_of_the_wrong_shape(tmp_path, saved_model):
+def test_main_command_names_a_tensor_of_the_wrong_shape(tmp_path, tiny_model_dir, main_command):
     import shutil
 
     from safetensors.torch import load_file, save_file
 
     broken = tmp_path / "model"
-    shutil.copytree(saved_model, broken)
+    shutil.copytree(tiny_model_dir, broken)
     weights_file = broken / "sam2" / "model.safetensors"
     weights = load_file(str(weights_file))
     name = next(k for k in sorted(weights) if weights[k].ndim == 2)
     weights[name] = weights[name][:, :-1].contiguous()
     save_file(weights, str(weights_file), metadata={"format": "pt"})
-    proc = _main(tmp_path, "--model", str(broken), "--stages", "lora", "--data-synthetic-train", "4")
-    _assert_one_line(proc, str(broken / "sam2"), name, str(list(weights[name].shape)), "config.json describes")
+    line = main_command("--model", str(broken), "--stages", "lora", "--data-synthetic-train", "4")
+    _assert_names(line, str(broken / "sam2"), name, str(list(weights[name].shape)), "config.json describes")
 
 
-def test_main_command_names_a_hard_set_from_other_data(tmp_path, saved_model):
+def test_main_command_names_a_hard_set_from_other_data(tmp_path, tiny_model_dir, main_command):
     run = tmp_path / "run"
     (run / "mining").mkdir(parents=True)
     (run / "mining" / "hard_samples.json").write_text(json.dumps({"hard": [{"id": "someone-elses-image"}]}))
-    proc = _main(tmp_path, "--model", str(saved_model), "--stages", "hsft", "--resume",
-                 "--data-synthetic-train", "4")
-    _assert_one_line(proc, str(run / "mining" / "hard_samples.json"), "someone-elses-image")
+    args = ("--model", str(tiny_model_dir), "--stages", "hsft", "--resume", "--data-synthetic-train", "4")
+    _assert_names(main_command(*args), str(run / "mining" / "hard_samples.json"), "someone-elses-image")
     (run / "mining" / "hard_samples.json").write_text("{not json")
-    proc = _main(tmp_path, "--model", str(saved_model), "--stages", "hsft", "--resume",
-                 "--data-synthetic-train", "4")
-    _assert_one_line(proc, str(run / "mining" / "hard_samples.json"), "not valid JSON")
+    _assert_names(main_command(*args), str(run / "mining" / "hard_samples.json"), "not valid JSON")
 
 
 @pytest.mark.skipif(__import__("torch").cuda.is_available(), reason="a CUDA device is present")
-def test_main_command_refuses_cuda_graphs_without_a_gpu(tmp_path):
-    _assert_one_line(_main(tmp_path, "--hsft-cuda-graph"), "--hsft-cuda-graph", "need a CUDA device")
+def test_main_command_refuses_cuda_graphs_without_a_gpu(main_command):
+    _assert_names(main_command("--hsft-cuda-graph"), "--hsft-cuda-graph", "need a CUDA device")
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--deepspeed", "missing.json"], "missing.json: no such file"),
+    (["--stages", "hsft,base"], "pipeline order"),
+    (["--data-format", "nope"], "unknown format 'nope'"),
+    (["--hsft-lr", "-1"], "hsft.lr"),
+    (["--recipe", "huge"], "recipe: must be 'paper' or 'tiny'"),
+    (["--set", "hsft.train_feature_convs=true"], "hsft.train_feature_convs"),
+    (["--stages", "hsft", "--output-dir", "empty"], "needs a starting model"),
+    (["--model", "nowhere"], "--model nowhere: no such directory"),
+    (["--vlm", "nowhere", "--sam2", "nowhere"], "model.vlm: checkpoint directory 'nowhere' does not exist"),
+    (["--data-format", "drive", "--data-root", "."], "training: missing directory (DRIVE layout"),
+])
+def test_main_command_names_a_bad_option_or_setting(main_command, args, message):
+    assert message in main_command(*args)

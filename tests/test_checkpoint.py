@@ -8,7 +8,9 @@ import torch
 
 from hsft.config import TrainConfig
 from hsft.engine import checkpoint, rng_state
-from test_engine_loop import ToyTask, run
+
+from toy_training import ToyTask, run
+
 
 CFG = TrainConfig(epochs=2, micro_batch=8, lr=0.01)
 

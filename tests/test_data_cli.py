@@ -3,11 +3,10 @@
 import os
 import subprocess
 import sys
-from pathlib import Path
 
 from hsft.data.layouts import folder_split_of
 
-REPO = Path(__file__).resolve().parents[1]
+from launch_scripts import REPO, exit_status
 
 
 def _run(*args: str) -> subprocess.CompletedProcess:
@@ -55,12 +54,18 @@ def test_check_lists_every_problem_and_fails(tmp_path):
     assert result.stdout.rstrip().endswith("FAILED")
 
 
-def test_bad_arguments_and_help(tmp_path):
-    result = _run("check", "--data-format", "drive", "--data-root", str(tmp_path / "missing"))
-    assert result.returncode == 2 and str(tmp_path / "missing") in result.stderr
-    result = _run("check", "--format", "nonsense", "--root", str(tmp_path))
-    assert result.returncode == 2 and "drive" in result.stderr  # argparse lists the choices
-    result = _run("--help")
-    assert result.returncode == 0 and "synth" in result.stdout and "check" in result.stdout
-    result = _run("check", "--help")
-    assert result.returncode == 0 and "every problem found" in " ".join(result.stdout.split())
+def test_bad_arguments_and_help(tmp_path, capsys):
+    """In-process: main()'s status and what it printed."""
+    def status(*args: str) -> tuple[int, str, str]:
+        code = exit_status("data", list(args))
+        captured = capsys.readouterr()
+        return code, captured.out, captured.err
+
+    code, _, err = status("check", "--data-format", "drive", "--data-root", str(tmp_path / "missing"))
+    assert code == 2 and str(tmp_path / "missing") in err
+    code, _, err = status("check", "--format", "nonsense", "--root", str(tmp_path))
+    assert code == 2 and "drive" in err  # argparse lists the choices
+    code, out, _ = status("--help")
+    assert code == 0 and "synth" in out and "check" in out
+    code, out, _ = status("check", "--help")
+    assert code == 0 and "every problem found" in " ".join(out.split())

@@ -11,68 +11,14 @@ import pytest
 import torch
 from torch import nn
 
-from hsft.config import RunConfig, TrainConfig
+from hsft.config import TrainConfig
 from hsft.engine import checkpoint
-from hsft.engine.context import RunContext
 from hsft.engine.ds_config import DeepSpeedConfigError, apply_precision, load_ds_config, stage_ds_config
-from hsft.engine.loop import NonFiniteTrainingError, epoch_order, param_groups, train
+from hsft.engine.loop import NonFiniteTrainingError, epoch_order, param_groups
 from hsft.engine.schedule import cosine_with_warmup
-from hsft.engine.tensorboard import TBWriter
 
-REPO = Path(__file__).resolve().parents[1]
-
-
-class ToyModule(nn.Module):
-    """y = w.x + b with a loss that can be poisoned (NaN) for chosen samples."""
-
-    def __init__(self, poison: set[int] | None = None):
-        super().__init__()
-        torch.manual_seed(0)
-        self.linear = nn.Linear(4, 1)
-        self.poison = poison or set()
-
-    def forward(self, batch):
-        x, y, ids = batch
-        err = (self.linear(x).squeeze(-1) - y).float()
-        loss = (err ** 2).mean()
-        if any(i in self.poison for i in ids):
-            loss = loss * float("nan")
-        return loss, {"mse": loss.detach()}
-
-
-class ToyTask:
-    name = "toy"
-
-    def __init__(self, n: int = 16, poison: set[int] | None = None, scale: float = 1.0):
-        g = torch.Generator().manual_seed(1)
-        self.x = torch.randn(n, 4, generator=g) * scale
-        self.y = self.x @ torch.tensor([1.0, -2.0, 0.5, 3.0]) + 0.1
-        self.module = ToyModule(poison)
-
-    def __len__(self):
-        return len(self.x)
-
-    def make_batch(self, indices, dtype, device):
-        return self.x[indices].to(device, dtype), self.y[indices].to(device, dtype), list(indices)
-
-    def evaluate(self, module):
-        with torch.no_grad():
-            dtype = next(module.parameters()).dtype
-            err = module.linear(self.x.to(dtype)).squeeze(-1).float() - self.y
-        return {"mse": float((err ** 2).mean())}
-
-    def client_state(self):
-        return {"note": "toy"}
-
-
-def context(tmp: Path, precision="fp32", name="zero2.json", resume=False, keep=1) -> RunContext:
-    cfg = RunConfig(output_dir=str(tmp), seed=3, precision=precision, resume=resume, keep_checkpoints=keep)
-    return RunContext.build(cfg, load_ds_config(REPO / "ds_configs" / name))
-
-
-def run(tmp: Path, cfg: TrainConfig, task=None, resume=False, precision="fp32", config="zero2.json", keep=1):
-    task = task or ToyTask()
-    return train(task, cfg, context(tmp, precision, config, resume, keep), stage_dir=tmp, tb=TBWriter(tmp / "tb")), task
+from launch_scripts import REPO, ZERO2
+from toy_training import ToyModule, ToyTask, run
 
 
 def test_shipped_configs_are_concrete_and_auto_is_refused(tmp_path):
@@ -86,7 +32,7 @@ def test_shipped_configs_are_concrete_and_auto_is_refused(tmp_path):
         load_ds_config(bad)
     with pytest.raises(DeepSpeedConfigError, match="no such file"):
         load_ds_config(tmp_path / "missing.json")
-    merged = stage_ds_config(apply_precision(load_ds_config(REPO / "ds_configs" / "zero2.json"), "fp32"),
+    merged = stage_ds_config(apply_precision(load_ds_config(ZERO2), "fp32"),
                              TrainConfig(micro_batch=3, grad_accum=5, clip=0.25))
     assert (merged["train_micro_batch_size_per_gpu"], merged["gradient_accumulation_steps"]) == (3, 5)
     assert merged["gradient_clipping"] == 0.25 and merged["bf16"]["enabled"] is False
@@ -229,6 +175,36 @@ def test_resume_reproduces_the_uninterrupted_losses(tmp_path, precision):
     assert resumed.losses == full.losses and resumed.grad_norms == full.grad_norms
     assert [e["epoch"] for e in resumed.epoch_metrics] == [1, 2, 3]
     assert resumed.global_step == full.global_step
+
+
+def test_resume_with_another_global_batch_continues_the_schedule_from_the_epoch_boundary(tmp_path):
+    """--resume may change the micro-batch (as resuming on another number of ranks needs): the epochs after
+    the checkpoint take the new global batch's number of steps, and the learning rate continues from the
+    epoch boundary's place in the new step count, as an uninterrupted run at the new global batch has it."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    small = TrainConfig(epochs=2, micro_batch=2, grad_accum=1, lr=0.02, min_lr=0.001, warmup_ratio=0.1)
+    large = TrainConfig(epochs=2, micro_batch=4, grad_accum=1, lr=0.02, min_lr=0.001, warmup_ratio=0.1)
+    full, task = run(tmp_path / "full", small, keep=2)
+    ckpts = tmp_path / "full" / "checkpoints"
+    shutil.rmtree(ckpts / "epoch0002")  # a crash in epoch 2: epoch 1's checkpoint is the last complete one
+    (ckpts / checkpoint.MARKER).write_text("epoch0001\n")
+    resumed, _ = run(tmp_path / "full", large, resume=True)
+    reference, _ = run(tmp_path / "large", large)
+    small_steps, large_steps = len(task) // 2, len(task) // 4
+    assert resumed.resumed_from.endswith("epoch0001")
+    assert resumed.losses[:small_steps] == full.losses[:small_steps]
+    assert len(resumed.losses) == small_steps + large_steps
+
+    def lrs(run_dir: Path) -> list[float]:
+        events = EventAccumulator(str(run_dir / "tb"))
+        events.Reload()
+        return [e.value for e in events.Scalars("toy/lr")]
+
+    # The second epoch's learning rates are the uninterrupted large-batch run's; the restored scheduler alone
+    # stands at step 8 of the new 2 x 4 steps, the end of the schedule.
+    assert lrs(tmp_path / "full")[small_steps:] == pytest.approx(lrs(tmp_path / "large")[large_steps:], rel=1e-6)
+    assert resumed.last_lr == pytest.approx(reference.last_lr, rel=1e-6)
 
 
 def test_crash_mid_save_leaves_previous_checkpoint(tmp_path):

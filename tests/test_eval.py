@@ -28,12 +28,6 @@ from hsft.ops import upsample_masks
 from forcing import ForceTokens, ForbidToken
 
 
-
-
-
-
-
-
 @pytest.fixture(scope="module")
 def model():
     return build_model(ModelConfig(preset="tiny"), seed=0)

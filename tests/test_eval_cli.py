@@ -10,15 +10,12 @@ from pathlib import Path
 
 import pytest
 
-from launch_scripts import launch_main
 from hsft.config import DataConfig
 from hsft.eval import InputError
 from hsft.eval.cli import load_eval_samples, resolve_model_dir
 from hsft.model import ModelConfig, build_model, save_model
 
-REPO = Path(__file__).resolve().parents[1]
-
-
+from launch_scripts import REPO, launch_main
 
 
 @pytest.fixture(scope="module")
@@ -27,7 +24,6 @@ def run_dir(tmp_path_factory) -> Path:
     run = tmp_path_factory.mktemp("run")
     save_model(build_model(ModelConfig(preset="tiny"), seed=0), run / "hsft" / "model")
     return run
-
 
 
 def test_evaluate_command_end_to_end_with_compare(run_dir, tmp_path):

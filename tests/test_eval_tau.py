@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
-
 import pytest
 
-from launch_scripts import launch_module
 from hsft import arguments
 from hsft.config import EvalConfig, MiningConfig, RunConfig, replace_nested
+
+from launch_scripts import launch_module
 
 
 def test_eval_tau_follows_the_mining_tau_unless_set():

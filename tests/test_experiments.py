@@ -4,19 +4,18 @@ entry point `deepspeed launch/experiments.py --suite smoke` end to end, resumed 
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 
 import numpy as np
 import pytest
 
 from hsft.config import replace_nested
-from hsft.eval.statistics import effect_interval, paired_bootstrap
-from hsft.experiments.results import _paired, verdict
+from hsft.eval.statistics import detectable_effect, effect_interval, paired_bootstrap
+from hsft.experiments.results import _detectable, _paired, verdict
 from hsft.experiments.suites import build_suite
 from hsft.recipes import recipe_config
 
-from tests.launch_scripts import REPO, run_deepspeed
+from launch_scripts import REPO, run_deepspeed
 
 
 def test_the_paper_suite_holds_every_table_of_the_study():
@@ -81,6 +80,12 @@ def test_a_cell_is_the_crossed_interval_over_seeds_and_images_and_lists_each_see
     pooled = paired_bootstrap(np.zeros(diffs.size), diffs.ravel(), resamples=2000, seed=0)
     assert effect["high"] - effect["low"] > 5 * (pooled["high"] - pooled["low"])
     assert effect["detectable"] > 0
+    # The power calculation for other designs: more seeds detect smaller effects, from the same components.
+    table = _detectable([effect])
+    assert table["median"] == pytest.approx(effect["detectable"])
+    assert table["designs"]["10x256"] == pytest.approx(detectable_effect(effect["components"], 10, 256))
+    assert table["designs"]["20x256"] < table["designs"]["10x256"] < table["designs"]["3x256"]
+    assert "designs" not in _detectable([effect_interval(diffs[:1])])  # one seed: no seed variance to plan with
     part = _paired(before, after, cfg, images=["img3", "img7"])
     picked = diffs[:, [ids.index("img3"), ids.index("img7")]]
     assert part["images"] == 2 and part["mean"] == pytest.approx(picked.mean())
@@ -108,7 +113,7 @@ def test_the_verdict_says_which_way_each_interval_falls():
 
 def _launch(args, tmp, check=True):
     # The smoke suite trains a stage 0 per seed: allow for a busy 2-core machine.
-    return run_deepspeed("experiments", args, tmp, port=29700 + os.getpid() % 200, check=check, timeout=3000)
+    return run_deepspeed("experiments", args, tmp, check=check, timeout=3000)
 
 
 SMOKE_SEEDS = ("0", "1", "2")
@@ -262,7 +267,7 @@ def test_the_runner_starts_from_a_given_model_and_shares_the_prefix(monkeypatch,
     (["--hsft-hard-fraction", "0"], "hsft.hard_fraction: must lie in (0, 1], got 0.0"),
 ])
 def test_bad_input_to_the_experiments_command_is_one_line_before_any_run(args, message, tmp_path, capsys, monkeypatch):
-    from tests.launch_scripts import launch_main
+    from launch_scripts import launch_main
 
     monkeypatch.chdir(tmp_path)
     (tmp_path / "bad.json").write_text(json.dumps({"4.4.1": {"hsft": "high"}}))
@@ -275,7 +280,7 @@ def test_bad_input_to_the_experiments_command_is_one_line_before_any_run(args, m
 
 def test_the_study_ships_each_stages_spread_over_stage0_seeds_and_a_run_shows_it(tmp_path):
     from hsft.experiments.results import stage_spread
-    from hsft.stages.evaluation import results_table, shipped_spread
+    from hsft.stages.report import results_table, shipped_spread
 
     results = {"suite": "core", "seeds": [0, 1, 2], "split": "untouched test split (256 synthetic images)",
                "shared_stage0": False, "tables": {"4.4.1": {"kind": "stages", "rows": [
@@ -290,10 +295,10 @@ def test_the_study_ships_each_stages_spread_over_stage0_seeds_and_a_run_shows_it
     effect = effect_interval(np.array([0.1, 0.12, 0.08]))
     row = {"stage": "lora", "dice": 0.6, "started_from": "start", "effect": effect, "delta_base": 0.1, "iou": 0.4,
            "forward_dice": 0.6, "seg_rate": 1.0, "n": 3}
-    text = "\n".join(results_table([row], [], "development split (3 images)", shipped_spread(path)))
+    text = "\n".join(results_table([row], "development split (3 images)", shipped_spread(path)))
     assert "| [+0.0500, +0.1000] |" in text and "Some CPU, 2 threads, 2026-12-07" in text
     assert "not bit-reproducible across thread counts and CPUs" in text
     assert "images only; this pair of checkpoints" in text
     assert "Split: development split (3 images)." in text
-    assert "over stage-0 seeds" not in "\n".join(results_table([row], [], "x", None))
+    assert "over stage-0 seeds" not in "\n".join(results_table([row], "x", None))
     assert shipped_spread(tmp_path / "none.json") is None

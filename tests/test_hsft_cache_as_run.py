@@ -9,7 +9,6 @@ import json
 import numpy as np
 import pytest
 import torch
-from release_checkpoints import write_release, write_sam2_config
 
 from hsft.config import HSFTStageConfig, TrainConfig
 from hsft.data import DataSplits, Sample
@@ -17,6 +16,9 @@ from hsft.model.checkpoint import load_model
 from hsft.model.release import import_sa2va
 from hsft.stages.hsft import fine_tune
 from hsft.stages.selection import whole_set
+
+from release_checkpoints import write_release, write_sam2_config
+
 
 # (H, W): 2 x 1 tiles + thumbnail, one tile, 3 x 2 + thumbnail (the release's dynamic tiling)
 SIZES = ((60, 130), (52, 50), (70, 100), (52, 50), (60, 130))

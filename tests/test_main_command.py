@@ -1,5 +1,5 @@
 """The real entry point, `deepspeed launch/hsft.py`, end to end on the embedded default, plus the
-two-rank equivalence and the command's bad-input errors."""
+two-rank equivalence and the script's exit on bad input (the bad inputs themselves: test_bad_input.py)."""
 
 from __future__ import annotations
 
@@ -14,7 +14,9 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from tests.launch_scripts import REPO, run_deepspeed
+from launch_scripts import REPO, ZERO2, exit_status, run_deepspeed
+
+pytestmark = pytest.mark.slow  # every test launches the command or reads what the module's launch wrote
 
 # Smaller than the defaults so the suite stays quick (stage 0 as in the default run); the stage logic is
 # the same.
@@ -23,7 +25,7 @@ SMALL = ["--data-synthetic-train", "24", "--data-synthetic-test", "12", "--data-
 
 
 def launch(args: list[str], tmp: Path, ranks: int = 1, check: bool = True) -> subprocess.CompletedProcess:
-    return run_deepspeed("hsft", args, tmp, ranks=ranks, port=29500 + os.getpid() % 1000 + ranks, check=check)
+    return run_deepspeed("hsft", args, tmp, ranks=ranks, check=check)
 
 
 @pytest.fixture(scope="module")
@@ -148,13 +150,19 @@ def test_global_step_continues_across_stages(full_run):
     assert ends == sorted(ends) and len(set(ends)) == 3
 
 
-def test_existing_output_needs_resume_or_overwrite(full_run):
+def test_existing_output_needs_resume_or_overwrite(full_run, command_dir, capsys):
+    """In-process, on a copy of the finished run."""
     tmp, _ = full_run
-    proc = launch(["--output-dir", str(tmp / "run"), *SMALL], tmp, check=False)
-    assert proc.returncode != 0 and "--resume" in proc.stderr and "Traceback" not in proc.stderr
+    run = command_dir / "run"
+    shutil.copytree(tmp / "run", run)
+    assert exit_status("hsft", ["--deepspeed", str(ZERO2), "--output-dir", str(run), *SMALL]) == 2
+    assert "--resume" in capsys.readouterr().err
     # --resume finds every stage complete: nothing runs, and the run's report is printed again.
-    resumed = launch(["--output-dir", str(tmp / "run"), "--resume", "--stages", "hsft,eval", *SMALL], tmp)
-    assert "already complete" in resumed.stdout
+    assert exit_status("hsft", ["--deepspeed", str(ZERO2), "--output-dir", str(run), "--resume", "--stages",
+                                "hsft,eval", *SMALL]) == 0
+    out = capsys.readouterr().out
+    assert "already complete" in out and "hsft run report" in out
+    assert (run / "hsft" / "metrics.json").read_text() == (tmp / "run" / "hsft" / "metrics.json").read_text()
 
 
 def test_resume_after_a_crash_reproduces_the_uninterrupted_stage(full_run):
@@ -253,22 +261,13 @@ def test_main_command_from_local_transformers_checkpoints(tmp_path):
     assert "hsft run report" in proc.stdout
 
 
-@pytest.mark.parametrize("args, message", [
-    (["--deepspeed", "missing.json"], "missing.json: no such file"),
-    (["--stages", "hsft,base"], "pipeline order"),
-    (["--data-format", "nope"], "unknown format 'nope'"),
-    (["--hsft-lr", "-1"], "hsft.lr"),
-    (["--recipe", "huge"], "recipe: must be 'paper' or 'tiny'"),
-    (["--set", "hsft.train_feature_convs=true"], "hsft.train_feature_convs"),
-    (["--stages", "hsft", "--output-dir", "empty"], "needs a starting model"),
-    (["--model", "nowhere"], "--model nowhere: no such directory"),
-    (["--vlm", "nowhere", "--sam2", "nowhere"], "model.vlm: checkpoint directory 'nowhere' does not exist"),
-    (["--data-format", "drive", "--data-root", "."], "training: missing directory (DRIVE layout"),
-])
-def test_bad_input_gets_one_clear_line(tmp_path, args, message):
+def test_the_script_itself_prints_one_line_and_exits_2(tmp_path):
+    """The real `python launch/hsft.py` in its own process: the exit status and the one line reach the shell."""
     env = {**os.environ, "HSFT_CACHE": str(tmp_path / "cache")}
-    config = [] if "--deepspeed" in args else ["--deepspeed", str(REPO / "ds_configs" / "zero2.json")]
-    proc = subprocess.run([sys.executable, str(REPO / "launch" / "hsft.py"), *config, *args], cwd=tmp_path, env=env,
-                          capture_output=True, text=True, timeout=300)
+    env.pop("HSFT_DEBUG", None)
+    proc = subprocess.run([sys.executable, str(REPO / "launch" / "hsft.py"), "--deepspeed", str(ZERO2),
+                           "--model", "nowhere"], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 2, proc.stderr[-3000:]
-    assert message in proc.stderr and "Traceback" not in proc.stderr
+    errors = [line for line in proc.stderr.splitlines() if line.startswith("hsft: error:")]
+    assert len(errors) == 1 and "--model nowhere: no such directory" in errors[0], proc.stderr[-3000:]
+    assert "Traceback" not in proc.stderr

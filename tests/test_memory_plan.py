@@ -15,7 +15,9 @@ from hsft.engine.ds_config import apply_precision, load_ds_config
 from hsft.memory_plan import (GiB, config_fits, format_plan, model_shape, parse_size, plan_run, shape_of_model)
 from hsft.model import build_model, load_model, save_model
 from hsft.model.chain import make_lean
-from tests.launch_scripts import REPO, launch_main
+
+from launch_scripts import REPO, launch_main, run_deepspeed
+
 
 DS = REPO / "ds_configs"
 STAGES = ("lora", "dpo", "mining", "hsft", "control", "eval")
@@ -133,13 +135,11 @@ def test_plan_bad_size_is_one_line(capsys):
 def test_every_run_records_its_plan_beside_measured_peaks(tmp_path):
     """The main command at the tiny size: report.json holds the plan and each stage's measured peak; the
     plan is within 25 % of them (at this size the process's own footprint dominates both)."""
-    from tests.launch_scripts import run_deepspeed
-
     args = ["--output-dir", str(tmp_path / "run"), "--data-synthetic-train", "12", "--data-synthetic-test", "4",
             "--data-synthetic-size", "64", "--lora-epochs", "1", "--hsft-epochs", "1", "--precision", "fp32",
             "--base-pool-size", "8", "--set", "base.encoder_pool_size=0", "--base-epochs", "1", "--stages",
             "base,lora,mining,hsft,eval", "--set", "eval.bootstrap_resamples=50"]
-    proc = run_deepspeed("hsft", args, tmp_path, port=29400 + (hash(str(tmp_path)) % 90))
+    proc = run_deepspeed("hsft", args, tmp_path)
     assert "memory plan:" in proc.stdout
     report = json.loads((tmp_path / "run" / "report.json").read_text())
     plan, measured = report["memory_plan"]["stages"], report["resources"]
@@ -147,3 +147,13 @@ def test_every_run_records_its_plan_beside_measured_peaks(tmp_path):
         assert measured[stage]["host_peak_reset"]
         ratio = plan[stage]["host_gib"] / measured[stage]["peak_host_gib"]
         assert 0.75 < ratio < 1.25, (stage, ratio, plan[stage]["host_gib"], measured[stage]["peak_host_gib"])
+
+
+def test_only_lora_and_standalone_runs_hold_a_float32_copy_of_the_model_to_export(real_1b):
+    full_copy = real_1b.total * 4 / GiB
+    plan = _plan(real_1b, device="cpu", precision="fp32")
+    assert plan.stages["lora"].export_gib >= full_copy
+    assert plan.stages["hsft"].export_gib < full_copy / 10 and plan.stages["dpo"].export_gib < full_copy / 10
+    standalone = _plan(real_1b, device="cpu", precision="fp32",
+                       cfg=dataclasses.replace(RunConfig(), stages=STAGES, standalone=True))
+    assert standalone.stages["hsft"].export_gib >= full_copy

@@ -13,9 +13,8 @@ from transformers import Sam2Model
 from hsft.model import ModelConfig, PromptConfig, Sa2VAModel, build_model, load_model, save_model
 from hsft.model.checkpoint import META_FILE, is_model_directory
 from hsft.model.presets import PRESETS, sam2_config
+
 from plain_checkpoints import save_plain_checkpoints
-
-
 
 
 def _images(model: Sa2VAModel):

@@ -4,7 +4,6 @@ name the samples; repeated non-finite steps stop the stage without saving the un
 
 from __future__ import annotations
 
-
 import pytest
 import torch
 
@@ -16,8 +15,8 @@ from hsft.engine.tensorboard import TBWriter
 from hsft.model import ModelConfig, build_model
 from hsft.stages.hsft import HSFTTask
 from hsft.stages.training import Validation
-from test_engine_loop import ToyModule, ToyTask, run
 
+from toy_training import ToyModule, ToyTask, run
 
 
 class PoisonedImageTask(HSFTTask):

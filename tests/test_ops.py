@@ -21,7 +21,9 @@ import torch.nn.functional as F
 import hsft.ops as ops
 from hsft.ops import library, reference
 
-REPO = Path(__file__).resolve().parents[1]
+from launch_scripts import REPO
+
+
 COMPILED = ops.library_status().loaded
 
 REQUIRED = os.environ.get("HSFT_REQUIRE_COMPILED_OPS") == "1"

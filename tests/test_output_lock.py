@@ -15,7 +15,7 @@ import pytest
 
 from hsft.engine.output_lock import LOCK_FILE, OutputDirInUse, OutputDirLock
 
-REPO = Path(__file__).resolve().parents[1]
+from launch_scripts import ZERO2, exit_status
 
 
 def _holder(out: Path) -> subprocess.Popen:
@@ -60,19 +60,17 @@ def test_the_same_process_cannot_hold_it_twice_and_release_frees_it(tmp_path):
     OutputDirLock(tmp_path).acquire()
 
 
-def test_main_command_refuses_an_output_dir_in_use(tmp_path):
-    out = tmp_path / "run"
+def test_main_command_refuses_an_output_dir_in_use(command_dir, capsys):
+    out = command_dir / "run"
     holder = _holder(out)
     try:
-        env = {**os.environ, "HSFT_CACHE": str(tmp_path / "cache")}
-        proc = subprocess.run([sys.executable, str(REPO / "launch" / "hsft.py"), "--deepspeed",
-                               str(REPO / "ds_configs" / "zero2.json"), "--output-dir", str(out)],
-                              cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+        status = exit_status("hsft", ["--deepspeed", str(ZERO2), "--output-dir", str(out)])  # in-process
     finally:
         holder.send_signal(signal.SIGKILL)
         holder.wait()
-    assert proc.returncode == 2, proc.stderr[-2000:]
-    errors = [line for line in proc.stderr.splitlines() if line.startswith("hsft: error:")]
-    assert len(errors) == 1 and "Traceback" not in proc.stderr
+    err = capsys.readouterr().err
+    assert status == 2, err[-2000:]
+    errors = [line for line in err.splitlines() if line.startswith("hsft: error:")]
+    assert len(errors) == 1
     assert f"in use by another hsft run: process {holder.pid}" in errors[0]
     assert sorted(p.name for p in out.iterdir()) == [LOCK_FILE]  # nothing of the live run was touched

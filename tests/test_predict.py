@@ -13,7 +13,6 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from launch_scripts import launch_main
 from hsft.data import make_fundus
 from hsft.eval import InputError, predict_images
 from hsft.eval.predict import field_of_view, output_stems
@@ -22,12 +21,7 @@ from hsft.model.chat import IGNORE_INDEX
 from hsft.ops import upsample_masks
 
 from forcing import ForceTokens
-
-REPO = Path(__file__).resolve().parents[1]
-
-
-
-
+from launch_scripts import REPO, launch_main
 
 
 @pytest.fixture(scope="module")
@@ -120,7 +114,6 @@ def test_unreadable_images_are_refused_naming_each_file(model, tmp_path):
 def test_output_names_do_not_collide(tmp_path):
     stems = output_stems([tmp_path / "a" / "img.png", tmp_path / "b" / "img.png", tmp_path / "im.ppm.gz"])
     assert stems == ["img", "img_2", "im"]
-
 
 
 def test_launch_refuses_a_bad_checkpoint_naming_it(tmp_path, capsys):

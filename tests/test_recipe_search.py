@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import pytest
 
@@ -11,12 +10,12 @@ from hsft.config import replace_nested
 from hsft.recipe_search import format_table, search_recipe
 from hsft.recipes import recipe_config
 
-REPO = Path(__file__).resolve().parents[1]
+from launch_scripts import ZERO2
 
 
 def test_the_search_scores_every_point_on_the_validation_split_and_chains_the_best(tmp_path, monkeypatch):
     monkeypatch.setenv("HSFT_CACHE", str(tmp_path / "cache"))
-    cfg = replace_nested(recipe_config("tiny"), deepspeed=str(REPO / "ds_configs" / "zero2.json"), **{
+    cfg = replace_nested(recipe_config("tiny"), deepspeed=str(ZERO2), **{
         "base.pool_size": 8, "base.encoder_pool_size": 8, "base.train.epochs": 1, "data.synthetic_train": 10,
         "data.synthetic_test": 2,
         "data.synthetic_size": 48, "data.val_fraction": 0.2, "lora.train.micro_batch": 4,

@@ -19,7 +19,8 @@ from hsft.model.chat import IGNORE_INDEX
 from hsft.model.release import export_sa2va, import_sa2va
 from hsft.model.release.builder import release_state, sam2_config_json, write_release_checkpoint
 from hsft.model.tiling import TileSettings, tile_count
-from tests.launch_scripts import launch_main
+
+from launch_scripts import launch_main
 
 
 @pytest.fixture(scope="module")

@@ -7,9 +7,7 @@ import json
 from pathlib import Path
 
 import pytest
-import release_reference as ref
 import torch
-from release_checkpoints import ROPE_THETA, SIZES, write_release, write_sam2_config
 from safetensors import safe_open
 
 from hsft.model.checkpoint import load_model, save_model
@@ -22,6 +20,9 @@ from hsft.model.release.keys import (
     split_internlm2_wqkv,
     split_vision_qkv,
 )
+
+from release_checkpoints import ROPE_THETA, SIZES, write_release, write_sam2_config
+import release_reference as ref
 
 VIDEO_ONLY = ("memory_attention.", "memory_encoder.", "maskmem_tpos_enc", "no_mem_pos_enc", "no_obj_ptr",
               "obj_ptr_proj.", "mask_downsample.")

@@ -13,7 +13,6 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
-from release_checkpoints import write_release, write_sam2_config
 
 from hsft.model.release import ReleaseError, import_sa2va
 from hsft.model.release.agreement import (
@@ -30,9 +29,10 @@ from hsft.model.release.agreement import (
     mask_dice,
 )
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "launch"))
-import compare_with_release as cli  # noqa: E402
+from launch_scripts import launch_module
+from release_checkpoints import write_release, write_sam2_config
+
+cli = launch_module("compare_with_release")
 
 
 @pytest.fixture(scope="module")
@@ -91,13 +91,12 @@ def test_bad_input_is_one_line_naming_the_argument(tmp_path, imported, capsys):
     bad({"--max-new-tokens": "0"}, "--max-new-tokens")
 
 
-def test_the_script_reports_a_directory_without_the_release_code(tmp_path, imported):
+def test_the_script_reports_a_directory_without_the_release_code(tmp_path, imported, capsys):
     image = _image(tmp_path / "a.png")
-    done = subprocess.run([sys.executable, str(ROOT / "launch" / "compare_with_release.py"), "--release-code",
-                           str(tmp_path), "--model", str(imported), "--images", str(image)],
-                          capture_output=True, text=True)
-    assert done.returncode == 2 and done.stdout == ""
-    assert done.stderr.strip().splitlines() == [
+    status = cli.main(["--release-code", str(tmp_path), "--model", str(imported), "--images", str(image)])
+    done = capsys.readouterr()
+    assert status == 2 and done.out == ""
+    assert done.err.strip().splitlines() == [
         f"launch/compare_with_release.py: error: --release-code {tmp_path}: not the release's remote code (missing "
         f"{', '.join(RELEASE_CODE_FILES)}; it is the directory holding modeling_sa2va_chat.py)"]
 

@@ -8,9 +8,10 @@ from pathlib import Path
 
 import pytest
 import torch
+from safetensors.torch import load_file, save_file
+
 from launch_scripts import launch_main
 from release_checkpoints import write_release, write_sam2_config
-from safetensors.torch import load_file, save_file
 
 
 @pytest.fixture(scope="module")

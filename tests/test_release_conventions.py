@@ -8,9 +8,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from launch_scripts import launch_main
 from PIL import Image
-from release_checkpoints import write_release, write_sam2_config
 
 from hsft.eval import InputError
 from hsft.eval.cli import load_checkpoint, run_predict
@@ -19,6 +17,9 @@ from hsft.model.checkpoint import load_model, save_model
 from hsft.model.images import IMAGENET_NORM, ImagePreprocessor
 from hsft.model.release import import_sa2va
 from hsft.model.tokenizer import IM_START, IMG_END
+
+from launch_scripts import launch_main
+from release_checkpoints import write_release, write_sam2_config
 
 
 @pytest.fixture(scope="module")

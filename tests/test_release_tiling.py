@@ -9,11 +9,8 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import release_reference as ref
 import torch
-from forcing import ForceTokens
 from PIL import Image
-from release_checkpoints import ROPE_THETA, SIZES, write_release, write_sam2_config
 
 from hsft.config import LoraStageConfig
 from hsft.data import Sample
@@ -26,6 +23,10 @@ from hsft.model.tiling import TileSettings, candidate_grids, choose_grid, tile_c
 from hsft.stages.batching import make_seg_batch, mask_loss_per_sample
 from hsft.stages.lora import attach_lora
 from hsft.stages.objective import FeatureCache
+
+from forcing import ForceTokens
+from release_checkpoints import ROPE_THETA, SIZES, write_release, write_sam2_config
+import release_reference as ref
 
 INSTRUCTION = "<image>Please segment the blood vessel."
 RESPONSE = "Sure, [SEG]."

@@ -12,17 +12,15 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from hsft.config import LoraStageConfig, MiningConfig, RunConfig, TrainConfig
+from hsft.config import LoraStageConfig, TrainConfig
 from hsft.data import make_fundus
 from hsft.engine import checkpoint, rng_state
-from hsft.engine.context import RunContext
-from hsft.engine.ds_config import load_ds_config
-from hsft.model import build_model, save_model
-from hsft.model.config import ModelConfig
 from hsft.stages import lora
 from hsft.stages.training import Validation
 
-REPO = Path(__file__).resolve().parents[1]
+from contexts import build_context
+
+
 EPOCHS, SAMPLES, MICRO = 2, 4, 2
 STEPS_PER_EPOCH = SAMPLES // MICRO
 
@@ -39,25 +37,21 @@ def _config() -> LoraStageConfig:
 def _run(out: Path, start: Path, samples, *, resume: bool) -> dict:
     # A different global generator state before each run: the stage itself must seed what it draws.
     torch.manual_seed(len(str(out)) + int(resume))
-    cfg = RunConfig(output_dir=str(out), seed=7, precision="bf16", resume=resume,
-                    mining=MiningConfig(batch_size=4, max_new_tokens=8))
-    ctx = RunContext.build(cfg, load_ds_config(REPO / "ds_configs" / "zero2.json"),
-                           splits=SimpleNamespace(train=samples, val=[], test=[]))
+    ctx = build_context(out, seed=7, precision="bf16", resume=resume,
+                        splits=SimpleNamespace(train=samples, val=[], test=[]),
+                        **{"mining.batch_size": 4, "mining.max_new_tokens": 8})
     lora.run(ctx, _config(), start)
     return json.loads((out / "lora" / "metrics.json").read_text())
 
 
 @pytest.fixture(scope="module")
-def start_model(tmp_path_factory):
-    root = tmp_path_factory.mktemp("resume")
-    save_model(build_model(ModelConfig(preset="tiny"), seed=0), root / "start")
-    return root, root / "start", [make_fundus(seed=900 + i, size=64) for i in range(SAMPLES)]
+def samples():
+    return [make_fundus(seed=900 + i, size=64) for i in range(SAMPLES)]
 
 
-def test_dropout_is_live_in_the_lora_stage(start_model):
+def test_dropout_is_live_in_the_lora_stage(samples, tiny_model):
     """Without live dropout the resume test below could not tell restored RNG state from a reseed."""
-    samples = start_model[2]
-    model = build_model(ModelConfig(preset="tiny"), seed=0)
+    model = tiny_model
     task = lora.LoraTask(model, samples, _config(), Validation([], 1, 1))
     task.module.train()
     # lora_B starts at zero, which hides the dropout on lora_A's input until the first step moved it.
@@ -71,8 +65,8 @@ def test_dropout_is_live_in_the_lora_stage(start_model):
     assert float(first) != float(second)
 
 
-def test_lora_interrupted_mid_epoch_resumes_exactly(start_model, monkeypatch):
-    root, start, samples = start_model
+def test_lora_interrupted_mid_epoch_resumes_exactly(tmp_path, tiny_model_dir, samples, monkeypatch):
+    root, start = tmp_path, tiny_model_dir
     full = _run(root / "full", start, samples, resume=False)
     assert len(full["losses"]) == EPOCHS * STEPS_PER_EPOCH
 

@@ -1,22 +1,24 @@
-"""A stage checkpoint written by N ranks resumes on M ranks (2 -> 1 and 1 -> 2), through the main command
-under the DeepSpeed launcher on CPU: a LoRA stage killed with SIGKILL in its second epoch resumes on the
-other number of ranks from DeepSpeed's universal copy of its epoch-1 checkpoint.
+"""A stage checkpoint written by N ranks resumes on M ranks, through the main command under the DeepSpeed
+launcher on CPU: a 1-rank LoRA stage killed with SIGKILL in its second epoch resumes on 2 ranks from
+DeepSpeed's universal copy of its epoch-1 checkpoint, keeping the global batch (micro-batch 2 on one rank,
+1 on each of two).
 
 What is exactly true and asserted: right after the load, the engine holds the checkpoint's trained
 weights, fp32 master weights, both AdamW moments (each re-partitioned over the new ranks) and
 scheduler step, bit for bit; the original checkpoint is not modified; the log says once that the rank
-count changed. What is not bit for bit and why: the later losses of a 2-rank run resumed on 1 rank
-differ from the uninterrupted 2-rank run's in the last digits, because one rank averages the global
-batch's loss before backward where two ranks average two gradients (another rounding); so they are
-compared with a tolerance (fp32, no dropout, the same global batch). With dropout on, a rank draws its
-own masks, so the losses of a resumed 1 -> 2 run are only checked to continue sensibly."""
+count changed, and the new rank, which has no saved RNG state, draws from a derived seed. What is not bit
+for bit and why: two ranks average two gradients where one rank averages the global batch's loss before
+backward (another rounding), so the later steps are compared with the uninterrupted 1-rank run within
+bounds derived below (fp32, no dropout, the same samples at every step).
+
+Fewer ranks take the same path (the universal copy re-partitioned over the new world); a resume with
+another global batch, whose epochs have another number of steps, is checked in-process in
+test_engine_loop.py, and the new rank's seed in test_a_new_rank_gets_its_own_deterministic_seed below."""
 
 from __future__ import annotations
 
 import hashlib
 import json
-import os
-import subprocess
 from pathlib import Path
 
 import pytest
@@ -26,31 +28,27 @@ from safetensors.torch import load_file
 from hsft.config import TrainConfig
 from hsft.engine import checkpoint, rng_state, universal, zero_state
 from hsft.engine.schedule import build_scheduler, move_to_step
-from test_engine_loop import run
-from test_kill import DEEPSPEED, REPO, _env, _kill_in_second_epoch, _run, start_model  # noqa: F401 (fixture)
+
+from launch_scripts import (LAUNCH, REPO, ZERO2, deepspeed_command, kill_after_checkpoint, launcher_env,
+                            run_launched)
+from toy_training import run
+
 
 SAMPLES, EPOCHS = 16, 2
 PROBE = REPO / "tests" / "resume_probe.py"
 
 
-def _args(out: Path, start: Path, *, precision: str, micro_batch: int, dropout: float) -> list[str]:
-    return [str(REPO / "launch" / "hsft.py"), "--deepspeed", str(REPO / "ds_configs" / "zero2.json"),
-            "--model", str(start), "--stages", "lora", "--output-dir", str(out), "--precision", precision,
-            "--data-synthetic-train", str(SAMPLES), "--data-synthetic-test", "2", "--data-synthetic-size", "64",
-            "--data-val-fraction", "0", "--lora-epochs", str(EPOCHS), "--lora-micro-batch", str(micro_batch),
-            "--lora-grad-accum", "1", "--lora-rank", "4", "--lora-dropout", str(dropout), "--keep-checkpoints", "2"]
+def _args(out: Path, start: Path, *, micro_batch: int) -> list[str]:
+    return ["--deepspeed", str(ZERO2), "--model", str(start), "--stages", "lora", "--output-dir", str(out),
+            "--precision", "fp32", "--data-synthetic-train", str(SAMPLES), "--data-synthetic-test", "2",
+            "--data-synthetic-size", "64", "--data-val-fraction", "0", "--lora-epochs", str(EPOCHS),
+            "--lora-micro-batch", str(micro_batch), "--lora-grad-accum", "1", "--lora-rank", "4",
+            "--lora-dropout", "0", "--keep-checkpoints", "2"]
 
 
-def _launch(ranks: int, args: list[str], port: int) -> list[str]:
-    return [DEEPSPEED, "--num_gpus", str(ranks), "--master_port", str(port), *args]
-
-
-def _resume_with_probe(ranks: int, args: list[str], tmp: Path, port: int) -> str:
-    probe_args = [str(PROBE), *args[1:], "--resume"]
-    env = {**_env(tmp), "HSFT_PROBE_DIR": str(tmp / "probe")}
-    proc = subprocess.run(_launch(ranks, probe_args, port), cwd=tmp, env=env, capture_output=True, text=True,
-                          timeout=900)
-    assert proc.returncode == 0, f"exit {proc.returncode}\n{proc.stdout[-4000:]}\n{proc.stderr[-4000:]}"
+def _resume_with_probe(ranks: int, args: list[str], tmp: Path) -> str:
+    env = {**launcher_env(tmp), "HSFT_PROBE_DIR": str(tmp / "probe")}
+    proc = run_launched(deepspeed_command(PROBE, [*args, "--resume"], ranks=ranks), tmp, env=env)
     return proc.stdout + proc.stderr
 
 
@@ -85,23 +83,26 @@ def _assert_converted_beside_and_original_untouched(ckpts: Path, before: dict[st
     assert not (ckpts / (universal.PREFIX + "epoch0001")).exists()
 
 
-def test_two_rank_checkpoint_resumes_on_one_rank(tmp_path, start_model):
-    """fp32, no dropout, global batch 2 on both (2 ranks x 1, 1 rank x 2): every step sees the same samples."""
+@pytest.mark.slow
+def test_one_rank_checkpoint_resumes_on_two_ranks(tmp_path, tiny_model_dir):
+    """fp32, no dropout, global batch 2 on both (1 rank x 2, 2 ranks x 1): every step sees the same samples."""
     full, cut = tmp_path / "full", tmp_path / "cut"
-    port = 29100 + os.getpid() % 300
-    _run(_launch(2, _args(full, start_model, precision="fp32", micro_batch=1, dropout=0.0), port), tmp_path)
-    _kill_in_second_epoch(_launch(2, _args(cut, start_model, precision="fp32", micro_batch=1, dropout=0.0), port),
-                          tmp_path, cut / "lora" / "checkpoints")
+    one_rank = _args(cut, tiny_model_dir, micro_batch=2)
+    run_launched(deepspeed_command(LAUNCH / "hsft.py", _args(full, tiny_model_dir, micro_batch=2)), tmp_path)
+    kill_after_checkpoint(deepspeed_command(LAUNCH / "hsft.py", one_rank), tmp_path, cut / "lora" / "checkpoints")
     ckpts = cut / "lora" / "checkpoints"
-    assert checkpoint.saved_world_size(ckpts / "epoch0001") == 2
+    assert checkpoint.saved_world_size(ckpts / "epoch0001") == 1
     before = _digests(ckpts / "epoch0001")
 
-    log = _resume_with_probe(1, _args(cut, start_model, precision="fp32", micro_batch=2, dropout=0.0),
-                             tmp_path, port)
-    assert log.count("the checkpoint was written by 2 rank(s), this run has 1") == 1, log[-4000:]
+    log = _resume_with_probe(2, _args(cut, tiny_model_dir, micro_batch=1), tmp_path)
+    assert log.count("the checkpoint was written by 1 rank(s), this run has 2") == 1, log[-4000:]
+    assert "no RNG state for start from a seed derived" in log
+    assert "the global batch is" not in log  # kept: an epoch has the same steps
     _assert_loaded_state_is_the_checkpoint(ckpts / "epoch0001", tmp_path / "probe" / "loaded", "fp32")
     _assert_converted_beside_and_original_untouched(ckpts, before)
-    assert checkpoint.saved_world_size(ckpts / "epoch0002") == 1
+    assert checkpoint.saved_world_size(ckpts / "epoch0002") == 2
+    # Rank 0 continued its own saved stream; rank 1 had none and drew from its derived seed.
+    assert rng_state.file_for_rank(ckpts / "epoch0002", 1).is_file()
 
     expected = json.loads((full / "lora" / "metrics.json").read_text())
     resumed = json.loads((cut / "lora" / "metrics.json").read_text())
@@ -109,38 +110,21 @@ def test_two_rank_checkpoint_resumes_on_one_rank(tmp_path, start_model):
     assert resumed["resumed_from"].endswith("epoch0001")
     assert len(resumed["losses"]) == 2 * steps_per_epoch
     assert resumed["losses"][:steps_per_epoch] == expected["losses"][:steps_per_epoch]  # the checkpoint's record
+    # What must be told apart: a resume that lost or mis-partitioned the state (fresh moments, another step of
+    # the schedule, other weights) from one that differs in float summation order only. The first changes the
+    # next step's loss (same weights, same samples) at once and every weight by about lr per step; the second
+    # starts at a relative 1e-7 and, through AdamW's m / sqrt(v), can reach about lr only on the few weights
+    # whose gradient is near zero. So: the losses within 1e-4 relative, and under 1% of the weights apart by
+    # a tenth of lr or more, none by more than the whole epoch's steps at lr.
     assert resumed["losses"][steps_per_epoch:] == pytest.approx(expected["losses"][steps_per_epoch:], rel=1e-4)
+    lr = expected["train_config"]["lr"]
     a = load_file(str(full / "lora" / "trainable.safetensors"))
     b = load_file(str(cut / "lora" / "trainable.safetensors"))
     assert a.keys() == b.keys()
-    for name in a:
-        torch.testing.assert_close(b[name], a[name], rtol=1e-4, atol=1e-6, msg=name)
-
-
-def test_one_rank_checkpoint_resumes_on_two_ranks(tmp_path, start_model):
-    """bf16 with LoRA dropout, the same micro-batch on both, so the global batch doubles (2 -> 4)."""
-    cut = tmp_path / "cut"
-    port = 29400 + os.getpid() % 300
-    args = _args(cut, start_model, precision="bf16", micro_batch=2, dropout=0.2)
-    _kill_in_second_epoch(_launch(1, args, port), tmp_path, cut / "lora" / "checkpoints")
-    ckpts = cut / "lora" / "checkpoints"
-    before = _digests(ckpts / "epoch0001")
-
-    log = _resume_with_probe(2, args, tmp_path, port)
-    assert log.count("the checkpoint was written by 1 rank(s), this run has 2") == 1, log[-4000:]
-    assert "no RNG state for start from a seed derived" in log and "the global batch is 4" in log
-    _assert_loaded_state_is_the_checkpoint(ckpts / "epoch0001", tmp_path / "probe" / "loaded", "bf16")
-    _assert_converted_beside_and_original_untouched(ckpts, before)
-    assert checkpoint.saved_world_size(ckpts / "epoch0002") == 2
-    # Rank 0 continued its own saved stream; rank 1 had none and drew from its derived seed.
-    assert rng_state.file_for_rank(ckpts / "epoch0002", 1).is_file()
-
-    resumed = json.loads((cut / "lora" / "metrics.json").read_text())
-    assert resumed["resumed_from"].endswith("epoch0001")
-    # The first epoch's 8 steps from the checkpoint's record, then the second on global batch 4: 16 / 4 steps,
-    # each finite and of a plausible size.
-    losses = resumed["losses"]
-    assert len(losses) == SAMPLES // 2 + SAMPLES // 4 and all(0.0 < loss < 10.0 for loss in losses)
+    diffs = torch.cat([(a[name].double() - b[name].double()).abs().flatten() for name in a])
+    share_apart = (diffs > lr / 10).double().mean().item()
+    assert share_apart < 0.01, f"{share_apart:.2%} of the weights differ by more than lr/10"
+    assert diffs.max().item() < lr * steps_per_epoch
 
 
 def test_the_schedule_moves_to_a_step_as_if_stepped_there():

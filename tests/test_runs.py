@@ -1,15 +1,13 @@
 """Aggregating several runs' reports."""
 
 import json
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 
 from hsft.eval.runs import RunsError, summarize_groups
 
-REPO = Path(__file__).resolve().parents[1]
+from launch_scripts import exit_status
 
 
 def fake_run(path: Path, seed: int, start: float, end: float) -> Path:
@@ -40,9 +38,8 @@ def test_a_run_ends_at_its_main_line_or_at_the_named_stage(tmp_path):
         summarize_groups({"x": [f"{run}:lora"]})
 
 
-def test_missing_report_is_named(tmp_path):
+def test_missing_report_is_named(tmp_path, capsys):
     with pytest.raises(RunsError, match="nowhere: no report.json"):
         summarize_groups({"x": [str(tmp_path / "nowhere")]})
-    proc = subprocess.run([sys.executable, str(REPO / "launch" / "compare_runs.py"), f"x={tmp_path / 'nowhere'}"],
-                          capture_output=True, text=True)
-    assert proc.returncode == 2 and "no report.json" in proc.stderr
+    assert exit_status("compare_runs", [f"x={tmp_path / 'nowhere'}"]) == 2
+    assert "no report.json" in capsys.readouterr().err

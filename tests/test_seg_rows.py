@@ -5,12 +5,13 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from release_checkpoints import write_release, write_sam2_config
 
 from hsft.model import ModelConfig, build_model
 from hsft.model.checkpoint import load_model
 from hsft.model.release import import_sa2va
 from hsft.model.token_rows import attach_seg_rows, load_seg_rows_state, merge_seg_rows, seg_rows_state
+
+from release_checkpoints import write_release, write_sam2_config
 
 
 @pytest.fixture(scope="module")
