@@ -213,6 +213,7 @@ def add_config_arguments(parser: argparse.ArgumentParser, cls, *, skip: set[str]
     unknown = [k for k in wanted if k not in fields and k not in by_key]
     if unknown:
         raise ValueError(f"add_config_arguments: no field or shared setting {unknown}")
+
     def group_name(key: str) -> str:
         return key.split(".")[0] if "." in key else "run"
 
@@ -270,16 +271,16 @@ def _add_set(group, parser, cls, fields: dict[str, _Field], shared: tuple[Shared
 
     setting.__name__ = "KEY=VALUE"
     group.add_argument("--set", dest=SET_DEST, action="append", type=setting, default=argparse.SUPPRESS,
-                        metavar="KEY=VALUE",
-                        help="set any config field by its dotted key (e.g. base.referring=true); repeatable")
+                       metavar="KEY=VALUE",
+                       help="set any config field by its dotted key (e.g. base.referring=true); repeatable")
     options = {key: f.option for key, f in fields.items() if key in shown}
     options.update({s.key: s.option for s in shared if s.key in shown})
     group.add_argument("--help-all", action=_HelpAll, text=_help_all(cls, shared, recipes, options),
-                        help="list every key --set accepts, with its default and help, and exit")
+                       help="list every key --set accepts, with its default and help, and exit")
     # An option name a field would have had, but is no option here: Parser.error names its --set form.
     moved = {f.option: key for key, f in fields.items() if key not in shown}
     moved.update({s.option: s.key for s in shared if s.key not in shown})
-    setattr(parser, "moved_options", {**getattr(parser, "moved_options", {}), **moved})
+    parser.moved_options = {**getattr(parser, "moved_options", {}), **moved}
 
 
 def apply_arguments(cfg, namespace: argparse.Namespace, dests: dict[str, object]):

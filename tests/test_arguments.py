@@ -249,3 +249,9 @@ def test_resume_compares_the_fields_that_options_and_set_write():
     assert sorted(d.split(" ")[0] for d in differ) == ["base.referring", "base.train.weight_decay",
                                                       "dpo.train.weight_decay", "hsft.train.weight_decay",
                                                       "lora.train.weight_decay"]
+
+
+def test_the_study_command_takes_the_same_options_and_set():
+    cfg, args = launch_module("experiments").parse(["--suite", "smoke", "--set", "unet.levels=3",
+                                                    "--train-clip", "0.5", "--hsft-lr", "2e-3"])
+    assert cfg.unet.levels == 3 and cfg.lora.train.clip == 0.5 and cfg.hsft.train.lr == 2e-3 and args.suite == "smoke"
