@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 from hsft.data.config import DataConfig
 from hsft.arguments import Shared
 from hsft.engine.config import PRECISIONS, STAGE_TRAIN_FIELDS, TrainConfig
-from hsft.errors import check as _check
+from hsft.errors import BadValue, check as _check
 from hsft.eval.config import DEFAULT_TAU, EvalConfig
 from hsft.model.config import ModelConfig, PromptConfig
 
@@ -39,6 +39,7 @@ __all__ = [
     "SHARED_SETTINGS",
     "MAIN_OPTIONS",
     "OPTION_GROUPS",
+    "with_settings",
 ]
 
 # The order the pipeline runs stages in. "base" (stage 0) only exists for the embedded default
@@ -453,6 +454,22 @@ OPTION_GROUPS = {
     "hsft": "stage 3: HSFT (and the variants and control beside it)",
     "eval": "evaluation",
 }
+
+
+def with_settings(cfg: RunConfig, settings: dict[str, object]) -> RunConfig:
+    """`cfg` with `settings` written in, keyed as --set takes them (a field's dotted path, a stage's training
+    field without its `train` level, or a shared setting such as `train.weight_decay`); an unknown key is a
+    ValueError naming the closest one."""
+    from hsft.arguments import resolve_key
+
+    changes = {}
+    for key, value in settings.items():
+        try:
+            paths, _ = resolve_key(RunConfig, key, SHARED_SETTINGS)
+        except ValueError as error:
+            raise BadValue(f"setting {key}: {error}") from None
+        changes.update({".".join(path): value for path in paths})
+    return replace_nested(cfg, **changes)
 
 
 def replace_nested(cfg, **changes):

@@ -2,7 +2,8 @@
 (for the embedded 0.4 M-parameter default model, whose stages barely move at learning rates set for a
 4 B model).
 
-The recipe is the starting point; every option given on the command line overrides it. Without
+A recipe names fields by the keys `--set` takes (hsft.config.with_settings). The recipe is the starting
+point; every option given on the command line overrides it. Without
 --recipe, the embedded default uses `tiny`, a real checkpoint (--vlm/--sam2, or a --model imported from a
 release) `paper`, and a --model the pipeline trained continues with the recipe and precision its
 directory records (hsft.model.directory).
@@ -11,7 +12,7 @@ BENCHMARKS.md ("Recipe search") shows the validation-split numbers the tiny valu
 
 from __future__ import annotations
 
-from hsft.config import RunConfig, replace_nested
+from hsft.config import RunConfig, replace_nested, with_settings
 from hsft.model.directory import read_training_record
 
 __all__ = ["RECIPES", "recipe_config", "default_recipe", "config_from_arguments"]
@@ -51,7 +52,7 @@ def recipe_config(name: str, base: RunConfig | None = None) -> RunConfig:
     """`base` (default: RunConfig()) with the recipe's values written in, and its name recorded."""
     if name not in RECIPES:
         raise ValueError(f"recipe: unknown recipe {name!r}; valid recipes are {', '.join(RECIPES)}")
-    return replace_nested(base or RunConfig(), recipe=name, **RECIPES[name])
+    return with_settings(replace_nested(base or RunConfig(), recipe=name), RECIPES[name])
 
 
 def config_from_arguments(namespace, dests) -> RunConfig:

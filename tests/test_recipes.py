@@ -7,7 +7,7 @@ import argparse
 import pytest
 
 from hsft.arguments import add_config_arguments
-from hsft.config import LoraStageConfig, RunConfig
+from hsft.config import LoraStageConfig, RunConfig, replace_nested
 from hsft.recipes import RECIPES, config_from_arguments, recipe_config
 
 
@@ -47,3 +47,18 @@ def test_paper_is_the_dataclass_defaults_and_a_bad_name_is_named():
         recipe_config("huge")
     with pytest.raises(ValueError, match="recipe: must be 'paper' or 'tiny'"):
         parse(["--recipe", "huge"]).validate()
+
+
+def test_a_recipe_takes_the_keys_set_takes():
+    from hsft.config import with_settings
+
+    for name, values in RECIPES.items():  # the recipes' own keys are fields' dotted paths
+        assert recipe_config(name) == replace_nested(RunConfig(), recipe=name, **values)
+    cfg = with_settings(RunConfig(), {"hsft.lr": 2e-3, "train.clip": 0.5, "inference.batch_size": 4,
+                                      "base.referring": True})
+    assert cfg.hsft.train.lr == 2e-3 and cfg.base.referring is True
+    assert {cfg.base.train.clip, cfg.lora.train.clip, cfg.dpo.train.clip, cfg.hsft.train.clip} == {0.5}
+    assert cfg.mining.batch_size == cfg.eval.batch_size == 4
+    with pytest.raises(ValueError, match=r"^setting hsft\.lrr: unknown key 'hsft\.lrr'; did you mean "
+                                         r"hsft\.train\.lr\?"):
+        with_settings(RunConfig(), {"hsft.lrr": 1.0})
