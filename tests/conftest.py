@@ -10,6 +10,7 @@ Sa2VA's forward computations written from its raw tensors).
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
@@ -19,6 +20,20 @@ from hsft.engine.context import RunContext
 from hsft.model import ModelConfig, build_model, save_model
 
 from contexts import build_context
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _own_stage0_cache(tmp_path_factory):
+    """The pre-trained stage 0 is cached under $HSFT_CACHE (default ~/.cache/hsft) and trained in place; a
+    cache per test session (per pytest-xdist worker) keeps parallel workers from training into one
+    directory, and a user's cache out of the tests. Tests that launch a run give it its own as well."""
+    saved = os.environ.get("HSFT_CACHE")
+    os.environ["HSFT_CACHE"] = str(tmp_path_factory.mktemp("hsft_cache"))
+    yield
+    if saved is None:
+        del os.environ["HSFT_CACHE"]
+    else:
+        os.environ["HSFT_CACHE"] = saved
 
 
 @pytest.fixture(scope="module", autouse=True)

@@ -4,6 +4,8 @@ import os
 import subprocess
 import sys
 
+import pytest
+
 from hsft.data.layouts import folder_split_of
 
 from launch_scripts import REPO, exit_status
@@ -17,6 +19,7 @@ def _run(*args: str) -> subprocess.CompletedProcess:
     )
 
 
+@pytest.mark.slow
 def test_synth_then_check_round_trip(tmp_path):
     out = tmp_path / "synth"
     result = _run("synth", "--out", str(out), "--n", "10", "--seed", "5", "--size", "64")
@@ -38,6 +41,7 @@ def test_synth_then_check_round_trip(tmp_path):
     assert again.returncode == 2 and "already holds files" in again.stderr
 
 
+@pytest.mark.slow
 def test_check_lists_every_problem_and_fails(tmp_path):
     out = tmp_path / "synth"
     assert _run("synth", "--out", str(out), "--n", "10", "--seed", "5", "--size", "48", "--quiet").returncode == 0

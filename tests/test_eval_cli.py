@@ -26,6 +26,7 @@ def run_dir(tmp_path_factory) -> Path:
     return run
 
 
+@pytest.mark.slow
 def test_evaluate_command_end_to_end_with_compare(run_dir, tmp_path):
     model_dir = run_dir / "hsft" / "model"
     out = tmp_path / "eval"

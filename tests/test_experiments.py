@@ -140,6 +140,7 @@ def _effects(node, path=""):
             yield from _effects(value, f"{path}/{i}")
 
 
+@pytest.mark.slow
 def test_the_smoke_suite_writes_every_table_with_its_statistics_and_plots(smoke):
     tmp, out, proc = smoke
     results = json.loads((out / "results.json").read_text())
@@ -202,6 +203,7 @@ def test_the_smoke_suite_writes_every_table_with_its_statistics_and_plots(smoke)
     assert any((out / "tb").rglob("events.out.tfevents.*"))
 
 
+@pytest.mark.slow
 def test_a_finished_suite_is_kept_an_unfinished_run_is_finished_and_other_settings_are_refused(smoke):
     tmp, out, _ = smoke
     first = json.loads((out / "results.json").read_text())

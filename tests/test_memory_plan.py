@@ -132,6 +132,7 @@ def test_plan_bad_size_is_one_line(capsys):
     assert "--plan-gpu-memory: expected a size such as 24GiB" in capsys.readouterr().err
 
 
+@pytest.mark.slow
 def test_every_run_records_its_plan_beside_measured_peaks(tmp_path):
     """The main command at the tiny size: report.json holds the plan and each stage's measured peak; the
     plan is within 25 % of them (at this size the process's own footprint dominates both)."""

@@ -636,6 +636,7 @@ def run_tests_on_fake_gpu(tmp_path: Path, **env: str) -> subprocess.CompletedPro
     return subprocess.run(cmd, env=full_env, cwd=tmp_path, capture_output=True, text=True, timeout=300)
 
 
+@pytest.mark.slow
 @needs_compiled
 @pytest.mark.skipif(GPU, reason="simulates a GPU machine; this one has a GPU")
 def test_cuda_tests_fail_with_a_cpu_only_build_on_a_gpu_machine(tmp_path: Path) -> None:

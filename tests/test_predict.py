@@ -128,6 +128,7 @@ def test_launch_refuses_a_bad_checkpoint_naming_it(tmp_path, capsys):
     assert str(tmp_path) in err and "hsft_model.json" in err
 
 
+@pytest.mark.slow
 def test_predict_command_end_to_end(checkpoint, tmp_path):
     first = tmp_path / "odd.png"
     Image.fromarray(make_fundus(3, 96).image[:83, :91]).save(first)

@@ -96,6 +96,7 @@ def test_measure_resets_the_host_peak_per_block():
     assert first.peak_host_gib - second.peak_host_gib > 0.04
 
 
+@pytest.mark.slow
 def test_tiny_rehearsal_end_to_end(tmp_path, capsys):
     out = tmp_path / "rehearsal"
     code = launch_main("rehearse")(["--shape", "tiny", "--images", "4", "--output-dir", str(out),
