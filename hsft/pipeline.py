@@ -2,8 +2,9 @@
 
 Every stage is one module under hsft/stages/ with the same entry, `run(ctx, cfg, start) -> StageResult`:
 the run context (built once, below), the stage's own config, and the model directory it starts from.
-Each stage reads the previous stage's output directory and writes its own; `report.json` and
-`report.md` at the top of the output directory join the stages' parts. Adding a stage or a variant
+Each stage reads the previous stage's output directory and writes its own, and returns its facts
+(`StageResult`); `report.json` at the top of the output directory joins them, and `report.md` is rendered
+from them by hsft.stages.report. Adding a stage or a variant
 is one module and one row of `STAGES` (and its name in `hsft.config.STAGE_ORDER`).
 """
 
@@ -26,13 +27,13 @@ from hsft.engine.output_lock import hold_output_dir
 from hsft.engine.resources import measure
 from hsft.memory_plan import format_plan, plan_for_run
 from hsft.model import build_model, is_model_directory, load_model, save_model
-from hsft.engine.verbosity import is_verbose, set_verbosity
+from hsft.engine.verbosity import set_verbosity
 from hsft.errors import UserError, run_command
 from hsft.model.chain import make_lean
-from hsft.model.directory import EMBEDDED_DESCRIPTION, resolve_model_dir, write_training_record
-from hsft.stages import (all_data, anti_curriculum, base, control, curriculum, dpo, easy_control, evaluation, hsft,
-                         iterative, lora, loss_weighted, mining, unet)
+from hsft.model.directory import resolve_model_dir, write_training_record
+from hsft.stages import base, dpo, evaluation, hsft, iterative, lora, mining, unet, variants
 from hsft.stages.evaluation import RunModel
+from hsft.stages.report import console_summary, format_report, stage_notes
 from hsft.stages.training import StageResult, is_complete, model_dir, recorded_step
 
 
@@ -61,13 +62,13 @@ STAGES = (
     Stage("dpo", dpo.run, "dpo", trains=True),
     Stage("mining", mining.run, "mining", trains=False),
     Stage("hsft", hsft.run, "hsft", trains=True),
-    Stage("control", control.run, "hsft", trains=True, beside="hsft"),
-    Stage("all_data", all_data.run, "hsft", trains=True, beside="hsft"),
-    Stage("curriculum", curriculum.run, "hsft", trains=True, beside="hsft"),
-    Stage("anti_curriculum", anti_curriculum.run, "hsft", trains=True, beside="hsft"),
-    Stage("loss_weighted", loss_weighted.run, "hsft", trains=True, beside="hsft"),
+    Stage("control", variants.control, "hsft", trains=True, beside="hsft"),
+    Stage("all_data", variants.all_data, "hsft", trains=True, beside="hsft"),
+    Stage("curriculum", variants.curriculum, "hsft", trains=True, beside="hsft"),
+    Stage("anti_curriculum", variants.anti_curriculum, "hsft", trains=True, beside="hsft"),
+    Stage("loss_weighted", variants.loss_weighted, "hsft", trains=True, beside="hsft"),
     Stage("iterative", iterative.run, "hsft", trains=True, beside="hsft"),
-    Stage("easy_control", easy_control.run, "hsft", trains=True, beside="hsft"),
+    Stage("easy_control", variants.easy_control, "hsft", trains=True, beside="hsft"),
     Stage("unet", unet.run, "unet", trains=False),
     Stage("eval", evaluation.run, "eval", trains=False, report_key="evaluation", evaluates=True),
 )
@@ -219,49 +220,6 @@ def _step_before(ctx: RunContext, first: str) -> int:
     return 0
 
 
-def predict_command(model: Path, out: Path) -> str:
-    return f"python launch/predict.py --checkpoint {model} --output-dir {out / 'predictions'} IMAGE [IMAGE ...]"
-
-
-def format_report(ctx: RunContext, report: dict, results: dict[str, StageResult]) -> str:
-    """report.md: the run's header, then each stage's own section (the held-out results first), the
-    stages' notes, where everything is, and the model to use next."""
-    data = report["data"]
-    lines = ["# hsft run report", "", f"Output directory: `{report['output_dir']}`  ",
-             f"Started from: {report['start']}  ", f"Stages: {', '.join(report['stages'])}  ",
-             f"Recipe: {report['recipe'] or 'none (the configs as given)'}  ",
-             f"Held-out split: {data['test']} samples ({data['format']}); training split {data['train']}, "
-             f"validation {data['val']}", ""]
-    ordered = sorted(results.items(), key=lambda item: item[0] != "eval")  # results lead, then pipeline order
-    for _, result in ordered:
-        lines += result.section
-    notes = [note for result in results.values() for note in result.notes]
-    if notes:
-        lines += ["## Stages", ""] + notes + [""]
-    lines += ["## Where things are", ""]
-    for name, path in report["written"].items():
-        lines.append(f"- {name}: `{path}`")
-    lines += ["", f"TensorBoard: `tensorboard --logdir {Path(report['output_dir']) / 'tb'}`", ""]
-    final = report.get("final_model")
-    if final:
-        lines += ["## The model to use next", "",
-                  f"`{final}`: the last model this run hands on (variants beside HSFT are evaluated, not handed on)."]
-        if ctx.cfg.embedded_default:
-            lines.append(f"It is {EMBEDDED_DESCRIPTION}.")
-        lines += ["", f"Predict with it: `{predict_command(Path(final), Path(report['output_dir']))}`", ""]
-    return "\n".join(lines)
-
-
-def console_summary(report_md: str, out: Path) -> str:
-    """What the console shows of report.md: its header and first section (the held-out results) and the
-    model to use next, then where the whole report is; with --verbose, the whole report."""
-    if is_verbose():
-        return report_md
-    sections = report_md.split("\n## ")
-    keep = sections[:2] + [s for s in sections[2:] if s.startswith("The model to use next")]
-    return "\n\n## ".join(s.strip("\n") for s in keep) + f"\n\nThe whole report: {out / 'report.md'}"
-
-
 def run_pipeline(cfg: RunConfig) -> dict:
     set_verbosity(cfg.verbose)
     distributed.init_distributed()
@@ -330,7 +288,7 @@ def _run_locked(cfg: RunConfig, ds_file_config: dict, out: Path) -> dict:
             inputs = {"models": list(models)} if stage.evaluates else {}
             with measure(ctx.device) as usage:
                 result = stage.run(ctx.at_step(step), getattr(cfg, stage.config), start, **inputs)
-            resources[stage.name] = {**usage.to_dict(), "notes": list(result.notes)}
+            resources[stage.name] = {**usage.to_dict(), "notes": stage_notes(stage.name, result.summary)}
             if distributed.is_main():  # kept as the run goes, so a run stopped early still shows its stages
                 write_json(out / RESOURCES_FILE, {"memory_plan": plan, "stages": resources})
             if stage.trains and stage.name != "base" and not cfg.standalone and current is not None:
@@ -372,7 +330,7 @@ def _run_locked(cfg: RunConfig, ds_file_config: dict, out: Path) -> dict:
     report["seconds"] = time.time() - started
     write_json(out / "report.json", report)
     if distributed.is_main():
-        text = format_report(ctx, report, results)
+        text = format_report(cfg, report, results)
         (out / "report.md").write_text(text)
         print("\n" + console_summary(text, out))
     distributed.barrier()

@@ -155,7 +155,9 @@ def test_two_phase_stage_0_trains_the_image_encoder_first_then_keeps_it_frozen(m
             assert torch.equal(final[name], encoder[name]), name  # phase 2 left it as phase 1 made it
     assert any(not torch.equal(encoder[n], initial[n]) for n, p in part_of.items() if p == "sam2_encoder")
     assert any(not torch.equal(final[n], initial[n]) for n, p in part_of.items() if p == "llm")
-    assert "then every other module, the image encoder frozen" in result.notes[0]
+    from hsft.stages.report import stage_notes
+
+    assert "then every other module, the image encoder frozen" in stage_notes("base", result.summary)[0]
 
 
 def test_stage_0_second_phase_encodes_each_image_once_and_gives_the_uncached_loss(tiny_model, monkeypatch):

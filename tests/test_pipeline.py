@@ -15,6 +15,7 @@ from hsft import pipeline
 from hsft.config import DEFAULT_STAGES, STAGE_ORDER, RunConfig
 from hsft.engine.files import write_json
 from hsft.model import save_model
+from hsft.stages import report as renderer
 from hsft.stages.training import StageResult, model_dir
 
 
@@ -57,18 +58,26 @@ def fake_stages(monkeypatch, tiny_model):
             calls.append((name, start))
             steps.append((name, ctx.global_step))
             if not trains:
-                return StageResult(summary={"ran": name}, section=[f"## section of {name}", ""])
+                return StageResult(summary={"ran": name})
             stage_dir = ctx.stage_dir(name)
             save_model(tiny_model, model_dir(stage_dir))
             end = ctx.global_step + 10
             write_json(stage_dir / "metrics.json", {"stage": name, "global_step_end": end})
-            return StageResult(model_dir=model_dir(stage_dir), summary={"ran": name}, notes=[f"- note of {name}"],
-                               global_step=end)
+            return StageResult(model_dir=model_dir(stage_dir), summary={"ran": name}, global_step=end)
         return run
 
     for stage in pipeline.STAGES:
         monkeypatch.setitem(pipeline.STAGE_BY_NAME, stage.name,
                             dataclasses.replace(stage, run=fake(stage.name, stage.trains)))
+        # The renderer draws each fake's part from its summary: a section for the stages that train
+        # nothing, a note for the others.
+        if stage.trains:
+            monkeypatch.setitem(renderer.NOTES, stage.name, lambda name, summary: [f"- note of {summary.get('ran')}"])
+            monkeypatch.delitem(renderer.SECTIONS, stage.name, raising=False)
+        else:
+            monkeypatch.setitem(renderer.SECTIONS, stage.name,
+                                lambda summary, cfg: [f"## section of {summary.get('ran')}", ""])
+            monkeypatch.delitem(renderer.NOTES, stage.name, raising=False)
     return calls
 
 
@@ -137,7 +146,7 @@ def test_resuming_a_finished_run_changes_nothing_and_prints_its_report(fake_stag
 def test_the_console_shows_the_results_and_the_next_model_and_points_to_the_report():
     report_md = "# hsft run report\n\nRecipe: tiny\n\n## Held-out results\n\n| table |\n\n## Hard-sample mining\n\n" \
                 "| buckets |\n\n## Stages\n\n- notes\n\n## The model to use next\n\n`m`\n"
-    shown = pipeline.console_summary(report_md, pipeline.Path("out"))
+    shown = renderer.console_summary(report_md, pipeline.Path("out"))
     assert "| table |" in shown and "`m`" in shown and "Recipe: tiny" in shown
     assert "buckets" not in shown and "- notes" not in shown
     assert shown.rstrip().endswith("The whole report: out/report.md")

@@ -11,7 +11,7 @@ import pytest
 
 from hsft.config import HSFTStageConfig, TrainConfig
 from hsft.data import make_fundus
-from hsft.stages import all_data, anti_curriculum, control, curriculum, hsft, iterative, loss_weighted
+from hsft.stages import hsft, iterative, variants
 from hsft.stages.mining import read_mined_dice
 from hsft.stages.selection import by_difficulty, stream_over, weighted_by_difficulty, whole_set
 
@@ -102,9 +102,10 @@ def test_every_variant_takes_hsfts_optimizer_steps_from_the_same_model(pool, tmp
     cfg = HSFTStageConfig(train=TrainConfig(epochs=2, micro_batch=1, grad_accum=2, lr=1e-3, min_lr=1e-5))
     assert read_mined_dice(ctx.stage_dir("mining"))[pool[9].id] == pytest.approx(0.9)
     steps, described = {}, {}
-    for stage in (hsft, control, all_data, curriculum, anti_curriculum, loss_weighted):
-        result = stage.run(ctx, cfg, tiny_model_dir)
-        name = stage.__name__.rsplit(".", 1)[-1]
+    for run in (hsft.run, variants.control, variants.all_data, variants.curriculum, variants.anti_curriculum,
+                variants.loss_weighted, variants.easy_control):
+        result = run(ctx, cfg, tiny_model_dir)
+        name = "hsft" if run is hsft.run else run.__name__
         metrics = json.loads((ctx.stage_dir(name) / "metrics.json").read_text())
         steps[name] = metrics["optimizer_steps"]
         described[name] = result.summary["training_set"]
@@ -148,7 +149,7 @@ def test_the_engine_loop_trains_in_the_plans_order(pool, tmp_path, make_context,
 
     monkeypatch.setattr(hsft.HSFTTask, "make_batch", recording)
     cfg = HSFTStageConfig(train=TrainConfig(epochs=2, micro_batch=2, grad_accum=1, lr=1e-3))
-    curriculum.run(ctx, cfg, tiny_model_dir)
+    variants.curriculum(ctx, cfg, tiny_model_dir)
     dice = read_mined_dice(ctx.stage_dir("mining"))
     assert len(seen) == 8 and [dice[i] for i in seen] == sorted((dice[i] for i in seen), reverse=True)
 

@@ -16,6 +16,7 @@ from hsft.engine.loop import train
 from hsft.eval.inference import generate_and_score
 from hsft.model import load_model
 from hsft.stages import dpo
+from hsft.stages.report import stage_notes
 from hsft.stages.training import Validation
 
 
@@ -97,7 +98,7 @@ def test_dpo_stage_writes_its_directory_and_skips_cleanly_without_pairs(tiny_mod
     assert metrics["optimizer_steps"] == 2 and "val_dice" in metrics["epochs"][0]
     assert json.loads((tmp_path / "run" / "dpo" / "pairs.json").read_text())["pairs"] == len(samples)
     assert result.summary["pairs"] == len(samples) and not result.summary["skipped"]
-    assert result.notes and "preference pairs" in result.notes[0]
+    assert "preference pairs" in stage_notes("dpo", result.summary)[0]
     assert trained.text_hidden_fcs[0].weight.dtype == torch.float32
 
     # No pair survives: the stage says so, trains nothing and passes its input on.

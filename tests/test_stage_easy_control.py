@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from hsft.data import make_fundus
-from hsft.stages.easy_control import easy_subset
+from hsft.stages.variants import easy_subset
 from hsft.stages.selection import stream_over
 
 

@@ -16,6 +16,7 @@ from hsft.data import make_fundus
 from hsft.model import Sa2VAModel, load_model
 from hsft.stages import lora
 from hsft.stages.batching import make_seg_batch
+from hsft.stages.report import stage_notes
 from hsft.stages.training import Validation
 
 NO_VALIDATION = Validation([], 1, 1)
@@ -69,7 +70,8 @@ def test_lora_stage_trains_through_the_loop_and_exports_adapter_and_merged_model
     assert out == stage / "model"
     metrics = json.loads((stage / "metrics.json").read_text())
     assert metrics["optimizer_steps"] == 2 and "val_dice" in metrics["epochs"][0]
-    assert result.summary["adapted_modules"] == 8 and "8 language-model projections" in result.notes[0]
+    assert result.summary["adapted_modules"] == 8
+    assert "8 language-model projections" in stage_notes("lora", result.summary)[0]
 
     # The standard peft adapter directory, for the language model's attention only.
     adapter_config = json.loads((stage / "adapter" / "adapter_config.json").read_text())
@@ -144,7 +146,7 @@ def test_the_mask_decoder_trains_with_the_adapters_when_asked_and_goes_into_the_
                           rank=4, alpha=8.0, dropout=0.0, mask_loss_weight=1.0, train_mask_decoder=True)
     ctx = make_context(SimpleNamespace(train=samples, val=[], test=[]))
     result = lora.run(ctx, cfg, start)
-    assert "mask decoder" in result.notes[0] and result.summary["train_mask_decoder"] is True
+    assert "mask decoder" in stage_notes("lora", result.summary)[0] and result.summary["train_mask_decoder"] is True
     non_lora = load_file(str(tmp_path / "run" / "lora" / lora.NON_LORA_FILE))
     decoder = {k for k in non_lora if k.startswith("sam2.mask_decoder.")}
     # The decoder trains, except conv_s0/conv_s1 (they belong to the image features, frozen here as in HSFT).

@@ -8,6 +8,7 @@ from hsft.config import MiningConfig
 from hsft.data import make_fundus
 from hsft.engine.tensorboard import TBWriter
 from hsft.stages import mining
+from hsft.stages.report import stage_section
 
 
 @pytest.fixture(scope="module")
@@ -48,7 +49,8 @@ def test_mining_stage_writes_the_hard_set_and_its_report_section(tiny_model_dir,
     result = mining.run(ctx, ctx.cfg.mining, tiny_model_dir)
     assert result.model_dir is None  # mining trains nothing: the input model goes on
     assert result.summary["hard"] == 3 and result.summary["total"] == len(samples)
-    assert mining.read_hard_ids(ctx.stage_dir("mining")) and result.section[0].startswith("## Hard-sample mining")
+    assert mining.read_hard_ids(ctx.stage_dir("mining"))
+    assert stage_section("mining", result.summary, ctx.cfg)[0].startswith("## Hard-sample mining")
     with pytest.raises(FileNotFoundError, match="run the 'mining' stage first"):
         mining.read_hard_ids(tmp_path / "nowhere")
 

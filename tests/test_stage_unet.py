@@ -14,6 +14,7 @@ from hsft.config import DataConfig, UNetStageConfig
 from hsft.data import load_splits, make_fundus
 from hsft.engine.tensorboard import TBWriter
 from hsft.stages import unet
+from hsft.stages.report import stage_notes
 
 
 def _ctx(tmp_path, data: DataConfig):
@@ -40,7 +41,8 @@ def test_the_unet_trains_until_validation_stops_improving_and_scores_the_untouch
     dice = [r["scores"]["generate"]["dice"] for r in evaluation["samples"]]
     assert result.summary["dice"] == pytest.approx(np.mean(dice)) and result.summary["dice"] > np.mean(untrained) + 0.1
     assert result.summary["parameters"] == unet.parameter_count(unet.build_unet(cfg))
-    assert "MONAI UNet" in result.notes[0] and f"kept epoch {metrics['best_epoch']}" in result.notes[0]
+    note = stage_notes("unet", result.summary)[0]
+    assert "MONAI UNet" in note and f"kept epoch {metrics['best_epoch']}" in note
     assert (tmp_path / "unet" / "unet.safetensors").is_file()
 
 

@@ -9,6 +9,7 @@ the precision again or guesses the device:
     device       this rank's accelerator (cuda:LOCAL_RANK), or the CPU where there is none
     seed, resume from the RunConfig
     keep_checkpoints  how many epoch checkpoints a training stage keeps
+    inference    how the generate path runs wherever a stage runs it (DPO pairs, validation)
     splits       the data: train / val (epoch metrics) / test (held out, evaluation only)
     global_step  the run-wide TensorBoard step the stage starts at: the pipeline owns the count and
                  hands each stage a copy at its step (`at_step`); a stage returns where it ended
@@ -53,6 +54,14 @@ def run_precision(cfg: RunConfig, ds_file_config: dict, device: torch.device) ->
     return precision_of(ds_file_config)
 
 
+@dataclass(frozen=True)
+class InferenceSettings:
+    """The run-wide inference settings: samples per generate call and the generation budget per sample."""
+
+    batch_size: int
+    max_new_tokens: int
+
+
 @dataclass
 class RunContext:
     cfg: RunConfig
@@ -60,6 +69,7 @@ class RunContext:
     ds_config: dict
     precision: str
     device: torch.device
+    inference: InferenceSettings
     keep_checkpoints: int = 1
     splits: DataSplits | None = None
     global_step: int = 0
@@ -74,7 +84,9 @@ class RunContext:
             raise DeepSpeedConfigError(f"--deepspeed {cfg.deepspeed}: {precision} is not supported (no loss scaling "
                                        "here); enable bf16 or neither, or pass --precision bf16|fp32")
         return cls(cfg=cfg, out_dir=Path(cfg.output_dir), ds_config=apply_precision(ds_file_config, precision),
-                   precision=precision, device=device, keep_checkpoints=cfg.keep_checkpoints, splits=splits)
+                   precision=precision, device=device, keep_checkpoints=cfg.keep_checkpoints,
+                   # One value across the run: the shared inference setting writes it into mining's fields.
+                   inference=InferenceSettings(cfg.mining.batch_size, cfg.mining.max_new_tokens), splits=splits)
 
     @property
     def seed(self) -> int:

@@ -13,6 +13,8 @@ from PIL import Image
 
 from hsft.eval.config import EvalConfig
 from hsft.data import Sample
+from hsft.data.batches import chunks
+from hsft.model.modes import eval_mode
 from hsft.engine import distributed
 from hsft.engine.tensorboard import TBWriter
 from hsft.eval.inference import sharded_map
@@ -90,8 +92,7 @@ def render_overlays(model, samples: Sequence[Sample], selection: Sequence[tuple[
     """
     wanted = sorted({index for _, _, index in selection})
     pictures: dict[int, np.ndarray] = {}
-    for start in range(0, len(wanted), cfg.batch_size):
-        chunk = wanted[start:start + cfg.batch_size]
+    for chunk in chunks(wanted, cfg.batch_size):
         batch = [samples[i] for i in chunk]
         outputs = run_paths(model, [s.image for s in batch], max_new_tokens=cfg.max_new_tokens,
                             logits_processor=logits_processor)
@@ -146,9 +147,7 @@ def evaluate_model(model, samples: list[Sample], cfg: EvalConfig, *, out_dir: Pa
     cfg.validate()
     _check_samples(samples)
     net = unwrap_model(model)
-    was_training = net.training
-    net.eval()
-    try:
+    with eval_mode(net):
         def run_batch(batch: list[Sample], indices: list[int]) -> list[SampleRecord]:
             outputs = run_paths(net, [s.image for s in batch], max_new_tokens=cfg.max_new_tokens,
                                 logits_processor=logits_processor)
@@ -170,6 +169,4 @@ def evaluate_model(model, samples: list[Sample], cfg: EvalConfig, *, out_dir: Pa
                 write_report(Path(out_dir), summary, files)
             if tb is not None and tb.enabled:
                 _log_tensorboard(tb, tag, step, summary, [(name, pixels) for _, name, pixels in overlays])
-    finally:
-        net.train(was_training)
     return summary

@@ -17,6 +17,8 @@ import torch
 from tqdm import tqdm
 
 from hsft.data import Sample
+from hsft.data.batches import chunks
+from hsft.model.modes import eval_mode
 from hsft.engine import distributed
 from hsft.eval.scoring import binary_mask, score_logits
 
@@ -36,8 +38,7 @@ def sharded_map(samples: Sequence[Sample], batch_size: int, run_batch: Callable[
     mine = distributed.shard(list(range(len(samples))))
     local: list[R] = []
     with tqdm(total=len(mine), desc=desc, unit="img", disable=not distributed.is_main(), dynamic_ncols=True) as bar:
-        for start in range(0, len(mine), batch_size):
-            chunk = mine[start:start + batch_size]
+        for chunk in chunks(mine, batch_size):
             local.extend(run_batch([samples[i] for i in chunk], chunk))
             bar.update(len(chunk))
     results = sorted((r for part in distributed.all_gather_objects(local) for r in part), key=lambda r: r.index)
@@ -71,9 +72,6 @@ def generate_and_score(model, samples: Sequence[Sample], *, batch_size: int, max
                        keep_masks: bool = False) -> list[ScoredSample]:
     """Every sample's generate-path Dice (and, with keep_masks, its predicted mask), sharded over ranks
     and gathered in sample order. The model runs in its own dtype on its own device."""
-    was_training = model.training
-    model.eval()
-
     def run_batch(batch: list[Sample], indices: list[int]) -> list[ScoredSample]:
         generated = model.generate_seg(model.preprocess([s.image for s in batch]).to(dtype=model.dtype),
                                        max_new_tokens=max_new_tokens)
@@ -87,10 +85,8 @@ def generate_and_score(model, samples: Sequence[Sample], *, batch_size: int, max
                                        seg_emitted=bool(generated.seg_emitted[row]), packed_mask=packed))
         return scored
 
-    try:
+    with eval_mode(model):
         return sharded_map(samples, batch_size, run_batch, desc=desc)
-    finally:
-        model.train(was_training)
 
 
 def validation_metrics(model, samples: Sequence[Sample], *, batch_size: int, max_new_tokens: int) -> dict[str, float]:

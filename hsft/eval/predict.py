@@ -24,6 +24,7 @@ from PIL import Image
 from tqdm import tqdm
 
 from hsft.data import DatasetError
+from hsft.data.batches import chunks
 from hsft.data.fov import derive_fov
 from hsft.data.imageio import image_stem, read_rgb
 from hsft.eval.errors import InputError
@@ -32,6 +33,7 @@ from hsft.eval.seg_paths import as_processor_list
 from hsft.eval.overlays import PREDICTION_COLOUR, save_png, tint
 from hsft.eval.report import visible_text, write_text
 from hsft.eval.scoring import binary_mask
+from hsft.model.modes import eval_mode
 
 __all__ = ["Prediction", "check_images", "output_stems", "predict_images", "format_prediction"]
 
@@ -110,34 +112,29 @@ def predict_images(model, paths: Sequence[str | Path], out_dir: str | Path, *, b
         raise InputError(f"--output-dir {out}: exists and is not a directory")
     out.mkdir(parents=True, exist_ok=True)
     net = unwrap_model(model)
-    was_training = net.training
-    net.eval()
     stems = output_stems(files)
     predictions: list[Prediction] = []
-    try:
-        with tqdm(total=len(files), desc="predict", unit="img", disable=not progress, dynamic_ncols=True) as bar:
-            for start in range(0, len(files), batch_size):
-                chunk = list(range(start, min(start + batch_size, len(files))))
-                images = [read_rgb(files[i]) for i in chunk]
-                generated = net.generate_seg(net.preprocess(images).to(dtype=net.dtype),
-                                             max_new_tokens=max_new_tokens,
-                                             logits_processor=as_processor_list(logits_processor))
-                for row, (i, image) in enumerate(zip(chunk, images)):
-                    mask = binary_mask(generated.mask_logits[row], image.shape[:2]).cpu().numpy()
-                    inside = field_of_view(image) if fov else np.ones(image.shape[:2], bool)
-                    mask &= inside
-                    mask_path, overlay_path = out / f"{stems[i]}_mask.png", out / f"{stems[i]}_overlay.png"
-                    Image.fromarray(mask.astype(np.uint8) * 255, mode="L").save(mask_path, format="PNG")
-                    save_png(tint(image, mask, PREDICTION_COLOUR, alpha=0.6, dim=False), overlay_path)
-                    predictions.append(Prediction(
-                        image=str(files[i]), text=generated.text[row], seg_emitted=bool(generated.seg_emitted[row]),
-                        num_seg=int(generated.num_seg[row]), height=int(image.shape[0]), width=int(image.shape[1]),
-                        vessel_fraction=float(mask.sum() / inside.sum()), fov_fraction=float(inside.mean()),
-                        mask=str(mask_path), overlay=str(overlay_path),
-                    ))
-                bar.update(len(chunk))
-    finally:
-        net.train(was_training)
+    with eval_mode(net), tqdm(total=len(files), desc="predict", unit="img", disable=not progress,
+                              dynamic_ncols=True) as bar:
+        for chunk in chunks(range(len(files)), batch_size):
+            images = [read_rgb(files[i]) for i in chunk]
+            generated = net.generate_seg(net.preprocess(images).to(dtype=net.dtype),
+                                         max_new_tokens=max_new_tokens,
+                                         logits_processor=as_processor_list(logits_processor))
+            for row, (i, image) in enumerate(zip(chunk, images)):
+                mask = binary_mask(generated.mask_logits[row], image.shape[:2]).cpu().numpy()
+                inside = field_of_view(image) if fov else np.ones(image.shape[:2], bool)
+                mask &= inside
+                mask_path, overlay_path = out / f"{stems[i]}_mask.png", out / f"{stems[i]}_overlay.png"
+                Image.fromarray(mask.astype(np.uint8) * 255, mode="L").save(mask_path, format="PNG")
+                save_png(tint(image, mask, PREDICTION_COLOUR, alpha=0.6, dim=False), overlay_path)
+                predictions.append(Prediction(
+                    image=str(files[i]), text=generated.text[row], seg_emitted=bool(generated.seg_emitted[row]),
+                    num_seg=int(generated.num_seg[row]), height=int(image.shape[0]), width=int(image.shape[1]),
+                    vessel_fraction=float(mask.sum() / inside.sum()), fov_fraction=float(inside.mean()),
+                    mask=str(mask_path), overlay=str(overlay_path),
+                ))
+            bar.update(len(chunk))
     write_text(out / "predictions.json", json.dumps([asdict(p) for p in predictions], indent=2) + "\n")
     return predictions
 

@@ -37,6 +37,7 @@ from hsft.model.chat import IGNORE_INDEX, ChatTemplate, TokenBatch, position_ids
 from hsft.model.config import SEG_TOKEN, Conventions, PromptConfig
 from hsft.model.features import SamFeatures
 from hsft.model.images import IMAGENET_NORM, ImageBatch, ImageNorm, ImagePreprocessor
+from hsft.model.modes import eval_mode
 from hsft.model.outputs import SegForwardOutput, SegGenerateOutput
 from hsft.model.tokenizer import IM_END, single_token_id
 
@@ -398,12 +399,8 @@ class Sa2VAModel(nn.Module):
         """
         if not isinstance(max_new_tokens, int) or max_new_tokens < 1:
             raise ValueError(f"max_new_tokens: must be a positive integer, got {max_new_tokens!r}")
-        was_training = self.training
-        self.eval()
-        try:
+        with eval_mode(self):
             return self._generate_seg(images, max_new_tokens, instruction, logits_processor, sam_feats)
-        finally:
-            self.train(was_training)
 
     def _generate_seg(self, images: ImageBatch, max_new_tokens: int, instruction: str | Sequence[str] | None,
                       logits_processor: LogitsProcessorList | Iterable[LogitsProcessor] | None,

@@ -6,14 +6,15 @@
     dpo         stage 2: DPO on masks
     mining      the hard set: the inference path over the training split, Dice < tau
     hsft        stage 3: fine-tune the projection and the mask decoder on the hard set
-    control     HSFT's matched-compute control: the same fine-tuning on a random subset of the hard
-                set's size, from the model HSFT started from (a variant beside HSFT); all_data,
-                curriculum, anti_curriculum, loss_weighted, iterative and easy_control are the other
-                variants beside HSFT
+    variants    the variants beside HSFT, each a stage entry: control (HSFT's matched-compute
+                control: the same fine-tuning on a random subset of the hard set's size, from the model
+                HSFT started from), all_data, curriculum, anti_curriculum, loss_weighted, easy_control
+    iterative   iterative HSFT beside HSFT: mining and fine-tuning, round after round
     unet        a reference beside the method: a MONAI U-Net trained from scratch on the training split
     evaluation  every model of the run on the held-out split ("eval" in the stage list)
 
-Shared pieces: training (StageResult, the export around the loop, validation), objective (the
+report renders report.md from the stages' results. Shared pieces: training (StageResult, the export
+around the loop, validation), objective (the
 supervised objective, the frozen-feature cache), batching (samples -> model inputs and mask losses),
 mask_dpo (the DPO losses).
 """

@@ -40,6 +40,7 @@ import torch
 
 from hsft.config import BaseStageConfig, DataConfig, ModelConfig
 from hsft.data import Sample, synthetic_pool
+from hsft.data.batches import chunks
 from hsft.data.source_domain import (ask_referring_questions, dilate_masks, every_style_pool, pool_seeds,
                                      source_domain_pool)
 from hsft.engine import distributed
@@ -49,6 +50,7 @@ from hsft.eval.scoring import score_logits
 from hsft.model import PARTS, build_model
 from hsft.model.checkpoint import load_model
 from hsft.model.features import SamFeatures
+from hsft.model.modes import eval_mode
 from hsft.stages.batching import SegBatch, fovs_on, masks_on
 from hsft.stages.objective import SegObjective, SegTask
 from hsft.stages.training import StageResult, Validation, is_complete, model_dir, recorded_step, train_stage
@@ -119,17 +121,14 @@ class MaskValidation:
 
     @torch.no_grad()
     def __call__(self, model) -> dict[str, float]:
-        was_training = model.training
-        model.eval()
         dice = []
         device = next(model.parameters()).device
-        for start in range(0, len(self.samples), self.batch_size):
-            chunk = self.samples[start:start + self.batch_size]
-            batch = model.preprocess([s.image for s in chunk]).to(device=device, dtype=model.dtype)
-            tokens = model.tokenize(len(chunk), form="response", tiles=batch.num_tiles).to(device)
-            logits = model.forward_seg(batch, tokens).mask_logits
-            dice += [score_logits(logits[i], s.mask, s.fov).dice for i, s in enumerate(chunk)]
-        model.train(was_training)
+        with eval_mode(model):
+            for chunk in chunks(self.samples, self.batch_size):
+                batch = model.preprocess([s.image for s in chunk]).to(device=device, dtype=model.dtype)
+                tokens = model.tokenize(len(chunk), form="response", tiles=batch.num_tiles).to(device)
+                logits = model.forward_seg(batch, tokens).mask_logits
+                dice += [score_logits(logits[i], s.mask, s.fov).dice for i, s in enumerate(chunk)]
         return {"val_forward_dice": sum(dice) / len(dice)}
 
 
@@ -162,7 +161,7 @@ def run(ctx: RunContext, cfg: BaseStageConfig, start: Path | None) -> StageResul
         if distributed.is_main():
             print(f"[base] pre-training the embedded tiny model (cached afterwards under {cached})")
         pool, held, questions = pool_for(cfg, run_cfg.data, ctx.seed)
-        validation = Validation(held, run_cfg.mining.batch_size, run_cfg.mining.max_new_tokens)
+        validation = Validation(held, ctx.inference.batch_size, ctx.inference.max_new_tokens)
         load_start = lambda: build_model(run_cfg.model, seed=ctx.seed)  # noqa: E731
         parts = ALL_PARTS
         if cfg.encoder_pool_size:
@@ -173,7 +172,7 @@ def run(ctx: RunContext, cfg: BaseStageConfig, start: Path | None) -> StageResul
                 broad = every_style_pool(cfg.encoder_pool_size, seed=ctx.seed, size=run_cfg.data.synthetic_size,
                                          skip=len(pool) + len(held))
                 torch.manual_seed(ctx.seed)
-                task = BaseTask(load_start(), broad, cfg, MaskValidation(held, run_cfg.mining.batch_size),
+                task = BaseTask(load_start(), broad, cfg, MaskValidation(held, ctx.inference.batch_size),
                                 parts=ENCODER_PARTS, lm_weight=0.0)
                 task.name = "base/encoder"  # the phase's name in its progress bar and log lines
                 train_stage(base_ctx, task, cfg.train, stage_dir=encoder_dir, tb=TBWriter(None),
@@ -189,22 +188,13 @@ def run(ctx: RunContext, cfg: BaseStageConfig, start: Path | None) -> StageResul
                 shutil.rmtree(phase / "checkpoints", ignore_errors=True)
     elif distributed.is_main():
         print(f"[base] reusing the pre-trained embedded model cached at {cached}")
-    trained = ("the SAM2 image encoder and mask decoder on "
-               f"{cfg.encoder_pool_size} images of every colour style (mask loss, as SAM2 is pre-trained on broad "
-               "data); then every other module, the image encoder frozen" if cfg.encoder_pool_size
-               else "every module of the tiny preset")
-    note = (f"- base: stand-in pre-training: {trained}, on CE + Dice/BCE over {cfg.pool_size} "
-            + ("source-domain images (desaturated colours, clean and easy; not the target domain)"
-               if cfg.source == "other-style" else "images of the target distribution")
-            + (f" with vessel masks {cfg.source_mask_dilation} px wider than the target's annotation"
-               if cfg.source_mask_dilation else "")
-            + ("; each asked for its vessels, its optic disc and its field of view, in words unlike the target's "
-               "question (referring segmentation)" if cfg.referring else "") + f"; cached at `{cached}`")
     stage_dir = ctx.stage_dir("base")
     if distributed.is_main():
         if stage_dir.exists():
             shutil.rmtree(stage_dir)
         shutil.copytree(cached, stage_dir)
     distributed.barrier()
-    return StageResult(model_dir=model_dir(stage_dir), summary={"cache": str(cached), "source": cfg.source},
-                       notes=[note], global_step=recorded_step(cached))
+    summary = {"cache": str(cached), "source": cfg.source, "pool_size": cfg.pool_size,
+               "encoder_pool_size": cfg.encoder_pool_size, "source_mask_dilation": cfg.source_mask_dilation,
+               "referring": cfg.referring}
+    return StageResult(model_dir=model_dir(stage_dir), summary=summary, global_step=recorded_step(cached))

@@ -21,7 +21,6 @@ trains nothing.
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -31,13 +30,16 @@ from torch import nn
 
 from hsft.config import DPOStageConfig
 from hsft.data import Sample
+from hsft.data.batches import chunks
 from hsft.engine import distributed
 from hsft.engine.context import RunContext
 from hsft.engine.files import write_json
 from hsft.eval.inference import generate_and_score
 from hsft.model import Sa2VAModel, load_model
+from hsft.model.modes import eval_mode
 from hsft.stages.mask_dpo import dpo_loss, mask_pair_logps
 from hsft.stages.objective import FeatureCache
+from hsft.stages.report import dpo_evidence
 from hsft.stages.training import StageResult, Validation, model_dir, pass_model_on, train_stage
 
 __all__ = ["TRAINABLE", "MaskPair", "PairBatch", "MaskDPOObjective", "DPOTask", "inference_pairs", "run"]
@@ -141,19 +143,16 @@ class DPOTask:
     @torch.no_grad()
     def _reference_logps(self, batch_size: int) -> dict[str, tuple[float, float]]:
         """log ref(chosen), log ref(rejected) per pair: the frozen stage-1 weights, evaluated once."""
-        was_training = self.module.training
-        self.module.eval()
         reference: dict[str, tuple[float, float]] = {}
-        for start in range(0, len(self.pairs), batch_size):
-            chunk = self.pairs[start:start + batch_size]
-            cached = self.cache.batch([p.sample for p in chunk], self.dtype, self.model.device)
-            logits = self.model.decode_masks(cached.sam_features, cached.seg_hidden)
-            chosen, rejected = mask_pair_logps(logits, cached.masks, [torch.from_numpy(p.rejected).to(logits.device)
-                                                                      for p in chunk],
-                                               normalisation=self.cfg.normalisation, fovs=cached.fovs)
-            for pair, c, r in zip(chunk, chosen.tolist(), rejected.tolist()):
-                reference[pair.sample.id] = (c, r)
-        self.module.train(was_training)
+        with eval_mode(self.module):
+            for chunk in chunks(self.pairs, batch_size):
+                cached = self.cache.batch([p.sample for p in chunk], self.dtype, self.model.device)
+                logits = self.model.decode_masks(cached.sam_features, cached.seg_hidden)
+                rejected_masks = [torch.from_numpy(p.rejected).to(logits.device) for p in chunk]
+                chosen, rejected = mask_pair_logps(logits, cached.masks, rejected_masks,
+                                                   normalisation=self.cfg.normalisation, fovs=cached.fovs)
+                for pair, c, r in zip(chunk, chosen.tolist(), rejected.tolist()):
+                    reference[pair.sample.id] = (c, r)
         return reference
 
     def __len__(self) -> int:
@@ -179,18 +178,14 @@ class DPOTask:
         """The DPO loss, reward accuracy (chosen reward > rejected reward) and mean reward margin of
         `module` over every training pair, in eval mode: before training the loss is log 2 and the
         accuracy 0 (policy = reference), so these say whether the stage learned its preference."""
-        was_training = module.training
-        module.eval()
         dtype = next(module.parameters()).dtype
         totals = {"pair_loss": 0.0, "pair_reward_accuracy": 0.0, "pair_reward_margin": 0.0}
-        batch_size = max(1, self.reference_batch)
-        for start in range(0, len(self.pairs), batch_size):
-            indices = list(range(start, min(start + batch_size, len(self.pairs))))
-            loss, terms = module(self.make_batch(indices, dtype, self.model.device))
-            totals["pair_loss"] += float(loss) * len(indices)
-            totals["pair_reward_accuracy"] += float(terms["rewards/accuracies"]) * len(indices)
-            totals["pair_reward_margin"] += float(terms["rewards/margins"]) * len(indices)
-        module.train(was_training)
+        with eval_mode(module):
+            for indices in chunks(range(len(self.pairs)), max(1, self.reference_batch)):
+                loss, terms = module(self.make_batch(list(indices), dtype, self.model.device))
+                totals["pair_loss"] += float(loss) * len(indices)
+                totals["pair_reward_accuracy"] += float(terms["rewards/accuracies"]) * len(indices)
+                totals["pair_reward_margin"] += float(terms["rewards/margins"]) * len(indices)
         return {key: value / len(self.pairs) for key, value in totals.items()}
 
     def evaluate(self, module) -> dict[str, float]:
@@ -213,28 +208,23 @@ def run(ctx: RunContext, cfg: DPOStageConfig, start: Path | None) -> StageResult
         raise ValueError("dpo: needs a starting model directory (--model, or an earlier stage)")
     start = Path(start)
     stage_dir = ctx.stage_dir("dpo")
-    mining = ctx.cfg.mining
     # Pairs come from the inference path in the training dtype on this rank's device, and the reference
     # log-likelihoods are computed in that dtype too, so that at step 0 the policy is the reference
     # exactly (loading in the dtype also gives the buffers the parameters' dtype, which DeepSpeed's own
     # bf16 cast, parameters only, does not).
     model = load_model(start, device=ctx.device, dtype=ctx.dtype)
     kept, every = inference_pairs(model, ctx.splits.train, pair_threshold=cfg.pair_threshold,
-                                  batch_size=mining.batch_size, max_new_tokens=mining.max_new_tokens)
+                                  batch_size=ctx.inference.batch_size, max_new_tokens=ctx.inference.max_new_tokens)
     _write_pairs(stage_dir / "pairs.json", kept, every, cfg.pair_threshold)
     summary = {"pairs": len(kept), "samples": len(every), "pair_threshold": cfg.pair_threshold,
                "loss": cfg.loss, "beta": cfg.beta, "normalisation": cfg.normalisation}
-    note = (f"- DPO: {len(kept)} preference pairs of {len(every)} training samples (Dice < {cfg.pair_threshold}), "
-            f"{cfg.loss} loss, beta {cfg.beta}, {cfg.normalisation} normalisation")
     if distributed.is_main():
         print(f"[dpo] {len(kept)} of {len(every)} training predictions have Dice < {cfg.pair_threshold}: "
               f"{len(kept)} preference pairs")
     if not kept:
         reason = (f"no preference pair: every training prediction has Dice >= pair_threshold {cfg.pair_threshold}; "
                   "DPO skipped, the input model is passed on unchanged (raise --dpo-pair-threshold to train)")
-        result = pass_model_on(ctx, "dpo", start, reason, summary)
-        result.notes = [note + " -- skipped: no pair"]
-        return result
+        return pass_model_on(ctx, "dpo", start, reason, summary)
 
     task = DPOTask(model, kept, cfg, Validation.of(ctx), reference_batch=mining.batch_size)
     trained = train_stage(ctx, task, cfg.train, load_input_model=lambda: load_model(start, dtype="float32"))
@@ -242,13 +232,6 @@ def run(ctx: RunContext, cfg: DPOStageConfig, start: Path | None) -> StageResult
     summary.update(skipped=False, optimizer_steps=trained.optimizer_steps, epochs=trained.epoch_metrics,
                    pair_loss=final["pair_loss"], pair_reward_accuracy=final["pair_reward_accuracy"],
                    pair_reward_margin=final["pair_reward_margin"], last_step_loss=trained.losses[-1])
-    evidence = (f"  - {trained.optimizer_steps} optimizer steps; over the {len(kept)} pairs after training: DPO loss "
-                f"{final['pair_loss']:.4f} (log 2 = {math.log(2):.4f} at the start), reward accuracy "
-                f"{final['pair_reward_accuracy']:.2f} (0 at the start), mean reward margin "
-                f"{final['pair_reward_margin']:+.4f}")
     if distributed.is_main():
-        print("[dpo]" + evidence.removeprefix("  -"))
-    return StageResult(model_dir=model_dir(stage_dir), summary=summary,
-                       notes=[note + "; trains text_hidden_fcs and the SAM2 mask decoder with its prompt encoder "
-                              "(conv_s0/conv_s1 frozen), against the frozen input model as reference", evidence],
-                       global_step=trained.global_step)
+        print("[dpo]" + dpo_evidence(summary).removeprefix("  -"))
+    return StageResult(model_dir=model_dir(stage_dir), summary=summary, global_step=trained.global_step)

@@ -12,7 +12,7 @@ default; with it off the same parameters train, each batch recomputing its featu
 
 Every epoch end logs, next to the validation Dice, the mean loss over the hard set
 (`hard_set_loss`), measured the same way before training (`hard_set_loss_before`): the evidence
-that the stage lowered the loss it optimises. The matched-compute control (hsft.stages.control)
+that the stage lowered the loss it optimises. The matched-compute control (hsft.stages.variants)
 is this stage on a random training subset of the hard set's size.
 """
 
@@ -25,14 +25,17 @@ import torch
 
 from hsft.config import HSFTStageConfig
 from hsft.data import Sample
+from hsft.data.batches import chunks
 from hsft.engine import distributed
 from hsft.engine.context import RunContext
 from hsft.errors import BadValue
 from hsft.model import load_model
-from hsft.stages.mining import read_hard_ids
+from hsft.model.modes import eval_mode
+from hsft.stages.mining import read_hard_ids, read_rule
 from hsft.stages.batching import make_seg_batch
 from hsft.stages.graphed_decode import GraphedDecode, freeze_unreached_by_the_loss
 from hsft.stages.objective import FeatureCache, SegObjective, SegTask
+from hsft.stages.report import fine_tune_evidence
 from hsft.stages.selection import TrainingPlan, whole_set
 from hsft.stages.training import StageResult, Validation, model_dir, pass_model_on, train_stage
 
@@ -41,8 +44,6 @@ TRAINS = ("text_hidden_fcs and the SAM2 mask decoder with its prompt encoder, ex
           "(frozen: they make the cached image features)")
 # The decoder's projections of the two high-resolution feature levels: part of the cacheable features.
 FEATURE_CONVS = ("sam2.mask_decoder.conv_s0.", "sam2.mask_decoder.conv_s1.")
-SEG_SOURCES = {"response": "teacher-forced input, [SEG] in the response", "prompt": "teacher-forced input, [SEG] "
-               "in the prompt", "generate": "generate path (as inference computes it)"}
 # Samples per forward when the loss over a whole set is measured (no gradients).
 PROBE_BATCH = 8
 
@@ -96,15 +97,12 @@ class HSFTTask(SegTask):
     @torch.no_grad()
     def set_loss(self, module, samples: list[Sample]) -> float:
         """Mean training loss of `module` over `samples` (eval mode, no gradients)."""
-        was_training = module.training
-        module.eval()
         params = next(p for p in module.parameters())
         total = 0.0
-        for start in range(0, len(samples), PROBE_BATCH):
-            chunk = samples[start:start + PROBE_BATCH]
-            loss, _ = module(self.batch_of(chunk, params.dtype, params.device))
-            total += float(loss) * len(chunk)
-        module.train(was_training)
+        with eval_mode(module):
+            for chunk in chunks(samples, PROBE_BATCH):
+                loss, _ = module(self.batch_of(chunk, params.dtype, params.device))
+                total += float(loss) * len(chunk)
         return total / len(samples)
 
     def probe_losses(self, module) -> dict[str, float]:
@@ -147,17 +145,13 @@ def fine_tune(ctx: RunContext, cfg: HSFTStageConfig, start: Path | None, *, name
     train_set = plan.pool
     what = plan.describe
     summary = {"samples": plan.per_epoch, "pool": len(train_set), "training_set": what, "cache": cfg.cache_features,
-               "seg_form": cfg.seg_form, "trains": trains}
-    note = (f"- {title}: {plan.per_epoch} samples an epoch ({what}); trains {trains}; frozen-feature cache "
-            f"{'on' if cfg.cache_features else 'off'}; [SEG] state from the {SEG_SOURCES[cfg.seg_form]}")
+               "seg_form": cfg.seg_form, "trains": trains, "hard_set": len(hard)}
     if not train_set:
         # A model with no training sample below tau has nothing to fine-tune on: pass it on unchanged so
         # the evaluation still runs, and say so.
-        reason = (f"no training sample has Dice < tau = {ctx.cfg.mining.tau}; {title} skipped, the input model is "
-                  "passed on unchanged (raise --tau or use --hard-quantile to train)")
-        result = pass_model_on(ctx, name, Path(start), reason, summary)
-        result.notes = [note + " -- skipped: empty hard set"]
-        return result
+        reason = (f"no training sample to train on (the hard set: {read_rule(ctx.stage_dir('mining'))}); {title} "
+                  "skipped, the input model is passed on unchanged (raise --tau or use --hard-quantile to train)")
+        return pass_model_on(ctx, name, Path(start), reason, summary)
     probes = {"hard_set": hard}
     if train_set != hard:
         probes["train_set"] = train_set
@@ -168,7 +162,7 @@ def fine_tune(ctx: RunContext, cfg: HSFTStageConfig, start: Path | None, *, name
     trained = train_stage(ctx, task, cfg.train, load_input_model=lambda: load_model(start, dtype="float32"))
     # Epoch-end measurements of this process (a resumed stage has only the epochs it ran).
     epochs = trained.epoch_metrics or [{"epoch": cfg.train.epochs, **task.probe_losses(task.module)}]
-    first, last = epochs[0], epochs[-1]
+    last = epochs[-1]
     summary.update(optimizer_steps=trained.optimizer_steps, hard_set_loss_before=before["hard_set_loss"],
                    hard_set_loss_by_epoch={e["epoch"]: e["hard_set_loss"] for e in epochs},
                    hard_set_loss_after=last["hard_set_loss"], epochs=trained.epoch_metrics)
@@ -176,17 +170,9 @@ def fine_tune(ctx: RunContext, cfg: HSFTStageConfig, start: Path | None, *, name
         summary["generate_fallbacks"] = task.cache.generate_fallbacks
     if "train_set_loss" in before:
         summary.update(train_set_loss_before=before["train_set_loss"], train_set_loss_after=last["train_set_loss"])
-    shown = [first, last] if first is not last else [last]
-    evidence = (f"  - {trained.optimizer_steps} optimizer steps; loss over the hard set ({len(hard)} samples): "
-                f"{before['hard_set_loss']:.4f} before, "
-                + ", ".join(f"{e['hard_set_loss']:.4f} after epoch {e['epoch']}" for e in shown))
-    if "train_set_loss" in before:
-        evidence += (f"; over its own training pool: {before['train_set_loss']:.4f} -> "
-                     f"{last['train_set_loss']:.4f}")
     if distributed.is_main():
-        print(f"[{name}]" + evidence.removeprefix("  -"))
-    return StageResult(model_dir=model_dir(ctx.stage_dir(name)), summary=summary, notes=[note, evidence],
-                       global_step=trained.global_step)
+        print(f"[{name}]" + fine_tune_evidence(summary).removeprefix("  -"))
+    return StageResult(model_dir=model_dir(ctx.stage_dir(name)), summary=summary, global_step=trained.global_step)
 
 
 def mined_hard_set(ctx: RunContext) -> list[Sample]:

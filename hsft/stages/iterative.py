@@ -29,7 +29,7 @@ def run(ctx: RunContext, cfg: HSFTStageConfig, start: Path | None) -> StageResul
     if start is None:
         raise ValueError(f"{NAME}: needs a starting model directory (--model, or an earlier stage)")
     stage_dir = ctx.stage_dir(NAME)
-    current, rounds, notes, step = Path(start), [], [], ctx.global_step
+    current, rounds, step = Path(start), [], ctx.global_step
     for number in range(1, cfg.rounds + 1):
         # Each round is a small run of its own below the stage directory: its mining, then its fine-tuning.
         round_ctx = dataclasses.replace(ctx, out_dir=stage_dir / f"round{number}", global_step=step)
@@ -42,8 +42,6 @@ def run(ctx: RunContext, cfg: HSFTStageConfig, start: Path | None) -> StageResul
         rounds.append({"round": number, "hard": len(hard), "trained_on": len(used), **{
             k: result.summary.get(k) for k in ("optimizer_steps", "hard_set_loss_before", "hard_set_loss_after",
                                                "skipped")}})
-        notes.append(f"  - round {number}: {len(hard)} hard samples, "
-                     f"{result.summary.get('optimizer_steps', 0)} optimizer steps")
         current = result.model_dir
     # The last round's model becomes the stage's model (it is a whole model: every round saves one).
     if distributed.is_main():
@@ -56,6 +54,4 @@ def run(ctx: RunContext, cfg: HSFTStageConfig, start: Path | None) -> StageResul
     distributed.barrier()
     summary = {"rounds": rounds, "optimizer_steps": sum(r["optimizer_steps"] or 0 for r in rounds),
                "trains": "as HSFT, round after round"}
-    note = (f"- Iterative HSFT: {cfg.rounds} rounds of mining then fine-tuning on that round's hard set, "
-            f"{summary['optimizer_steps']} optimizer steps in all")
-    return StageResult(model_dir=model_dir(stage_dir), summary=summary, notes=[note] + notes, global_step=step)
+    return StageResult(model_dir=model_dir(stage_dir), summary=summary, global_step=step)

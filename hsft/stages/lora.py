@@ -197,6 +197,8 @@ def run(ctx: RunContext, cfg: LoraStageConfig, start: Path | None) -> StageResul
         "adapter": str(stage_dir / ADAPTER_DIR),
         "optimizer_steps": result.optimizer_steps,
         "epochs": result.epoch_metrics,
+        "first_loss": result.losses[0] if result.losses else None,
+        "last_loss": result.losses[-1] if result.losses else None,
     }
     trains = (f"LoRA adapters (r {cfg.rank}, alpha {cfg.alpha}) on {summary['adapted_modules']} language-model "
               "projections (attention q/k/v/o)")
@@ -204,10 +206,5 @@ def run(ctx: RunContext, cfg: LoraStageConfig, start: Path | None) -> StageResul
                if cfg.train_mask_decoder else " and text_hidden_fcs")
     trains += (f"{decoder}, on CE + {cfg.mask_loss_weight} x Dice/BCE" if cfg.mask_loss_weight > 0
                else ", on CE alone (text_hidden_fcs gets no gradient and stays frozen)")
-    note = (f"- LoRA: {result.optimizer_steps} optimizer steps on {len(task)} samples; trains {trains}; "
-            "everything else frozen")
     summary["trains"] = trains
-    if result.losses:
-        note += f"; loss {result.losses[0]:.4f} (first step) -> {result.losses[-1]:.4f} (last step)"
-    return StageResult(model_dir=model_dir(stage_dir), summary=summary, notes=[note],
-                       global_step=result.global_step)
+    return StageResult(model_dir=model_dir(stage_dir), summary=summary, global_step=result.global_step)

@@ -74,16 +74,16 @@ def mine_hard_samples(model, train_samples: list[Sample], cfg: MiningConfig) -> 
     return MiningResult(samples=samples, hard_ids=[s.id for s in hard], rule=rule)
 
 
-def table_lines(result: MiningResult) -> list[str]:
-    """The bucket table in markdown."""
+def table_lines(table: list[dict]) -> list[str]:
+    """The bucket table (`bucket_table`'s rows) in markdown."""
     lines = ["| Dice | count | percent | category |", "|---|---:|---:|---|"]
-    for row in result.table():
+    for row in table:
         lines.append(f"| {row['range']} | {row['count']} | {row['percent']:.1f}% | {row['category']} |")
     return lines
 
 
 def format_table(result: MiningResult) -> str:
-    lines = table_lines(result)
+    lines = table_lines(result.table())
     n, k = len(result.samples), len(result.hard_ids)
     lines.append("")
     lines.append(f"hard set ({result.rule}): {k} of {n} training samples ({100.0 * k / max(1, n):.1f}%)")
@@ -136,6 +136,16 @@ def _read_rows(out_dir: Path, key: str, fields: tuple[tuple[str, type | tuple], 
     return rows
 
 
+def read_rule(out_dir: Path) -> str:
+    """How the mined hard set was chosen, in words (e.g. "Dice < tau = 0.5")."""
+    path = Path(out_dir) / "hard_samples.json"
+    _read_rows(out_dir, "hard", (("id", str),))  # the file's checks, with their messages
+    rule = json.loads(path.read_text(encoding="utf-8")).get("rule")
+    if not isinstance(rule, str):
+        raise BadValue(f"{path}: expected a \"rule\" string as the 'mining' stage writes it")
+    return rule
+
+
 def read_hard_ids(out_dir: Path) -> list[str]:
     """The mined hard set's ids, hardest first."""
     return [row["id"] for row in _read_rows(out_dir, "hard", (("id", str),))]
@@ -159,8 +169,6 @@ def run(ctx: RunContext, cfg: MiningConfig, start: Path | None) -> StageResult:
     write_mining(result, stage_dir, tb, ctx.global_step)
     tb.close()
     distributed.barrier()
-    section = (["## Hard-sample mining (training split)", ""] + table_lines(result)
-               + ["", f"Hard set ({result.rule}): {len(result.hard_ids)} of {len(result.samples)} training samples.", ""])
     return StageResult(summary={"rule": result.rule, "hard": len(result.hard_ids), "total": len(result.samples),
                                 "table": result.table()},
-                       section=section, written={"hard set": str(stage_dir / "hard_samples.json")})
+                       written={"hard set": str(stage_dir / "hard_samples.json")})

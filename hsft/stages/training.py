@@ -39,15 +39,13 @@ class StageResult:
 
     model_dir: the model after this stage (what the next stage reads); None for a stage that trains
     nothing (mining, eval), after which the previous model goes on.
-    summary: this stage's entry in report.json. notes: its bullet lines under "Stages" in report.md;
-    section: a report.md section of its own (a table). written: what it wrote, by label.
-    global_step: the run-wide step after this stage; None for a stage that trains nothing.
+    summary: the stage's facts (steps, losses before and after, what it trained, its evidence): its entry
+    in report.json, from which hsft.stages.report renders its part of report.md. written: what it wrote,
+    by label. global_step: the run-wide step after this stage; None for a stage that trains nothing.
     """
 
     model_dir: Path | None = None
     summary: dict | list = field(default_factory=dict)
-    notes: list[str] = field(default_factory=list)
-    section: list[str] = field(default_factory=list)
     written: dict[str, str] = field(default_factory=dict)
     global_step: int | None = None
 
@@ -71,7 +69,7 @@ class Validation:
 
     @classmethod
     def of(cls, ctx: RunContext) -> Validation:
-        return cls(ctx.splits.val, ctx.cfg.mining.batch_size, ctx.cfg.mining.max_new_tokens)
+        return cls(ctx.splits.val, ctx.inference.batch_size, ctx.inference.max_new_tokens)
 
     def __call__(self, model) -> dict[str, float]:
         return validation_metrics(model, self.samples, batch_size=self.batch_size, max_new_tokens=self.max_new_tokens)

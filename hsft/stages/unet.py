@@ -25,6 +25,7 @@ import torch.nn.functional as F
 
 from hsft.config import UNetStageConfig
 from hsft.data import Sample
+from hsft.data.batches import chunks
 from hsft.engine import distributed
 from hsft.engine.context import RunContext
 from hsft.engine.files import write_json
@@ -64,7 +65,7 @@ def _batches(samples: list[Sample], batch_size: int, order: list[int]) -> list[l
     by_size: dict[tuple[int, int], list[Sample]] = {}
     for i in order:
         by_size.setdefault(samples[i].image.shape[:2], []).append(samples[i])
-    return [group[k:k + batch_size] for group in by_size.values() for k in range(0, len(group), batch_size)]
+    return [chunk for group in by_size.values() for chunk in chunks(group, batch_size)]
 
 
 def dice_bce(logits: torch.Tensor, masks: torch.Tensor, fovs: torch.Tensor) -> torch.Tensor:
@@ -137,7 +138,8 @@ def run(ctx: RunContext, cfg: UNetStageConfig, start: Path | None) -> StageResul
     summary = {"parameters": params, "channels": [cfg.base_channels * 2 ** i for i in range(cfg.levels)],
                "epochs": len(epochs), "best_epoch": best_epoch, "optimizer_steps": steps,
                "val_dice": epochs[best_epoch - 1]["val_dice"], "dice": float(np.mean(dice)) if dice else None,
-               "split": split_name, "n": len(samples), "seconds": time.time() - started}
+               "split": split_name, "n": len(samples), "seconds": time.time() - started, "res_units": cfg.res_units,
+               "patience": cfg.patience, "train_samples": len(train)}
     if distributed.is_main():
         out.mkdir(parents=True, exist_ok=True)
         from safetensors.torch import save_file
@@ -148,10 +150,4 @@ def run(ctx: RunContext, cfg: UNetStageConfig, start: Path | None) -> StageResul
                 for i, (s, d) in enumerate(zip(samples, dice))]
         (out / "eval.json").write_text(json.dumps({"n": len(samples), "split": split_name, "samples": rows}))
     distributed.barrier()
-    note = (f"- unet: reference, MONAI UNet ({params / 1e6:.2f} M parameters, channels {summary['channels']}, "
-            f"{cfg.res_units} residual units a level) from scratch on the {len(train)} training images, Dice + BCE "
-            f"in the FOV, {len(epochs)} epochs ({steps} steps) until validation Dice stopped improving for "
-            f"{cfg.patience} epochs; kept epoch {best_epoch}"
-            + (f" (validation Dice {summary['val_dice']:.4f})" if val else " (no validation split: lowest loss)")
-            + f"; Dice {summary['dice']:.4f} on the {split_name} split ({len(samples)} images)")
-    return StageResult(summary=summary, notes=[note], written={"unet reference": str(out)})
+    return StageResult(summary=summary, written={"unet reference": str(out)})
