@@ -226,7 +226,7 @@ def run(ctx: RunContext, cfg: DPOStageConfig, start: Path | None) -> StageResult
                   "DPO skipped, the input model is passed on unchanged (raise --dpo-pair-threshold to train)")
         return pass_model_on(ctx, "dpo", start, reason, summary)
 
-    task = DPOTask(model, kept, cfg, Validation.of(ctx), reference_batch=mining.batch_size)
+    task = DPOTask(model, kept, cfg, Validation.of(ctx), reference_batch=ctx.inference.batch_size)
     trained = train_stage(ctx, task, cfg.train, load_input_model=lambda: load_model(start, dtype="float32"))
     final = trained.epoch_metrics[-1] if trained.epoch_metrics else task.pair_metrics(task.module)
     summary.update(skipped=False, optimizer_steps=trained.optimizer_steps, epochs=trained.epoch_metrics,
