@@ -27,15 +27,14 @@ def test_bad_arguments_stop_before_the_model_is_built(argv, message, capsys, mon
     assert len(err) == 1 and message in err[0]
 
 
-def test_cached_step_rows_with_profile_and_compile(tmp_path, monkeypatch):
+def test_cached_step_rows_with_profile_and_compile(tmp_path, monkeypatch, make_tiny_model):
     """The HSFT rows on a small stand-in model: uncached, cached, its profile, and the compiled decoder."""
     import json
 
     import hsft.bench.step as step
-    from hsft.model import ModelConfig, build_model
 
     monkeypatch.setattr(step, "build_real_model",
-                        lambda shape, device, dtype: build_model(ModelConfig(preset="tiny"), seed=0).to(device, dtype))
+                        lambda shape, device, dtype: make_tiny_model().to(device, dtype))
     summary = step.run(shape="sa2va-1b", stages=["hsft"], device="cpu", dtype="float32", steps=2, warmup=1,
                        micro_batch=1, image_size=64, out=tmp_path, profile=True, compile_modes=("default",))
     rows = {row["config"]: row for row in summary["rows"]}
@@ -48,9 +47,8 @@ def test_cached_step_rows_with_profile_and_compile(tmp_path, monkeypatch):
     assert "aten ops" in step.format_summary(summary)
 
 
-def test_a_compiler_failure_is_a_row_not_a_crash(tmp_path, monkeypatch):
+def test_a_compiler_failure_is_a_row_not_a_crash(tmp_path, monkeypatch, make_tiny_model):
     import hsft.bench.step as step
-    from hsft.model import ModelConfig, build_model
 
     def broken(fn, options):
         def decode(*args):
@@ -58,7 +56,7 @@ def test_a_compiler_failure_is_a_row_not_a_crash(tmp_path, monkeypatch):
         return decode
 
     monkeypatch.setattr(step, "build_real_model",
-                        lambda shape, device, dtype: build_model(ModelConfig(preset="tiny"), seed=0).to(device, dtype))
+                        lambda shape, device, dtype: make_tiny_model().to(device, dtype))
     monkeypatch.setattr(torch, "compile", broken)
     summary = step.run(shape="sa2va-1b", stages=["hsft"], device="cpu", dtype="float32", steps=1, warmup=0,
                        micro_batch=1, image_size=64, out=None, compile_modes=("default",))
@@ -69,13 +67,12 @@ def test_a_compiler_failure_is_a_row_not_a_crash(tmp_path, monkeypatch):
     assert set(summary["hsft_cache_speedup_by_config"]) == {"hsft cached"}
 
 
-def test_launch_bound_rows_on_the_cpu(monkeypatch):
+def test_launch_bound_rows_on_the_cpu(monkeypatch, make_tiny_model):
     """--cuda-graph: the fused-AdamW rows run anywhere; the graph capture is a row that says it needs CUDA."""
     import hsft.bench.step as step
-    from hsft.model import ModelConfig, build_model
 
     monkeypatch.setattr(step, "build_real_model",
-                        lambda shape, device, dtype: build_model(ModelConfig(preset="tiny"), seed=0).to(device, dtype))
+                        lambda shape, device, dtype: make_tiny_model().to(device, dtype))
     summary = step.run(shape="sa2va-1b", stages=["hsft"], device="cpu", dtype="float32", steps=1, warmup=0,
                        micro_batch=1, image_size=64, out=None, cuda_graph=True)
     rows = {row["config"]: row for row in summary["rows"]}

@@ -21,7 +21,6 @@ from hsft.eval import compare_summaries, evaluate_model, paired_bootstrap
 from hsft.eval import evaluator as evaluator_module
 from hsft.eval.compare import categorise
 from hsft.eval.statistics import label_flips
-from hsft.model import ModelConfig, build_model
 from hsft.model.chat import IGNORE_INDEX
 from hsft.ops import upsample_masks
 
@@ -29,8 +28,8 @@ from forcing import ForceTokens, ForbidToken
 
 
 @pytest.fixture(scope="module")
-def model():
-    return build_model(ModelConfig(preset="tiny"), seed=0)
+def model(make_tiny_model):
+    return make_tiny_model()
 
 
 @pytest.fixture(scope="module")

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -13,16 +14,15 @@ import pytest
 from hsft.config import DataConfig
 from hsft.eval import InputError
 from hsft.eval.cli import load_eval_samples, resolve_model_dir
-from hsft.model import ModelConfig, build_model, save_model
 
 from launch_scripts import REPO, launch_main
 
 
 @pytest.fixture(scope="module")
-def run_dir(tmp_path_factory) -> Path:
+def run_dir(tmp_path_factory, tiny_model_dir) -> Path:
     """A pipeline-like stage directory: <run>/hsft/model holds the saved model."""
     run = tmp_path_factory.mktemp("run")
-    save_model(build_model(ModelConfig(preset="tiny"), seed=0), run / "hsft" / "model")
+    shutil.copytree(tiny_model_dir, run / "hsft" / "model")
     return run
 
 

@@ -12,7 +12,6 @@ from hsft.data import make_fundus
 from hsft.engine import checkpoint
 from hsft.engine.loop import NonFiniteTrainingError, train
 from hsft.engine.tensorboard import TBWriter
-from hsft.model import ModelConfig, build_model
 from hsft.stages.hsft import HSFTTask
 from hsft.stages.training import Validation
 
@@ -32,9 +31,9 @@ class PoisonedImageTask(HSFTTask):
         return batch
 
 
-def test_nan_in_one_samples_image_skips_its_step_and_names_it(tmp_path, capsys, make_context):
+def test_nan_in_one_samples_image_skips_its_step_and_names_it(tmp_path, capsys, make_context, tiny_model):
     samples = [make_fundus(seed=300 + i, size=64) for i in range(4)]
-    model = build_model(ModelConfig(preset="tiny"), seed=0)
+    model = tiny_model
     task = PoisonedImageTask(model, samples, HSFTStageConfig(cache_features=False), Validation([], 1, 1))
     task.poisoned_id = samples[2].id
     cfg = TrainConfig(epochs=1, micro_batch=1, grad_accum=1, lr=1e-3)

@@ -16,7 +16,7 @@ from PIL import Image
 from hsft.data import make_fundus
 from hsft.eval import InputError, predict_images
 from hsft.eval.predict import field_of_view, output_stems
-from hsft.model import ModelConfig, build_model, save_model
+from hsft.model import save_model
 from hsft.model.chat import IGNORE_INDEX
 from hsft.ops import upsample_masks
 
@@ -25,8 +25,8 @@ from launch_scripts import REPO, launch_main
 
 
 @pytest.fixture(scope="module")
-def model():
-    return build_model(ModelConfig(preset="tiny"), seed=0)
+def model(make_tiny_model):
+    return make_tiny_model()
 
 
 @pytest.fixture(scope="module")

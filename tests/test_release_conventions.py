@@ -3,6 +3,7 @@ resize, training path), and --prompt in launch/predict.py and launch/evaluate.py
 
 from __future__ import annotations
 
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -12,8 +13,7 @@ from PIL import Image
 
 from hsft.eval import InputError
 from hsft.eval.cli import load_checkpoint, run_predict
-from hsft.model import ModelConfig, build_model
-from hsft.model.checkpoint import load_model, save_model
+from hsft.model.checkpoint import load_model
 from hsft.model.images import IMAGENET_NORM, ImagePreprocessor
 from hsft.model.release import import_sa2va
 from hsft.model.tokenizer import IM_START, IMG_END
@@ -108,9 +108,8 @@ def test_prompt_option_is_validated_before_loading_and_used(imported_dirs, tmp_p
     assert f"{IMG_END}Please segment the optic disc." in text
 
 
-def test_predict_and_evaluate_take_prompt(tmp_path, capsys):
-    model = build_model(ModelConfig(preset="tiny"), seed=0)
-    save_model(model, tmp_path / "model")
+def test_predict_and_evaluate_take_prompt(tmp_path, capsys, tiny_model_dir):
+    shutil.copytree(tiny_model_dir, tmp_path / "model")
     image = tmp_path / "a.png"
     Image.fromarray(np.random.default_rng(2).integers(0, 256, (40, 44, 3), dtype=np.uint8)).save(image)
     predict = launch_main("predict")
