@@ -44,7 +44,9 @@ class Stage:
 
     `beside` makes the row a variant of another stage (a control): it starts from the model that
     stage started from, and its model is evaluated but not handed on to the stages after it.
-    `evaluates`: the stage is also handed the run's models so far (`models=`, a list of RunModel).
+    `inputs`: what else the stage is handed, by keyword: "models" (the run's models so far, a list of
+    RunModel) or the name of another RunConfig field whose settings it needs (the iterative stage mines
+    with mining's settings); a stage reads no other stage's config from the run context.
     """
 
     name: str
@@ -53,7 +55,7 @@ class Stage:
     trains: bool
     report_key: str | None = None  # report.json key (default: the name)
     beside: str | None = None
-    evaluates: bool = False
+    inputs: tuple[str, ...] = ()
 
 
 STAGES = (
@@ -67,10 +69,10 @@ STAGES = (
     Stage("curriculum", variants.curriculum, "hsft", trains=True, beside="hsft"),
     Stage("anti_curriculum", variants.anti_curriculum, "hsft", trains=True, beside="hsft"),
     Stage("loss_weighted", variants.loss_weighted, "hsft", trains=True, beside="hsft"),
-    Stage("iterative", iterative.run, "hsft", trains=True, beside="hsft"),
+    Stage("iterative", iterative.run, "hsft", trains=True, beside="hsft", inputs=("mining",)),
     Stage("easy_control", variants.easy_control, "hsft", trains=True, beside="hsft"),
     Stage("unet", unet.run, "unet", trains=False),
-    Stage("eval", evaluation.run, "eval", trains=False, report_key="evaluation", evaluates=True),
+    Stage("eval", evaluation.run, "eval", trains=False, report_key="evaluation", inputs=("models", "mining")),
 )
 STAGE_BY_NAME = {stage.name: stage for stage in STAGES}
 assert tuple(STAGE_BY_NAME) == STAGE_ORDER, "hsft.config.STAGE_ORDER must list the stages of this table"
@@ -285,7 +287,7 @@ def _run_locked(cfg: RunConfig, ds_file_config: dict, out: Path) -> dict:
                 write_json(out / RUN_CONFIG_FILE, asdict(cfg))
                 write_json(out / RESOURCES_FILE, {"memory_plan": plan, "stages": {}})
             ran.append(stage.name)
-            inputs = {"models": list(models)} if stage.evaluates else {}
+            inputs = {name: list(models) if name == "models" else getattr(cfg, name) for name in stage.inputs}
             with measure(ctx.device) as usage:
                 result = stage.run(ctx.at_step(step), getattr(cfg, stage.config), start, **inputs)
             resources[stage.name] = {**usage.to_dict(), "notes": stage_notes(stage.name, result.summary)}

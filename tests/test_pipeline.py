@@ -25,9 +25,11 @@ def test_the_table_lists_every_stage_once_with_the_common_entry():
     for stage in pipeline.STAGES:
         assert stage.config in hints, f"{stage.name}: RunConfig has no field {stage.config!r}"
         params = list(inspect.signature(stage.run).parameters)
-        # The evaluation is also handed the run's models; no stage finds them in a shared object.
-        expected = ["ctx", "cfg", "start"] + (["models"] if stage.evaluates else [])
-        assert params == expected, f"{stage.name}.run takes {params}"
+        # What else a stage needs (the run's models, another stage's settings) is handed to it by name.
+        assert params == ["ctx", "cfg", "start", *stage.inputs], f"{stage.name}.run takes {params}"
+        for name in stage.inputs:
+            if name != "models":
+                assert typing.get_type_hints(stage.run)[name] is hints[name], f"{stage.name}.run's {name}"
         cfg_type = typing.get_type_hints(stage.run)["cfg"]
         assert cfg_type is hints[stage.config], f"{stage.name}.run takes {cfg_type}, RunConfig.{stage.config} is " \
                                                 f"{hints[stage.config]}"
@@ -184,9 +186,9 @@ def test_the_report_ends_with_the_model_to_use_next(fake_stages, tmp_path):
 def test_the_models_to_evaluate_and_what_each_started_from(monkeypatch, fake_stages, tmp_path):
     seen = {}
 
-    def record(ctx, cfg, start, models):
+    def record(ctx, cfg, start, models, mining):
         seen.update(models=[m.label for m in models], started_from={m.label: m.started_from for m in models},
-                    variants={m.label: m.beside for m in models if m.beside})
+                    variants={m.label: m.beside for m in models if m.beside}, mining=mining)
         return StageResult()
 
     monkeypatch.setitem(pipeline.STAGE_BY_NAME, "eval", dataclasses.replace(pipeline.STAGE_BY_NAME["eval"], run=record))
@@ -196,6 +198,7 @@ def test_the_models_to_evaluate_and_what_each_started_from(monkeypatch, fake_sta
     assert seen["started_from"] == {"base": None, "lora": model_dir(out / "base"), "dpo": model_dir(out / "lora"),
                                     "hsft": model_dir(out / "dpo"), "control": model_dir(out / "dpo")}
     assert seen["variants"] == {"control": "hsft"}
+    assert seen["mining"] == _cfg(tmp_path).mining  # the mining stage's settings, handed to it
 
 
 def test_a_variant_is_never_the_start_of_a_later_run(fake_stages, tmp_path):
@@ -224,7 +227,7 @@ def test_an_output_directory_with_stage_output_needs_resume_or_overwrite(fake_st
 def test_every_variant_sits_beside_hsft_and_is_evaluated_without_being_passed_on(monkeypatch, fake_stages, tmp_path):
     seen = {}
 
-    def record(ctx, cfg, start, models):
+    def record(ctx, cfg, start, models, mining):
         seen.update(models=[m.label for m in models], started_from={m.label: m.started_from for m in models},
                     variants={m.label: m.beside for m in models if m.beside}, start=start)
         return StageResult()

@@ -128,7 +128,7 @@ def test_iterative_hsft_mines_again_before_every_round(pool, tmp_path, make_cont
     ctx = make_context(SimpleNamespace(train=pool[:6], val=[], test=[]),
                        **{"mining.batch_size": 6, "mining.max_new_tokens": 8, "mining.tau": 1.0})
     cfg = HSFTStageConfig(train=TrainConfig(epochs=1, micro_batch=2, grad_accum=1, lr=1e-3), rounds=2)
-    result = iterative.run(ctx, cfg, tiny_model_dir)
+    result = iterative.run(ctx, cfg, tiny_model_dir, ctx.cfg.mining)
     stage_dir = ctx.stage_dir("iterative")
     for number in (1, 2):
         assert (stage_dir / f"round{number}" / "mining" / "hard_samples.json").is_file()

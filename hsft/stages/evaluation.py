@@ -25,7 +25,7 @@ from pathlib import Path
 
 import numpy as np
 
-from hsft.config import EvalConfig
+from hsft.config import EvalConfig, MiningConfig
 from hsft.engine.context import RunContext
 from hsft.eval import evaluate_model
 from hsft.eval.statistics import effect_interval
@@ -55,10 +55,12 @@ def _effect(before: list[float], after: list[float], cfg: EvalConfig) -> dict:
                            resamples=cfg.bootstrap_resamples)
 
 
-def run(ctx: RunContext, cfg: EvalConfig, start: Path | None, models: Sequence[RunModel] = ()) -> StageResult:
+def run(ctx: RunContext, cfg: EvalConfig, start: Path | None, models: Sequence[RunModel],
+        mining: MiningConfig) -> StageResult:
     """Evaluate `models` (the pipeline's list of the run's models, in order) on the held-out split; `start`
-    is the model the run hands on, which is among them."""
-    cfg = cfg.following(ctx.cfg.mining)  # the hard/easy threshold of the flips: mining's, unless set
+    is the model the run hands on, which is among them. The hard/easy threshold of the flips is
+    `cfg.tau`, else the mining stage's (`mining`), so evaluation and mining call the same samples hard."""
+    cfg = cfg.following(mining)
     rows, dice = [], {}
     label_of = {Path(m.model_dir): m.label for m in models}
     split_name, samples = ctx.splits.report_split()

@@ -13,11 +13,11 @@ import dataclasses
 import shutil
 from pathlib import Path
 
-from hsft.config import HSFTStageConfig
+from hsft.config import HSFTStageConfig, MiningConfig
 from hsft.engine import distributed
 from hsft.engine.context import RunContext
 from hsft.engine.files import write_json
-from hsft.stages import mining
+from hsft.stages import mining as mining_stage
 from hsft.stages.hsft import fine_tune, mined_hard_set
 from hsft.stages.selection import whole_set
 from hsft.stages.training import StageResult, model_dir
@@ -25,7 +25,9 @@ from hsft.stages.training import StageResult, model_dir
 NAME = "iterative"
 
 
-def run(ctx: RunContext, cfg: HSFTStageConfig, start: Path | None) -> StageResult:
+def run(ctx: RunContext, cfg: HSFTStageConfig, start: Path | None, mining: MiningConfig) -> StageResult:
+    """R rounds from the model `start`: each mines the training split with the mining stage's settings
+    `mining`, then fine-tunes with HSFT's settings `cfg` on that round's hard set."""
     if start is None:
         raise ValueError(f"{NAME}: needs a starting model directory (--model, or an earlier stage)")
     stage_dir = ctx.stage_dir(NAME)
@@ -33,7 +35,7 @@ def run(ctx: RunContext, cfg: HSFTStageConfig, start: Path | None) -> StageResul
     for number in range(1, cfg.rounds + 1):
         # Each round is a small run of its own below the stage directory: its mining, then its fine-tuning.
         round_ctx = dataclasses.replace(ctx, out_dir=stage_dir / f"round{number}", global_step=step)
-        mining.run(round_ctx, ctx.cfg.mining, current)
+        mining_stage.run(round_ctx, mining, current)
         hard = mined_hard_set(round_ctx)
         used = cfg.limit(hard)
         result = fine_tune(round_ctx, cfg, current, name="hsft", title=f"Iterative HSFT, round {number}",
