@@ -14,8 +14,9 @@ x image tokens + text) and the caches, the plan adds up per stage:
     caches       the frozen-feature caches of DPO, HSFT and the control (pinned host memory unless
                  --hsft-cache-on-device), and DPO's reference, which is a precomputed log-likelihood
                  pair per sample (the reference model is never held)
-    export       a training stage writes its model from a fresh float32 copy of its input model,
-                 loaded in host memory while the trained one is still there
+    export       LoRA writes its merged model from a fresh float32 copy of its input model, loaded in
+                 host memory while the trained one is still there (so does every training stage of a
+                 --standalone run); the other stages write only their trained tensors
 
 Where the numbers come from: parameter, gradient, optimizer and cache sizes are exact counts; the
 activation terms are models with the constants below, set from measured peaks (docs/gpus.md says
@@ -303,7 +304,11 @@ def plan_run(cfg, shape: ModelShape, *, ds_config: dict, device: str, precision:
             plan.trainable = trainable
             plan.grads_gib = (trainable * p + trainable * 4 / grad_shard) / GiB
             plan.optimizer_gib = trainable * 12 / shard / GiB
-            plan.export_gib = (shape.total * 4 + trainable * 4) / GiB
+            # LoRA merges its adapters into a float32 copy of its input model; the other stages write their
+            # trained tensors over the input directory (a lean directory) unless the run writes
+            # self-contained ones (--standalone), which takes the float32 copy too.
+            full_copy = stage == "lora" or cfg.standalone
+            plan.export_gib = ((shape.total * 4 if full_copy else 0) + trainable * 4) / GiB
         elif stage in INFERENCE_STAGES:
             batch = cfg.mining.batch_size if stage == "mining" else cfg.eval.batch_size
             new = cfg.mining.max_new_tokens if stage == "mining" else cfg.eval.max_new_tokens

@@ -15,7 +15,7 @@ from hsft.experiments.results import _detectable, _paired, verdict
 from hsft.experiments.suites import build_suite
 from hsft.recipes import recipe_config
 
-from launch_scripts import REPO, run_deepspeed
+from launch_scripts import ZERO2, exit_status, run_deepspeed
 
 
 def test_the_paper_suite_holds_every_table_of_the_study():
@@ -204,7 +204,7 @@ def test_the_smoke_suite_writes_every_table_with_its_statistics_and_plots(smoke)
 
 
 @pytest.mark.slow
-def test_a_finished_suite_is_kept_an_unfinished_run_is_finished_and_other_settings_are_refused(smoke):
+def test_a_finished_suite_is_kept_an_unfinished_run_is_finished_and_other_settings_are_refused(smoke, capsys):
     tmp, out, _ = smoke
     first = json.loads((out / "results.json").read_text())
     (out / "seed1" / "curriculum" / "report.json").unlink()  # as if killed before its report
@@ -212,14 +212,13 @@ def test_a_finished_suite_is_kept_an_unfinished_run_is_finished_and_other_settin
     assert again.stdout.count("finished earlier, kept") == len(SMOKE_SEEDS) * len(SMOKE_RUNS) - 1
     assert "seed 1: easy-to-hard curriculum over all data: curriculum Dice" in again.stdout
     assert json.loads((out / "results.json").read_text())["tables"] == first["tables"]
-    refused = _launch(["--suite", "smoke", "--seeds", "0", "--hsft-lr", "0.5", "--output-dir", str(out)], tmp,
-                      check=False)
-    assert refused.returncode == 2
-    assert f"experiments: error: --output-dir {out} holds a suite run with other settings" in refused.stderr
-    assert "Traceback" not in refused.stderr
-    shared = _launch(["--suite", "smoke", "--seeds", "0", "--shared-stage0", "--output-dir", str(out)], tmp,
-                     check=False)
-    assert shared.returncode == 2 and "holds a suite run with other" in shared.stderr
+    # Other settings are refused before any run (in-process: a traceback would fail the test).
+    capsys.readouterr()
+    common = ["--deepspeed", str(ZERO2), "--suite", "smoke", "--seeds", "0", "--output-dir", str(out)]
+    assert exit_status("experiments", [*common, "--hsft-lr", "0.5"]) == 2
+    assert f"experiments: error: --output-dir {out} holds a suite run with other settings" in capsys.readouterr().err
+    assert exit_status("experiments", [*common, "--shared-stage0"]) == 2
+    assert "holds a suite run with other" in capsys.readouterr().err
 
 
 def test_the_runner_starts_from_a_given_model_and_shares_the_prefix(monkeypatch, tmp_path, tiny_model_dir):
@@ -269,12 +268,10 @@ def test_the_runner_starts_from_a_given_model_and_shares_the_prefix(monkeypatch,
     (["--hsft-hard-fraction", "0"], "hsft.hard_fraction: must lie in (0, 1], got 0.0"),
 ])
 def test_bad_input_to_the_experiments_command_is_one_line_before_any_run(args, message, tmp_path, capsys, monkeypatch):
-    from launch_scripts import launch_main
-
     monkeypatch.chdir(tmp_path)
     (tmp_path / "bad.json").write_text(json.dumps({"4.4.1": {"hsft": "high"}}))
-    code = launch_main("experiments")(["--deepspeed", str(REPO / "ds_configs" / "zero2.json"), "--suite", "smoke",
-                                       "--output-dir", str(tmp_path / "exp"), *args])
+    code = exit_status("experiments", ["--deepspeed", str(ZERO2), "--suite", "smoke", "--output-dir",
+                                       str(tmp_path / "exp"), *args])
     err = capsys.readouterr().err.strip().splitlines()
     assert code == 2 and len(err) == 1 and err[0].startswith("experiments: error: ") and message in err[0]
     assert not (tmp_path / "exp" / "base").exists()

@@ -25,7 +25,7 @@ from hsft.config import RunConfig
 from hsft.data.splits import split_description
 from hsft.engine.files import write_json
 from hsft.eval.compare import CHANGES, DIFFICULTIES, categorise
-from hsft.eval.statistics import effect_interval
+from hsft.eval.statistics import detectable_effect, effect_interval
 from hsft.experiments.suites import Arm, Suite, Table
 
 __all__ = ["collect", "write_results", "format_results", "write_per_sample_csv", "RunReader", "stage_spread"]
@@ -119,12 +119,25 @@ def _discrepancy(per_sample: dict[int, dict[str, tuple]]) -> float:
     return float(np.mean([abs(f - g) for rows in per_sample.values() for g, f in rows.values()]))
 
 
+# Other designs (seeds, held-out images) whose detectable effect a table states beside its own: what
+# more seeds or a larger split would buy, from the variance components this study measured.
+DESIGNS = ((3, 256), (5, 256), (10, 256), (20, 256), (5, 1024), (10, 1024))
+
+
 def _detectable(effects: list[dict | None]) -> dict | None:
-    """A table's smallest detectable effect: the median (and range) over its differences' bounds."""
-    bounds = [e["detectable"] for e in effects if e and e.get("detectable") is not None]
-    if not bounds:
+    """A table's smallest detectable effect: the median (and range) over its differences' bounds, and the
+    median bound each design of DESIGNS would have with the same variance components (seeds >= 2 only:
+    one seed measures no seed variance to plan with)."""
+    usable = [e for e in effects if e and e.get("detectable") is not None]
+    if not usable:
         return None
-    return {"median": float(np.median(bounds)), "min": float(min(bounds)), "max": float(max(bounds))}
+    bounds = [e["detectable"] for e in usable]
+    result = {"median": float(np.median(bounds)), "min": float(min(bounds)), "max": float(max(bounds))}
+    if all(e.get("seeds", 1) >= 2 for e in usable):
+        result["designs"] = {f"{seeds}x{images}": float(np.median([detectable_effect(e["components"], seeds, images)
+                                                                   for e in usable]))
+                             for seeds, images in DESIGNS}
+    return result
 
 
 class _Study:
@@ -416,6 +429,9 @@ def format_table(body: dict) -> list[str]:
         d = body["detectable"]
         lines += [f"Smallest effect these seeds and images detect (80 % power, 5 % level): {d['median']:.4f} "
                   f"(median over the table's differences; {d['min']:.4f} to {d['max']:.4f}).", ""]
+        if d.get("designs"):
+            lines += ["With the same variance components, other designs would detect (seeds x held-out images): "
+                      + ", ".join(f"{name} {bound:.4f}" for name, bound in d["designs"].items()) + ".", ""]
     ref = body.get("reference") is not None
     ref_head, ref_rule = (" | paper (reference) |", "---:|") if ref else (" |", "")
     if body["kind"] == "stages":

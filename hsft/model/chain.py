@@ -37,6 +37,7 @@ __all__ = [
     "is_lean",
     "load_lean",
     "make_lean",
+    "write_lean",
 ]
 
 DELTA_FORMAT = "hsft-sa2va-delta"
@@ -142,6 +143,40 @@ def make_lean(directory: str | os.PathLike, base: str | os.PathLike, load_model)
             path = directory / name
             shutil.rmtree(path) if path.is_dir() else path.unlink()
     return len(delta)
+
+
+def _dtype_of(directory: Path) -> str | None:
+    """The dtype a model directory (full or lean) was saved in, from its metadata alone."""
+    return _meta(directory).get("dtype")
+
+
+def write_lean(directory: str | os.PathLike, base: str | os.PathLike, tensors: dict[str, torch.Tensor], *,
+               dtype: str = "float32") -> bool:
+    """Write `directory` as a lean model over `base` straight from the tensors a stage trained (Sa2VA
+    state-dict names), without building the whole model: a stage that trains a known set of tensors and
+    keeps every other one as it came in has exactly those tensors as its changes. Returns False, writing
+    nothing, when a lean directory in `dtype` over `base` would not load bit-exact (a narrowing dtype).
+
+    This is what a training stage writes at real size: the full model written, re-read and compared by
+    `make_lean` costs two extra copies of the model in memory (8 GB at Sa2VA-1B in float32) and its size
+    on disk, for a result this gives directly. Crash-safe as `make_lean`: the metadata goes last."""
+    directory, base = Path(directory), Path(base)
+    base_dtype = _dtype_of(base)
+    if base_dtype != dtype and (getattr(torch, str(base_dtype), None), getattr(torch, dtype)) not in _EXACT_WIDENINGS:
+        return False
+    directory.mkdir(parents=True, exist_ok=True)
+    for name in os.listdir(directory):
+        path = directory / name
+        shutil.rmtree(path) if path.is_dir() else path.unlink()
+    save_file({name: tensor.detach().to(getattr(torch, dtype)).contiguous().cpu() for name, tensor in tensors.items()},
+              str(directory / DELTA_FILE))
+    meta = {"format": DELTA_FORMAT, "base": os.path.relpath(base.resolve(), directory.resolve()),
+            "base_absolute": str(base.resolve()), "base_id": directory_id(base), "id": uuid.uuid4().hex,
+            "dtype": dtype}
+    tmp = directory / (META_FILE + ".tmp")
+    tmp.write_text(json.dumps(meta, indent=2) + "\n")
+    os.replace(tmp, directory / META_FILE)
+    return True
 
 
 def load_lean(directory: str | os.PathLike, load_base, *, dtype: str | None = None):

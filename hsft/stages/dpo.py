@@ -227,7 +227,8 @@ def run(ctx: RunContext, cfg: DPOStageConfig, start: Path | None) -> StageResult
         return pass_model_on(ctx, "dpo", start, reason, summary)
 
     task = DPOTask(model, kept, cfg, Validation.of(ctx), reference_batch=ctx.inference.batch_size)
-    trained = train_stage(ctx, task, cfg.train, load_input_model=lambda: load_model(start, dtype="float32"))
+    trained = train_stage(ctx, task, cfg.train, load_input_model=lambda: load_model(start, dtype="float32"),
+                          input_dir=start)
     final = trained.epoch_metrics[-1] if trained.epoch_metrics else task.pair_metrics(task.module)
     summary.update(skipped=False, optimizer_steps=trained.optimizer_steps, epochs=trained.epoch_metrics,
                    pair_loss=final["pair_loss"], pair_reward_accuracy=final["pair_reward_accuracy"],

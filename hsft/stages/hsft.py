@@ -159,7 +159,8 @@ def fine_tune(ctx: RunContext, cfg: HSFTStageConfig, start: Path | None, *, name
     task = HSFTTask(load_model(start, device=ctx.device, dtype=ctx.dtype), train_set, cfg, Validation.of(ctx),
                     name=name, probes=probes, plan=plan)
     before = task.probe_losses(task.module)
-    trained = train_stage(ctx, task, cfg.train, load_input_model=lambda: load_model(start, dtype="float32"))
+    trained = train_stage(ctx, task, cfg.train, load_input_model=lambda: load_model(start, dtype="float32"),
+                          input_dir=start)
     # Epoch-end measurements of this process (a resumed stage has only the epochs it ran).
     epochs = trained.epoch_metrics or [{"epoch": cfg.train.epochs, **task.probe_losses(task.module)}]
     last = epochs[-1]

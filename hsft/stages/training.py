@@ -26,6 +26,7 @@ from hsft.engine.loop import TrainResult, TrainTask, train
 from hsft.engine.tensorboard import TBWriter
 from hsft.eval.inference import validation_metrics
 from hsft.model import Sa2VAModel, is_model_directory, save_model
+from hsft.model.chain import write_lean
 
 __all__ = ["StageResult", "model_dir", "is_complete", "train_stage", "pass_model_on", "Validation"]
 
@@ -77,14 +78,21 @@ class Validation:
 
 def train_stage(ctx: RunContext, task: TrainTask, cfg: TrainConfig, *, load_input_model: Callable[[], Sa2VAModel],
                 export: Callable[[Sa2VAModel, Path], None] | None = None, stage_dir: Path | None = None,
-                tb: TBWriter | None = None) -> TrainResult:
+                tb: TBWriter | None = None, input_dir: Path | None = None) -> TrainResult:
     """Train `task`, then write the stage directory (default `ctx.stage_dir(task.name)`).
 
     `load_input_model()` returns a fresh float32 copy of the model this stage started from: the export
     is that model plus the trained weights, so frozen weights are saved exactly as they came in (not
     rounded through the bf16 training copy). `export(model, stage_dir)`, when given, writes `model/`
     (and whatever else the stage produces) instead of the plain save: the LoRA stage writes its
-    adapter directory and the merged model with it. Advances `ctx.global_step`.
+    adapter directory and the merged model with it. The result's `global_step` is the run-wide step
+    after this stage (the pipeline's count goes on from it).
+
+    `input_dir`, the directory `load_input_model` reads, lets a stage without its own `export` write
+    `model/` as its trained tensors over that directory (a lean directory, hsft.model.chain) without
+    loading the input model at all, unless the run writes self-contained directories (--standalone).
+    At real size this is the difference between one model in memory and two: the float32 copy would
+    sit beside the training copy (4 GB each at Sa2VA-1B).
     """
     stage_dir = Path(stage_dir or ctx.stage_dir(task.name))
     own_tb = tb is None
@@ -92,12 +100,15 @@ def train_stage(ctx: RunContext, task: TrainTask, cfg: TrainConfig, *, load_inpu
     result = train(task, cfg, ctx, stage_dir=stage_dir, tb=tb)
     if distributed.is_main():
         weights = {name.removeprefix(MODEL_PREFIX): value for name, value in result.weights.items()}
-        model = load_input_model()
-        missing = set(weights) - set(dict(model.named_parameters()))
-        if missing:
-            raise RuntimeError(f"stage {task.name}: trained weights not found in the model: {sorted(missing)[:5]}")
-        model.load_state_dict(weights, strict=False)
-        (export or (lambda m, d: save_model(m, model_dir(d))))(model, stage_dir)
+        lean = export is None and input_dir is not None and not ctx.cfg.standalone
+        if not (lean and write_lean(model_dir(stage_dir), input_dir, weights)):
+            model = load_input_model()
+            missing = set(weights) - set(dict(model.named_parameters()))
+            if missing:
+                raise RuntimeError(f"stage {task.name}: trained weights not found in the model: {sorted(missing)[:5]}")
+            model.load_state_dict(weights, strict=False)
+            (export or (lambda m, d: save_model(m, model_dir(d))))(model, stage_dir)
+            del model
         save_file(weights, str(stage_dir / "trainable.safetensors"))
         write_json(stage_dir / "metrics.json", {
             "stage": task.name,
