@@ -3,6 +3,7 @@ entry point `deepspeed launch/experiments.py --suite smoke` end to end, resumed 
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from pathlib import Path
 
@@ -301,3 +302,17 @@ def test_the_study_ships_each_stages_spread_over_stage0_seeds_and_a_run_shows_it
     assert "Split: development split (3 images)." in text
     assert "over stage-0 seeds" not in "\n".join(results_table([row], "x", None))
     assert shipped_spread(tmp_path / "none.json") is None
+
+
+def test_a_moved_suite_directory_continues_and_other_settings_are_still_refused(tmp_path):
+    from hsft.experiments.runner import SuiteError, _check_same_suite
+
+    def record(**changes):
+        cfg = replace_nested(recipe_config("tiny"), **changes)
+        return {"suite": "core", "shared_stage0": False,
+                "config": json.loads(json.dumps(dataclasses.asdict(cfg), default=str))}
+
+    (tmp_path / "suite.json").write_text(json.dumps(record(output_dir="/elsewhere/study", verbose=True)))
+    _check_same_suite(tmp_path, record(output_dir=str(tmp_path)))
+    with pytest.raises(SuiteError, match=r"other settings \(hsft\)"):
+        _check_same_suite(tmp_path, record(output_dir=str(tmp_path), **{"hsft.train.lr": 0.5}))

@@ -39,7 +39,7 @@ from hsft.errors import BadValue
 from hsft.eval.inference import generate_and_score
 from hsft.experiments.suites import Arm, build_suite
 from hsft.model import load_model
-from hsft.pipeline import run_pipeline
+from hsft.pipeline import RESUME_NEUTRAL, run_pipeline
 from hsft.stages.training import model_dir
 
 __all__ = ["SuiteError", "run_suite", "PREFIX_STAGES", "TRAIN_DICE_FILE"]
@@ -125,6 +125,19 @@ def _run(cfg: RunConfig, run_dir: Path, label: str, progress: dict, verbose: boo
               f"({elapsed / 60:.1f} min into the suite)", flush=True)
 
 
+def _results_settings(config: dict) -> dict:
+    """A recorded run config without the settings that change no result (hsft.pipeline.RESUME_NEUTRAL)."""
+    kept = json.loads(json.dumps(config))
+    for name in RESUME_NEUTRAL:
+        *parents, leaf = name.split(".")
+        node = kept
+        for parent in parents:
+            node = node.get(parent, {}) if isinstance(node, dict) else {}
+        if isinstance(node, dict):
+            node.pop(leaf, None)
+    return kept
+
+
 def _check_same_suite(out: Path, record: dict) -> None:
     """A suite directory continues only the suite it holds: same suite and settings (seeds may be added)."""
     path = out / "suite.json"
@@ -135,9 +148,10 @@ def _check_same_suite(out: Path, record: dict) -> None:
     except json.JSONDecodeError as err:
         raise SuiteError(f"{path}: not valid JSON ({err}); remove it or choose another --output-dir") from None
     same_stage0 = held.get("shared_stage0", False) == record["shared_stage0"]
-    if held.get("suite") != record["suite"] or held.get("config") != record["config"] or not same_stage0:
-        changed = sorted(k for k in set(held.get("config", {})) | set(record["config"])
-                         if held.get("config", {}).get(k) != record["config"].get(k))
+    # Where the suite lives and how much it prints change no result: a moved suite directory continues.
+    held_config, config = _results_settings(held.get("config", {})), _results_settings(record["config"])
+    if held.get("suite") != record["suite"] or held_config != config or not same_stage0:
+        changed = sorted(k for k in set(held_config) | set(config) if held_config.get(k) != config.get(k))
         if not same_stage0:
             changed.append("--shared-stage0")
         what = (f"suite {held.get('suite')!r}" if held.get("suite") != record["suite"] else
