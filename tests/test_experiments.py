@@ -316,3 +316,15 @@ def test_a_moved_suite_directory_continues_and_other_settings_are_still_refused(
     _check_same_suite(tmp_path, record(output_dir=str(tmp_path)))
     with pytest.raises(SuiteError, match=r"other settings \(hsft\)"):
         _check_same_suite(tmp_path, record(output_dir=str(tmp_path), **{"hsft.train.lr": 0.5}))
+
+
+def test_the_package_ships_the_spread_of_every_training_stage_of_the_default_run():
+    from hsft.stages.report import shipped_spread
+
+    spread = shipped_spread()
+    assert spread is not None, "hsft/stages/default_spread.json is missing or unreadable"
+    assert len(spread["seeds"]) >= 5 and spread["machine"] and spread["threads"] >= 1 and spread["date"]
+    assert "untouched" in spread["split"]
+    for stage in ("lora", "dpo", "hsft", "control"):
+        entry = spread["stages"][stage]
+        assert entry["min"] <= entry["max"] and len(entry["per_seed"]) == len(spread["seeds"])
