@@ -11,10 +11,10 @@ with the checkpoint that was loaded, whatever number of ranks wrote either.
 import os
 import runpy
 import sys
-from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO / "launch"))  # launch/hsft.py imports its sibling _import_hsft
+from launch_scripts import LAUNCH  # beside this script, which is sys.path[0]
+
+sys.path.insert(0, str(LAUNCH))  # launch/hsft.py imports its sibling _import_hsft
 
 from hsft.engine import checkpoint  # noqa: E402
 
@@ -29,5 +29,5 @@ def _load_and_probe(engine, point):
 
 
 checkpoint.load = _load_and_probe  # the loop looks it up on the module at every resume
-sys.argv = [str(REPO / "launch" / "hsft.py"), *sys.argv[1:]]
+sys.argv = [str(LAUNCH / "hsft.py"), *sys.argv[1:]]
 runpy.run_path(sys.argv[0], run_name="__main__")
