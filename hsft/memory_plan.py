@@ -285,7 +285,13 @@ def plan_run(cfg, shape: ModelShape, *, ds_config: dict, device: str, precision:
                     trainable += shape.parts.get("mask_decoder", 0)
                 tiles = train_tiles[:min(mb, len(train_tiles))] or [1]
                 tokens = shape.tokens(max(tiles)) * len(tiles)
-                llm = shape.llm_layers * tokens * LLM_ACT_PER_HIDDEN * shape.llm_hidden * p / 2
+                layer = tokens * LLM_ACT_PER_HIDDEN * shape.llm_hidden * p / 2
+                checkpointing = (cfg.lora.gradient_checkpointing if cfg.lora.gradient_checkpointing is not None
+                                 else not cfg.embedded_default)
+                # With gradient checkpointing only each layer's input stays, plus one layer's activations
+                # while it is recomputed.
+                llm = (shape.llm_layers * tokens * shape.llm_hidden * p + layer if checkpointing
+                       else shape.llm_layers * layer)
                 logits = len(tiles) * ANSWER_TOKENS * shape.vocab * 4 * LOGIT_COPIES
                 plan.activations_gib = (llm + logits + _inference_transient(shape, tiles, 0, p)) / GiB
                 plan.params_gib += trainable * p / GiB  # the adapters sit beside the frozen weights

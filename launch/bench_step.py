@@ -38,6 +38,9 @@ def main(argv=None) -> int:
     parser.add_argument("--cuda-graph", action="store_true",
                         help="also time both HSFT steps with the fused AdamW, and the cached one with the decoder "
                              "captured as CUDA graphs (what removing the cached step's launches would buy)")
+    parser.add_argument("--lora-checkpointing", action="store_true",
+                        help="LoRA with the LLM's activations recomputed in backward, as the LoRA stage runs from a "
+                             "real checkpoint")
     args = parser.parse_args(argv)
 
     def work() -> None:
@@ -46,7 +49,8 @@ def main(argv=None) -> int:
                           dtype=args.dtype, steps=args.steps, warmup=args.warmup, micro_batch=args.micro_batch,
                           image_size=args.image_size, out=Path(args.output_dir),
                           echo=lambda line: print(line, flush=True), profile=args.profile,
-                          compile_modes=tuple(m for m in args.compile.split(",") if m), cuda_graph=args.cuda_graph)
+                          compile_modes=tuple(m for m in args.compile.split(",") if m), cuda_graph=args.cuda_graph,
+                          lora_checkpointing=args.lora_checkpointing)
         except ValueError as error:  # the benchmark's own argument checks
             raise BadValue(str(error)) from None
         print(format_summary(summary))

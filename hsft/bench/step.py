@@ -129,7 +129,8 @@ def _row(name: str, seconds: list[float], micro_batch: int, device: torch.device
             "samples_per_s": micro_batch / median, **_peak_memory(device), **extra}
 
 
-def _lora_rows(model, images, targets, steps, warmup, micro_batch, device, **_hsft_only) -> list[dict]:
+def _lora_rows(model, images, targets, steps, warmup, micro_batch, device, *, lora_checkpointing: bool = False,
+               **_hsft_only) -> list[dict]:
     from peft import LoraConfig, inject_adapter_in_model
 
     from hsft.ops import dice_bce_loss
@@ -139,6 +140,8 @@ def _lora_rows(model, images, targets, steps, warmup, micro_batch, device, **_hs
                             model.vlm.model.language_model)
     for name, param in model.named_parameters():
         param.requires_grad_("lora_" in name or name.startswith("text_hidden_fcs."))
+    if lora_checkpointing:  # as the LoRA stage does from a real checkpoint (hsft.stages.lora)
+        model.vlm.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     trainable = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(trainable, lr=2e-4)
     tokens = model.tokenize(micro_batch, form="response")
@@ -152,11 +155,12 @@ def _lora_rows(model, images, targets, steps, warmup, micro_batch, device, **_hs
         optimizer.zero_grad(set_to_none=True)
 
     seconds = _time_steps(step, steps, warmup, device)
-    return [_row("lora", seconds, micro_batch, device, trainable_params=sum(p.numel() for p in trainable))]
+    name = "lora, gradient checkpointing" if lora_checkpointing else "lora"
+    return [_row(name, seconds, micro_batch, device, trainable_params=sum(p.numel() for p in trainable))]
 
 
 def _hsft_rows(model, images, targets, steps, warmup, micro_batch, device, *, profile: bool = False,
-               compile_modes: tuple[str, ...] = (), cuda_graph: bool = False) -> list[dict]:
+               compile_modes: tuple[str, ...] = (), cuda_graph: bool = False, **_lora_only) -> list[dict]:
     from hsft.ops import dice_bce_loss
 
     model.set_trainable({"text_hidden_fcs", "mask_decoder"})
@@ -282,7 +286,7 @@ def _profile(step, device: torch.device, steps: int = 3) -> dict:
 
 def run(*, shape: str, stages: list[str], device: str, dtype: str, steps: int, warmup: int, micro_batch: int,
         image_size: int, out: Path | None, echo=None, profile: bool = False,
-        compile_modes: tuple[str, ...] = (), cuda_graph: bool = False) -> dict:
+        compile_modes: tuple[str, ...] = (), cuda_graph: bool = False, lora_checkpointing: bool = False) -> dict:
     target = torch.device(device)
     if target.type == "cuda" and not torch.cuda.is_available():
         raise ValueError("--device cuda: no CUDA device is available")
@@ -307,7 +311,7 @@ def run(*, shape: str, stages: list[str], device: str, dtype: str, steps: int, w
             torch.cuda.reset_peak_memory_stats(target)
         fn = _lora_rows if stage == "lora" else _hsft_rows
         for row in fn(model, images, targets, steps, warmup, micro_batch, target, profile=profile,
-                      compile_modes=compile_modes, cuda_graph=cuda_graph):
+                      compile_modes=compile_modes, cuda_graph=cuda_graph, lora_checkpointing=lora_checkpointing):
             rows.append(row)
             if echo is not None:
                 echo(f"{row['config']}: failed: {row['error']}" if "error" in row else

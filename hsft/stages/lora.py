@@ -110,13 +110,18 @@ def lora_trained_parts(cfg: LoraStageConfig) -> set[str]:
     return parts
 
 
-def prepare_for_lora(model: Sa2VAModel, cfg: LoraStageConfig, seg_rows: bool):
+def prepare_for_lora(model: Sa2VAModel, cfg: LoraStageConfig, seg_rows: bool, *, checkpointing: bool = False):
     """Freeze what stage 1 does not train, attach the adapters (and, with `seg_rows`, trainable copies of
-    the [SEG] rows of the input embedding and the LM head); returns the peft wrapper."""
+    the [SEG] rows of the input embedding and the LM head); returns the peft wrapper. With `checkpointing`
+    the LLM's layers recompute their activations in the backward pass (training mode only)."""
     model.set_trainable(lora_trained_parts(cfg))
     wrapper = attach_lora(model, cfg)
     if seg_rows:
         attach_seg_rows(model)
+    if checkpointing:
+        # Non-reentrant: it needs no input that requires grad (the LLM's input embeddings do not) and
+        # replays the LoRA dropout masks exactly, so the gradients are those of the plain backward.
+        model.vlm.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     return wrapper
 
 
@@ -126,10 +131,10 @@ class LoraTask(SegTask):
     name = "lora"
 
     def __init__(self, model: Sa2VAModel, samples: list[Sample], cfg: LoraStageConfig, validation: Validation, *,
-                 seg_rows: bool = False):
+                 seg_rows: bool = False, checkpointing: bool = False):
         super().__init__(model, samples, validation)
         self.cfg = cfg
-        self.peft = prepare_for_lora(model, cfg, seg_rows)
+        self.peft = prepare_for_lora(model, cfg, seg_rows, checkpointing=checkpointing)
         self.module = SegObjective(model, lm_weight=1.0, mask_weight=cfg.mask_loss_weight)
 
     def client_state(self) -> dict:
@@ -182,7 +187,9 @@ def run(ctx: RunContext, cfg: LoraStageConfig, start: Path | None) -> StageResul
     # the run's seed must decide them, or two runs of one command train different models.
     torch.manual_seed(ctx.seed)
     seg_rows = cfg.seg_rows if cfg.seg_rows is not None else not ctx.cfg.embedded_default
-    task = LoraTask(model, ctx.splits.train, cfg, Validation.of(ctx), seg_rows=seg_rows)
+    checkpointing = (cfg.gradient_checkpointing if cfg.gradient_checkpointing is not None
+                     else not ctx.cfg.embedded_default)
+    task = LoraTask(model, ctx.splits.train, cfg, Validation.of(ctx), seg_rows=seg_rows, checkpointing=checkpointing)
     exporter = LoraExport(start, cfg, seg_rows=seg_rows)
     result = train_stage(ctx, task, cfg.train, load_input_model=exporter.load_input_model, export=exporter.export)
     stage_dir = ctx.stage_dir("lora")
@@ -194,6 +201,7 @@ def run(ctx: RunContext, cfg: LoraStageConfig, start: Path | None) -> StageResul
         "mask_loss_weight": cfg.mask_loss_weight,
         "train_mask_decoder": cfg.train_mask_decoder,
         "seg_rows": seg_rows,
+        "gradient_checkpointing": checkpointing,
         "adapter": str(stage_dir / ADAPTER_DIR),
         "optimizer_steps": result.optimizer_steps,
         "epochs": result.epoch_metrics,
