@@ -183,7 +183,7 @@ def results_table(rows: list[dict], split: str = "held-out split", spread: dict 
         lines += ["", f"Δ start over stage-0 seeds: the lowest and highest Δ of each stage over {len(spread['seeds'])} "
                       f"runs of the default settings, stage 0 trained with seeds {seeds} "
                       f"(the shipped `hsft/stages/default_spread.json`: {spread['machine']}, {spread['threads']} "
-                      f"threads, {spread['date']}, on the {spread['split']}). {NOT_REPRODUCIBLE}"]
+                      f"thread{'s' if spread['threads'] != 1 else ''}, {spread['date']}, on the {spread['split']}). {NOT_REPRODUCIBLE}"]
     for row in rows:
         if row.get("beside_effect") is not None:
             lines += ["", f"{row['beside']} - {row['stage']} (same starting model, same steps; what differs is the "
