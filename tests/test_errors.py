@@ -3,8 +3,10 @@ one line saying how to continue on an interrupt (SIGINT or SIGTERM)."""
 
 from __future__ import annotations
 
-import os
 import signal
+import subprocess
+import sys
+import textwrap
 
 import pytest
 
@@ -48,14 +50,23 @@ def test_a_run_that_stopped_itself_exits_3(capsys):
 
 
 @pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM])
-def test_an_interrupt_says_how_to_continue(signum, capsys):
-    before = signal.getsignal(signal.SIGTERM)
+def test_an_interrupt_says_how_to_continue(signum):
+    # In a process of its own: a signal's Python handler runs in the main thread, and a test runner may run
+    # tests in another thread (pytest-xdist's workers), where the interrupted command would wait forever.
+    script = textwrap.dedent(f"""
+        import os, signal, sys
+        from hsft.errors import run_command
 
-    def interrupted():
-        os.kill(os.getpid(), signum)
-        signal.pause()  # the handler raises before this returns
+        before = signal.getsignal(signal.SIGTERM)
 
-    assert run_command("prog", interrupted, resume_hint="run the same command with --resume") == 130
-    lines = capsys.readouterr().err.splitlines()
-    assert lines == ["prog: interrupted; run the same command with --resume"]
-    assert signal.getsignal(signal.SIGTERM) is before  # the command's handler does not outlive it
+        def interrupted():
+            os.kill(os.getpid(), {int(signum)})
+            signal.pause()  # the handler raises before this returns
+
+        code = run_command("prog", interrupted, resume_hint="run the same command with --resume")
+        assert signal.getsignal(signal.SIGTERM) is before, "the command's handler outlived it"
+        sys.exit(code)
+    """)
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 130, done.stderr
+    assert done.stderr.splitlines() == ["prog: interrupted; run the same command with --resume"]
