@@ -57,6 +57,9 @@ def test_an_interrupt_says_how_to_continue(signum):
         import os, signal, sys
         from hsft.errors import run_command
 
+        # As in a command started in the foreground: a background job (a CI script's `&`) inherits SIGINT
+        # ignored, and an ignored Ctrl-C is the shell's convention, not the command's to override.
+        signal.signal(signal.SIGINT, signal.default_int_handler)
         before = signal.getsignal(signal.SIGTERM)
 
         def interrupted():
