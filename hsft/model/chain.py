@@ -101,6 +101,17 @@ def chain_of(directory: str | os.PathLike) -> list[Path]:
     return chain
 
 
+def _write_meta(directory: Path, base: Path, dtype: str) -> None:
+    """The metadata that makes `directory` (its delta already written) a lean model over `base`: written
+    last and atomically, so a crash before it leaves no half-lean directory."""
+    meta = {"format": DELTA_FORMAT, "base": os.path.relpath(base.resolve(), directory.resolve()),
+            "base_absolute": str(base.resolve()), "base_id": directory_id(base), "id": uuid.uuid4().hex,
+            "dtype": dtype}
+    tmp = directory / (META_FILE + ".tmp")
+    tmp.write_text(json.dumps(meta, indent=2) + "\n")
+    os.replace(tmp, directory / META_FILE)
+
+
 def make_lean(directory: str | os.PathLike, base: str | os.PathLike, load_model) -> int:
     """Turn the full model directory `directory` into a lean one over `base`; returns the tensors kept.
     `load_model(dir)` is the model loader (hsft.model.load_model).
@@ -133,11 +144,7 @@ def make_lean(directory: str | os.PathLike, base: str | os.PathLike, load_model)
         stored.add(storage)
         delta[name] = tensor.detach().contiguous().cpu()
     save_file(delta, str(directory / DELTA_FILE))
-    meta = {"format": DELTA_FORMAT, "base": os.path.relpath(base.resolve(), directory.resolve()),
-            "base_absolute": str(base.resolve()), "base_id": directory_id(base), "id": uuid.uuid4().hex, "dtype": str(model.dtype).removeprefix("torch.")}
-    tmp = directory / (META_FILE + ".tmp")
-    tmp.write_text(json.dumps(meta, indent=2) + "\n")
-    os.replace(tmp, directory / META_FILE)
+    _write_meta(directory, base, str(model.dtype).removeprefix("torch."))
     for name in os.listdir(directory):
         if name not in (META_FILE, DELTA_FILE):
             path = directory / name
@@ -170,12 +177,7 @@ def write_lean(directory: str | os.PathLike, base: str | os.PathLike, tensors: d
         shutil.rmtree(path) if path.is_dir() else path.unlink()
     save_file({name: tensor.detach().to(getattr(torch, dtype)).contiguous().cpu() for name, tensor in tensors.items()},
               str(directory / DELTA_FILE))
-    meta = {"format": DELTA_FORMAT, "base": os.path.relpath(base.resolve(), directory.resolve()),
-            "base_absolute": str(base.resolve()), "base_id": directory_id(base), "id": uuid.uuid4().hex,
-            "dtype": dtype}
-    tmp = directory / (META_FILE + ".tmp")
-    tmp.write_text(json.dumps(meta, indent=2) + "\n")
-    os.replace(tmp, directory / META_FILE)
+    _write_meta(directory, base, dtype)
     return True
 
 
